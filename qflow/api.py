@@ -1,0 +1,202 @@
+"""``quantize_``: swap the supported modules of a float model for QFX modules, in place."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qflow.config import QFXConfig
+from qflow.errors import ConfigError, QflowError
+from qflow.nn import (
+    Add,
+    QAdaptiveAvgPool2d,
+    QAdd,
+    QAvgPool2d,
+    QBatchNorm1d,
+    QBatchNorm2d,
+    QConv2d,
+    QInput,
+    QLinear,
+    QMaxPool2d,
+    QReLU,
+)
+from qflow.numerics import FixedType
+from qflow.quantizers import FixedQuantizer
+
+#: float module type -> constructor of its quantized replacement (exact type match).
+SWAPS = {
+    nn.Linear: QLinear.from_float,
+    nn.Conv2d: QConv2d.from_float,
+    nn.BatchNorm1d: QBatchNorm1d.from_float,
+    nn.BatchNorm2d: QBatchNorm2d.from_float,
+    nn.ReLU: QReLU.from_float,
+    Add: QAdd.from_float,
+    nn.AvgPool2d: QAvgPool2d.from_float,
+    nn.AdaptiveAvgPool2d: QAdaptiveAvgPool2d.from_float,
+    nn.MaxPool2d: QMaxPool2d.from_float,
+}
+QUANTIZED_TYPES = (QLinear, QConv2d, QBatchNorm1d, QBatchNorm2d, QReLU, QAdd, QAvgPool2d,
+                   QAdaptiveAvgPool2d, QMaxPool2d, QInput)
+#: modules that do no arithmetic on values, or only hold other modules.
+PASSTHROUGH_TYPES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList,
+                     nn.ModuleDict)
+_FOLDABLE = (nn.Conv2d, nn.Linear)
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.qflow_input(args[0]), *args[1:])
+
+
+def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
+    """Swap the supported modules of ``model`` for QFX fixed-point modules, in place.
+
+    Supported modules are listed in :mod:`qflow.nn`; the model input is cast by a
+    ``qflow_input`` module, run from a forward pre-hook (or, in a plain ``nn.Sequential``,
+    inserted as its first element). Per-layer settings come from
+    ``config.overrides``. Modules that stay float are reported with a warning: they
+    cannot be deployed.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import qflow
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> model = qflow.quantize_(model, qflow.QFXConfig.with_bits(4))
+    >>> [type(m).__name__ for m in model]
+    ['QInput', 'QLinear', 'QReLU', 'QLinear']
+    >>> model(torch.rand(5, 4)).shape
+    torch.Size([5, 2])
+    """
+    config = config if config is not None else QFXConfig()
+    if not isinstance(config, QFXConfig):
+        raise ConfigError(f"quantize_ expects a QFXConfig, got {type(config).__name__}")
+    if hasattr(model, "qflow_input"):
+        raise QflowError("model is already quantized (it has a qflow_input module)")
+    folds = _batchnorm_folds(model) if config.fold_batchnorm else {}
+    folded_bns = set(folds.values())
+    float_left = []
+    for name, module in list(model.named_modules()):
+        if not name:
+            continue
+        make = SWAPS.get(type(module))
+        if name in folded_bns:
+            _replace(model, name, nn.Identity())
+        elif make is not None:
+            quantized = make(module, config, name)
+            if name in folds:
+                quantized.fold_batchnorm(model.get_submodule(folds[name]))
+            _replace(model, name, quantized)
+        elif not isinstance(module, PASSTHROUGH_TYPES) and not list(module.children()):
+            float_left.append(f"{name} ({type(module).__name__})")
+    if float_left:
+        warnings.warn("quantize_: these modules stay float and cannot be deployed: "
+                      + ", ".join(float_left), stacklevel=2)
+    _attach_input_quantizer(model, QInput(config))
+    model.qflow_config = config
+    return model
+
+
+def _attach_input_quantizer(model: nn.Module, quant: QInput) -> None:
+    # A plain nn.Sequential runs every child in order, so the input quantizer goes first
+    # among its children (model[0] then is the input quantizer); any other model gets it
+    # from a forward pre-hook.
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        children = list(model._modules.items())
+        model._modules.clear()
+        model._modules["qflow_input"] = quant
+        model._modules.update(children)
+    else:
+        model.qflow_input = quant
+        model.register_forward_pre_hook(_quantize_input)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def _batchnorm_folds(model: nn.Module) -> dict[str, str]:
+    """Map each conv/linear layer name to the BatchNorm that directly and only follows it."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # fx raises many types for untraceable code
+        raise ConfigError(f"fold_batchnorm needs a model that torch.fx can trace: {exc}") from None
+    modules = dict(model.named_modules())
+    folds: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(
+            modules[node.target], nn.BatchNorm1d | nn.BatchNorm2d
+        ):
+            continue
+        source = node.args[0]
+        ok = (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and type(modules[source.target]) in _FOLDABLE
+            and len(source.users) == 1
+            and source.target not in folds
+        )
+        if not ok:
+            raise ConfigError(f"fold_batchnorm: {node.target} does not directly follow a conv "
+                              "or linear layer used only by it; set fold_batchnorm: false")
+        folds[source.target] = node.target
+    return folds
+
+
+_ROLE_OF_ATTR = {
+    "quant": "input",
+    "weight_quant": "weight",
+    "bias_quant": "bias",
+    "scale_quant": "scale",
+    "shift_quant": "shift",
+    "out_quant": "output",
+}
+
+
+@dataclass(frozen=True)
+class FormatRow:
+    """One quantized tensor of a model and its current fixed-point format."""
+
+    layer: str
+    tensor: str
+    width: int
+    int_width_min: int
+    int_width_max: int
+    signed: bool
+    rounding: str
+    overflow: str
+    khot: int
+
+    @property
+    def int_width(self) -> str:
+        lo, hi = self.int_width_min, self.int_width_max
+        return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def describe(model: nn.Module) -> list[FormatRow]:
+    """One row per quantized tensor: word length W, ap_fixed integer width I (a range
+    over channels when per channel), rounding and overflow."""
+    rows = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QUANTIZED_TYPES):
+            continue
+        layer = getattr(module, "qflow_name", name)
+        for attr, role in _ROLE_OF_ATTR.items():
+            quant = getattr(module, attr, None)
+            if not isinstance(quant, FixedQuantizer) or not bool(quant.initialized):
+                continue
+            if role == "bias" and getattr(module, "bias", None) is None and not getattr(
+                module, "folded_bn", None
+            ):
+                continue
+            types: list[FixedType] = quant.fixed_types()
+            rows.append(FormatRow(
+                layer=layer, tensor=role, width=types[0].width,
+                int_width_min=min(t.int_width for t in types),
+                int_width_max=max(t.int_width for t in types),
+                signed=types[0].signed, rounding=str(types[0].rounding),
+                overflow=str(types[0].overflow), khot=quant.spec.khot,
+            ))
+    return rows

@@ -1,0 +1,44 @@
+"""QFX quantized modules. ``qflow.quantize_`` swaps float modules for these.
+
+=====================  =======================  ==========================================
+float module           quantized                what is fixed point
+=====================  =======================  ==========================================
+model input            QInput (pre-hook)        ``input``
+nn.Linear              QLinear                  ``weight``, ``bias``; output = accumulator
+nn.Conv2d              QConv2d                  ``weight``, ``bias``; output = accumulator
+nn.BatchNorm1d/2d      QBatchNorm1d/2d          ``norm_scale``, shift (``bias``), output
+                                                (``intermediate``); or folded into the layer
+nn.ReLU                QReLU                    output (``activation``)
+qflow.nn.Add           QAdd                     output (``intermediate``)
+nn.AvgPool2d           QAvgPool2d               output (``activation``)
+nn.AdaptiveAvgPool2d   QAdaptiveAvgPool2d       output (``activation``), global pooling only
+nn.MaxPool2d           QMaxPool2d               exact, keeps the input type
+=====================  =======================  ==========================================
+"""
+
+from .elementwise import (
+    QAdaptiveAvgPool2d,
+    QAdd,
+    QAvgPool2d,
+    QBatchNorm1d,
+    QBatchNorm2d,
+    QInput,
+    QMaxPool2d,
+    QReLU,
+)
+from .functional import Add
+from .layers import QConv2d, QLinear
+
+__all__ = [
+    "Add",
+    "QAdaptiveAvgPool2d",
+    "QAdd",
+    "QAvgPool2d",
+    "QBatchNorm1d",
+    "QBatchNorm2d",
+    "QConv2d",
+    "QInput",
+    "QLinear",
+    "QMaxPool2d",
+    "QReLU",
+]

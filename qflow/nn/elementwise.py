@@ -1,0 +1,159 @@
+"""Fixed-point element-wise layers: input, BatchNorm, ReLU, residual add, pooling.
+
+Each layer ends in a fixed-point cast, so no float value reaches the next layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qflow.config import QFXConfig
+from qflow.errors import ConfigError
+from qflow.numerics import FixedType, cast
+from qflow.quantizers import FixedQuantizer
+
+from .functional import batch_statistics, batchnorm_scale_shift, exact_dtype
+
+#: Type of the constant 1/n that average pooling multiplies by (exact when n is a power of two).
+RECIPROCAL_TYPE = FixedType(signed=False, integer=0, fractional=18, rounding="RND_CONV",
+                            overflow="SAT")
+
+
+class QInput(nn.Module):
+    """Casts the model input to the ``input`` spec (sign and binary point from the data)."""
+
+    def __init__(self, config: QFXConfig, name: str = "input"):
+        super().__init__()
+        self.qflow_name = name
+        self.quant = FixedQuantizer(config.spec_for(name, "input"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(x.to(exact_dtype(x, self)))
+
+
+class _QBatchNorm:
+    """BatchNorm as a per-channel fixed-point scale and shift, then a fixed-point cast."""
+
+    @classmethod
+    def from_float(cls, module, config: QFXConfig, name: str):
+        layer = cls(module.num_features, eps=module.eps, momentum=module.momentum,
+                    affine=module.affine, track_running_stats=module.track_running_stats)
+        layer.load_state_dict(module.state_dict())
+        layer.qflow_name = name
+        channels = module.num_features
+        layer.scale_quant = FixedQuantizer(config.spec_for(name, "norm_scale"), channels=channels)
+        layer.shift_quant = FixedQuantizer(config.spec_for(name, "bias"), channels=channels)
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
+        return layer
+
+    def quantized_scale_shift(self, x: torch.Tensor):
+        dtype = exact_dtype(x, self)
+        mean, var = batch_statistics(self, x)
+        scale, shift = batchnorm_scale_shift(self, mean, var, dtype)
+        return self.scale_quant(scale), self.shift_quant(shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(exact_dtype(x, self))
+        scale, shift = self.quantized_scale_shift(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return self.out_quant(x * scale.reshape(shape) + shift.reshape(shape))
+
+
+class QBatchNorm1d(_QBatchNorm, nn.BatchNorm1d):
+    """Fixed-point BatchNorm1d (after a linear layer)."""
+
+
+class QBatchNorm2d(_QBatchNorm, nn.BatchNorm2d):
+    """Fixed-point BatchNorm2d (after a convolution)."""
+
+
+class QReLU(nn.ReLU):
+    """ReLU followed by a cast to the ``activation`` spec (unsigned unless set otherwise)."""
+
+    @classmethod
+    def from_float(cls, module: nn.ReLU, config: QFXConfig, name: str) -> QReLU:
+        layer = cls()
+        layer.qflow_name = name
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_quant(F.relu(x.to(exact_dtype(x, self))))
+
+
+class QAdd(nn.Module):
+    """Residual add of two fixed-point tensors (exact), then a cast to ``intermediate``."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QFXConfig, name: str) -> QAdd:
+        layer = cls()
+        layer.qflow_name = name
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
+        return layer
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        dtype = exact_dtype(a, self)
+        return self.out_quant(a.to(dtype) + b.to(dtype))
+
+
+def _reciprocal(count: int) -> float:
+    return float(cast(1.0 / count, RECIPROCAL_TYPE)[()])
+
+
+class QAvgPool2d(nn.AvgPool2d):
+    """Average pooling as an exact window sum times a fixed-point 1/n, then a cast to
+    ``activation``. Padding is not supported (the divisor would vary at the borders)."""
+
+    @classmethod
+    def from_float(cls, module: nn.AvgPool2d, config: QFXConfig, name: str) -> QAvgPool2d:
+        if module.padding not in (0, (0, 0)) or module.divisor_override is not None:
+            raise ConfigError(f"{name}: average pooling with padding or a divisor override "
+                              "is not supported")
+        layer = cls(module.kernel_size, module.stride, 0, module.ceil_mode)
+        if module.ceil_mode:
+            raise ConfigError(f"{name}: average pooling with ceil_mode is not supported")
+        layer.qflow_name = name
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        return layer
+
+    def window_size(self) -> int:
+        k = self.kernel_size
+        return k * k if isinstance(k, int) else k[0] * k[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(exact_dtype(x, self))
+        total = F.avg_pool2d(x, self.kernel_size, self.stride, 0, divisor_override=1)
+        return self.out_quant(total * _reciprocal(self.window_size()))
+
+
+class QAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """Global average pooling (output size 1) as an exact sum times a fixed-point 1/n."""
+
+    @classmethod
+    def from_float(cls, module: nn.AdaptiveAvgPool2d, config: QFXConfig, name: str):
+        size = module.output_size
+        if size not in (1, (1, 1)):
+            raise ConfigError(f"{name}: adaptive average pooling to {size} is not supported "
+                              "(only global pooling, output size 1)")
+        layer = cls(1)
+        layer.qflow_name = name
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(exact_dtype(x, self))
+        total = x.sum(dim=(-2, -1), keepdim=True)
+        return self.out_quant(total * _reciprocal(x.shape[-2] * x.shape[-1]))
+
+
+class QMaxPool2d(nn.MaxPool2d):
+    """Max pooling: exact on fixed-point values, so it keeps its input type."""
+
+    @classmethod
+    def from_float(cls, module: nn.MaxPool2d, config: QFXConfig, name: str) -> QMaxPool2d:
+        layer = cls(module.kernel_size, module.stride, module.padding, module.dilation,
+                    ceil_mode=module.ceil_mode)
+        layer.qflow_name = name
+        return layer

@@ -1,0 +1,66 @@
+"""Float building blocks that torch lacks as modules, so that ``quantize_`` can swap them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Add(nn.Module):
+    """Element-wise ``a + b`` as a module (a residual add); quantized to :class:`QAdd`.
+
+    >>> import torch
+    >>> Add()(torch.ones(2), torch.ones(2)).tolist()
+    [2.0, 2.0]
+    """
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+def exact_dtype(x: torch.Tensor, module: nn.Module) -> torch.dtype:
+    """float64 in eval mode (exact for accumulators up to 53 bits), the input's dtype in training.
+
+    Training runs in float32 for speed; it is exact while values stay within 24
+    significant bits. Evaluation must equal the integer emulator bit for bit, so it
+    runs in float64.
+    """
+    return x.dtype if module.training else torch.float64
+
+
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean, var_biased, count: int):
+    """Update ``bn``'s running statistics as torch's own BatchNorm does."""
+    if not bn.track_running_stats:
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked += 1
+        momentum = bn.momentum
+        if momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+        unbiased = var_biased * (count / max(count - 1, 1))
+        bn.running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
+        bn.running_var.mul_(1 - momentum).add_(unbiased.detach() * momentum)
+
+
+def batch_statistics(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
+    """Mean and (biased) variance per channel: from the batch in training, else running."""
+    if bn.training or not bn.track_running_stats:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        if bn.training:
+            update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+        return mean, var
+    return bn.running_mean, bn.running_var
+
+
+def batchnorm_scale_shift(bn: nn.modules.batchnorm._BatchNorm, mean, var, dtype):
+    """Per-channel ``scale, shift`` with ``bn(x) == x * scale + shift``."""
+    mean, var = mean.to(dtype), var.to(dtype)
+    inv = torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        scale = bn.weight.to(dtype) * inv
+        shift = bn.bias.to(dtype) - mean * scale
+    else:
+        scale, shift = inv, -mean * inv
+    return scale, shift
