@@ -1,25 +1,48 @@
 """qflow: quantization-aware training and bit-exact deployment.
 
+Only the torch-free parts load eagerly (configs, numerics, the QGraph IR and emulator);
+``quantize_``, ``describe`` and ``freeze`` import torch on first use, so that everything
+after ``freeze`` runs without torch installed.
+
 >>> import torch, qflow
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
 >>> qflow.quantize_(model, qflow.QFXConfig.with_bits(8)) is model
 True
 """
 
-from .api import describe, quantize_
 from .config import LayerOverride, QFXConfig, QuantSpec, SpecOverride
 from .errors import ConfigError, QflowError
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "quantize_": ("qflow.api", "quantize_"),
+    "describe": ("qflow.api", "describe"),
+    "freeze": ("qflow.graph.from_torch", "freeze"),
+    "emulate": ("qflow.graph.emulator", "emulate"),
+    "QGraph": ("qflow.graph.ir", "QGraph"),
+}
+
 __all__ = [
     "ConfigError",
     "LayerOverride",
     "QFXConfig",
+    "QGraph",
     "QflowError",
     "QuantSpec",
     "SpecOverride",
     "__version__",
     "describe",
+    "emulate",
+    "freeze",
     "quantize_",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'qflow' has no attribute {name!r}")

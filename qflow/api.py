@@ -179,7 +179,8 @@ def describe(model: nn.Module) -> list[FormatRow]:
     """One row per quantized tensor: word length W, ap_fixed integer width I (a range
     over channels when per channel), rounding and overflow."""
     rows = []
-    for name, module in model.named_modules():
+    modules = sorted(model.named_modules(), key=lambda item: not isinstance(item[1], QInput))
+    for name, module in modules:
         if not isinstance(module, QUANTIZED_TYPES):
             continue
         layer = getattr(module, "qflow_name", name)

@@ -1,0 +1,219 @@
+"""The golden model: a QGraph run on numpy int64 codes, batched and vectorized.
+
+Products are computed with float32 or float64 BLAS when every partial sum provably
+stays below 2**24 or 2**53 (so they are exact integers), and with int64 otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from qflow.numerics import requantize, to_codes
+
+from .infer import accumulator_frac, aligned_bias, aligned_weights
+from .ir import Node, QGraph, QGraphError
+
+#: float dtypes by the magnitude below which their integer sums are exact
+_EXACT_DTYPES = ((2**24, np.float32), (2**53, np.float64))
+CHUNK = 512  # samples per pass: keeps the im2col buffers in cache
+
+
+def _product_dtype(weight_obj: np.ndarray, max_abs_input: int):
+    """The narrowest dtype in which every partial sum of x @ w.T is an exact integer.
+
+    A partial sum is bounded by sum_j |w_j| * max|x|; below 2**24 (float32) or 2**53
+    (float64) BLAS arithmetic is exact. Otherwise int64 (no BLAS, but exact).
+    """
+    rows = np.abs(weight_obj.reshape(weight_obj.shape[0], -1)).sum(axis=1)
+    bound = int(rows.max()) * max_abs_input if rows.size else 0
+    for limit, dtype in _EXACT_DTYPES:
+        if bound < limit:
+            return dtype
+    return np.int64
+
+
+def _matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x (..., K) @ w (M, K).T, exact (x already in w's dtype)."""
+    out = x @ w.T
+    return out if out.dtype == np.int64 else out.astype(np.int64)
+
+
+class Emulator:
+    """Runs a QGraph. Constants are aligned once, at construction.
+
+    >>> # emulator = Emulator(QGraph.load("model.qgraph")); codes = emulator.run(x)
+    """
+
+    def __init__(self, graph: QGraph):
+        self.graph = graph.validate()
+        self._prepared: dict[str, dict] = {}
+        for node in graph.nodes:
+            prepare = _PREPARE.get(node.op)
+            if prepare is not None:
+                self._prepared[node.name] = prepare(self, node)
+
+    def _type(self, name: str):
+        return self.graph.tensors[name].type
+
+    def run(self, x) -> np.ndarray:
+        """Real-valued input (batch first) -> int64 output codes."""
+        return self.run_codes(to_codes(x, self.graph.input_type))
+
+    def run_codes(self, codes: np.ndarray, *, keep: bool = False):
+        """Input codes (batch first) -> output codes; with ``keep`` also every tensor."""
+        codes = np.asarray(codes, dtype=np.int64)
+        expected = self.graph.tensors[self.graph.input].shape
+        if tuple(codes.shape[1:]) != tuple(expected):
+            raise QGraphError(f"input has per-sample shape {tuple(codes.shape[1:])}, the graph "
+                              f"expects {tuple(expected)}")
+        if keep or len(codes) <= CHUNK:
+            return self._run_chunk(codes, keep)
+        return np.concatenate([self._run_chunk(codes[i:i + CHUNK], False)
+                               for i in range(0, len(codes), CHUNK)])
+
+    def _run_chunk(self, codes: np.ndarray, keep: bool):
+        values = {self.graph.input: codes}
+        for node in self.graph.nodes:
+            args = [values[name] for name in node.inputs]
+            values[node.output] = _RUN[node.op](self, node, *args)
+        return values if keep else values[self.graph.output]
+
+    def to_real(self, codes: np.ndarray) -> np.ndarray:
+        return np.ldexp(codes.astype(np.float64), -self.graph.output_type.fractional)
+
+
+def emulate(graph: QGraph, x) -> np.ndarray:
+    """Run ``graph`` on real-valued input ``x``; return int64 output codes."""
+    return Emulator(graph).run(x)
+
+
+# -- preparation: aligned constants ----------------------------------------------------
+def _prepare_weighted(em: Emulator, node: Node) -> dict:
+    in_t, out_t = em._type(node.inputs[0]), em._type(node.output)
+    c = node.consts
+    frac = accumulator_frac(in_t.fractional, c["weight_frac"], c.get("bias_frac"))
+    if frac != out_t.fractional:
+        raise QGraphError(f"node {node.name!r} (op {node.op!r}): output type has "
+                          f"{out_t.fractional} fractional bits, the products need {frac}")
+    w = aligned_weights(c["weight"], c["weight_frac"], in_t.fractional, frac)
+    dtype = _product_dtype(w, max(abs(in_t.qmin), abs(in_t.qmax)))
+    bias = None
+    if "bias" in c:
+        bias = aligned_bias(c["bias"], c["bias_frac"], frac).astype(np.int64)
+    return {"weight": w.astype(dtype), "dtype": dtype, "bias": bias}
+
+
+def _prepare_scale_shift(em: Emulator, node: Node) -> dict:
+    in_t, out_t = em._type(node.inputs[0]), em._type(node.output)
+    c = node.consts
+    frac = out_t.fractional
+    return {
+        "scale": aligned_weights(c["scale"], c["scale_frac"], in_t.fractional, frac).astype(np.int64),
+        "shift": aligned_bias(c["shift"], c["shift_frac"], frac).astype(np.int64),
+    }
+
+
+_PREPARE = {"dense": _prepare_weighted, "conv2d": _prepare_weighted,
+            "scale_shift": _prepare_scale_shift}
+
+
+# -- execution -------------------------------------------------------------------------
+def _run_dense(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
+    p = em._prepared[node.name]
+    acc = _matmul(x.astype(p["dtype"]), p["weight"])
+    return acc if p["bias"] is None else acc + p["bias"]
+
+
+def _windows(x: np.ndarray, kernel, stride, padding, dilation, pad_value) -> np.ndarray:
+    """(N, C, H, W) -> (N, C, Ho, Wo, kh, kw) views of the padded input."""
+    ph, pw = padding
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
+    kh, kw = kernel
+    dh, dw = dilation
+    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    win = sliding_window_view(x, span, axis=(2, 3))[..., ::dh, ::dw]
+    return win[:, :, ::stride[0], ::stride[1]]
+
+
+def _run_conv2d(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
+    p = em._prepared[node.name]
+    a = node.attrs
+    w = p["weight"]
+    out_ch, in_per_group, kh, kw = w.shape
+    groups = a["groups"]
+    win = _windows(x.astype(p["dtype"]), (kh, kw), a["stride"], a["padding"], a["dilation"], 0)
+    n, _, ho, wo = win.shape[:4]
+    outs = []
+    per_group_out = out_ch // groups
+    for g in range(groups):
+        cols = win[:, g * in_per_group:(g + 1) * in_per_group]  # N, Cg, Ho, Wo, kh, kw
+        cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(n, ho, wo, -1)
+        wg = w[g * per_group_out:(g + 1) * per_group_out].reshape(per_group_out, -1)
+        outs.append(_matmul(cols, wg))
+    acc = np.concatenate(outs, axis=-1).transpose(0, 3, 1, 2)
+    if p["bias"] is not None:
+        acc = acc + p["bias"].reshape(1, -1, 1, 1)
+    return np.ascontiguousarray(acc)
+
+
+def _channel_shape(x: np.ndarray) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (x.ndim - 2)
+
+
+def _run_scale_shift(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
+    p = em._prepared[node.name]
+    shape = _channel_shape(x)
+    return x * p["scale"].reshape(shape) + p["shift"].reshape(shape)
+
+
+def _run_relu(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0)
+
+
+def _run_add(em: Emulator, node: Node, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    frac = em._type(node.output).fractional
+    fa, fb = (em._type(name).fractional for name in node.inputs)
+    return (a << (frac - fa)) + (b << (frac - fb))
+
+
+def _run_maxpool2d(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
+    a = node.attrs
+    if a["ceil_mode"]:
+        raise QGraphError(f"node {node.name!r} (op maxpool2d): ceil_mode is not supported")
+    low = np.iinfo(np.int64).min
+    win = _windows(x, a["kernel"], a["stride"], a["padding"], a["dilation"], low)
+    return win.max(axis=(-2, -1))
+
+
+def _run_avgpool2d(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
+    a = node.attrs
+    win = _windows(x, a["kernel"], a["stride"], (0, 0), (1, 1), 0)
+    return win.sum(axis=(-2, -1)) * int(node.consts["reciprocal"])
+
+
+def _run_global_avgpool2d(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
+    return x.sum(axis=(-2, -1), keepdims=True) * int(node.consts["reciprocal"])
+
+
+def _run_reshape(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[0], *node.attrs["shape"])
+
+
+def _run_cast(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
+    return requantize(x, em._type(node.inputs[0]).fractional, em._type(node.output))
+
+
+_RUN = {
+    "dense": _run_dense,
+    "conv2d": _run_conv2d,
+    "scale_shift": _run_scale_shift,
+    "relu": _run_relu,
+    "add": _run_add,
+    "maxpool2d": _run_maxpool2d,
+    "avgpool2d": _run_avgpool2d,
+    "global_avgpool2d": _run_global_avgpool2d,
+    "reshape": _run_reshape,
+    "cast": _run_cast,
+}

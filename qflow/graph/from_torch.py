@@ -1,0 +1,306 @@
+"""``freeze``: a QFX model (eval mode) -> QGraph with integer constants and exact types."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from qflow.api import QUANTIZED_TYPES
+from qflow.errors import QflowError
+from qflow.nn import (
+    QAdaptiveAvgPool2d,
+    QAdd,
+    QAvgPool2d,
+    QBatchNorm1d,
+    QBatchNorm2d,
+    QConv2d,
+    QInput,
+    QLinear,
+    QReLU,
+)
+from qflow.nn.elementwise import RECIPROCAL_TYPE, _reciprocal
+from qflow.quantizers import FixedQuantizer
+
+from . import infer
+from .ir import Node, QGraph, TensorInfo
+
+
+class FreezeError(QflowError):
+    """The model holds something that has no exact integer form."""
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QUANTIZED_TYPES) or super().is_leaf_module(m, qualname)
+
+
+_RAW = object()  # the float model input, before the input quantizer
+
+
+def _to_codes(values: torch.Tensor, fracs: np.ndarray, where: str) -> np.ndarray:
+    """Integer codes of quantized values, one fraction per output channel (axis 0)."""
+    v = values.detach().to(torch.float64).cpu().numpy()
+    shape = (-1,) + (1,) * (v.ndim - 1)
+    scaled = np.ldexp(v, fracs.reshape(shape) if v.ndim else int(fracs.reshape(-1)[0]))
+    codes = np.rint(scaled)
+    if not np.array_equal(codes, scaled):
+        raise FreezeError(f"{where}: quantized values are not on their fixed-point grid")
+    return codes.astype(np.int64)
+
+
+def _fracs(quant: FixedQuantizer, channels: int) -> np.ndarray:
+    fracs = np.array([t.fractional for t in quant.fixed_types()], dtype=np.int64)
+    return np.broadcast_to(fracs, (channels,)).copy() if fracs.size == 1 else fracs
+
+
+class _Builder:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tensors: dict[str, TensorInfo] = {}
+        self.nodes: list[Node] = []
+        self.names: set[str] = set()
+
+    def unique(self, name: str) -> str:
+        base, i = name.replace(".", "_"), 1
+        name = base
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def add(self, op, name, inputs, shape, out_type, *, attrs=None, consts=None, source=""):
+        name = self.unique(name)
+        self.tensors[name] = TensorInfo(name, tuple(int(s) for s in shape), out_type)
+        self.nodes.append(Node(op, name, list(inputs), name, attrs or {}, consts or {}, source))
+        return name
+
+    def type_of(self, tensor: str):
+        return self.tensors[tensor].type
+
+    def shape_of(self, tensor: str):
+        return self.tensors[tensor].shape
+
+    def cast(self, name, src, quant: FixedQuantizer, source):
+        return self.add("cast", f"{name}_cast", [src], self.shape_of(src), quant.fixed_type(),
+                        source=source)
+
+
+def _per_sample_shape(fx_node: fx.Node) -> tuple[int, ...]:
+    meta = fx_node.meta.get("tensor_meta")
+    if meta is None:
+        raise FreezeError(f"node {fx_node.name}: output is not a single tensor")
+    return tuple(meta.shape[1:])
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _freeze_weighted(b: _Builder, name, module, src, shape):
+    x_dummy = torch.zeros(1, dtype=torch.float64)
+    with torch.no_grad():
+        weight_q, bias_q = module.quantized_parameters(x_dummy)
+    channels = weight_q.shape[0]
+    weight_frac = _fracs(module.weight_quant, channels)
+    consts = {"weight": _to_codes(weight_q, weight_frac, f"{name}.weight"),
+              "weight_frac": weight_frac}
+    if bias_q is not None:
+        bias_frac = _fracs(module.bias_quant, channels)
+        consts["bias"] = _to_codes(bias_q, bias_frac, f"{name}.bias")
+        consts["bias_frac"] = bias_frac
+    if isinstance(module, QConv2d):
+        op = "conv2d"
+        attrs = {"stride": _pair(module.stride), "padding": _pair(module.padding),
+                 "dilation": _pair(module.dilation), "groups": int(module.groups)}
+    else:
+        op, attrs = "dense", {}
+    probe = Node(op, name, [src], name, attrs, consts)
+    out_type = infer.infer_weighted(probe, b.type_of(src))
+    return b.add(op, name, [src], shape, out_type, attrs=attrs, consts=consts, source=name)
+
+
+def _freeze_batchnorm(b: _Builder, name, module, src, shape):
+    channels = module.num_features
+    dummy = torch.zeros((1, channels) + (1,) * (len(shape) - 1), dtype=torch.float64)
+    with torch.no_grad():
+        scale_q, shift_q = module.quantized_scale_shift(dummy)
+    scale_frac = _fracs(module.scale_quant, channels)
+    shift_frac = _fracs(module.shift_quant, channels)
+    consts = {"scale": _to_codes(scale_q, scale_frac, f"{name}.scale"), "scale_frac": scale_frac,
+              "shift": _to_codes(shift_q, shift_frac, f"{name}.shift"), "shift_frac": shift_frac}
+    probe = Node("scale_shift", name, [src], name, {}, consts)
+    out_type = infer.infer_scale_shift(probe, b.type_of(src))
+    out = b.add("scale_shift", name, [src], shape, out_type, consts=consts, source=name)
+    return b.cast(name, out, module.out_quant, name)
+
+
+def _freeze_relu(b: _Builder, name, module, src, shape):
+    out = b.add("relu", name, [src], shape, infer.infer_relu(b.type_of(src)), source=name)
+    return b.cast(name, out, module.out_quant, name) if module is not None else out
+
+
+def _freeze_add(b: _Builder, name, module, srcs, shape):
+    ta, tb = (b.type_of(s) for s in srcs)
+    out = b.add("add", name, srcs, shape, infer.infer_add(ta, tb), source=name)
+    return b.cast(name, out, module.out_quant, name) if module is not None else out
+
+
+def _reciprocal_code(count: int) -> int:
+    return int(math.ldexp(_reciprocal(count), RECIPROCAL_TYPE.fractional))
+
+
+def _freeze_avgpool(b: _Builder, name, module, src, shape):
+    kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+    count = kernel[0] * kernel[1]
+    recip = _reciprocal_code(count)
+    attrs = {"kernel": kernel, "stride": stride, "reciprocal_frac": RECIPROCAL_TYPE.fractional}
+    out_type = infer.infer_pool_sum(b.type_of(src), count, recip, RECIPROCAL_TYPE.fractional)
+    out = b.add("avgpool2d", name, [src], shape, out_type, attrs=attrs,
+                consts={"reciprocal": np.array(recip, dtype=np.int64)}, source=name)
+    return b.cast(name, out, module.out_quant, name)
+
+
+def _freeze_global_avgpool(b: _Builder, name, module, src, shape):
+    h, w = b.shape_of(src)[-2:]
+    recip = _reciprocal_code(h * w)
+    out_type = infer.infer_pool_sum(b.type_of(src), h * w, recip, RECIPROCAL_TYPE.fractional)
+    out = b.add("global_avgpool2d", name, [src], shape, out_type,
+                attrs={"reciprocal_frac": RECIPROCAL_TYPE.fractional},
+                consts={"reciprocal": np.array(recip, dtype=np.int64)}, source=name)
+    return b.cast(name, out, module.out_quant, name)
+
+
+def _freeze_maxpool(b: _Builder, name, module, src, shape):
+    if module.ceil_mode:
+        raise FreezeError(f"node {name}: max pooling with ceil_mode is not supported")
+    attrs = {"kernel": _pair(module.kernel_size),
+             "stride": _pair(module.stride or module.kernel_size),
+             "padding": _pair(module.padding), "dilation": _pair(module.dilation),
+             "ceil_mode": False}
+    return b.add("maxpool2d", name, [src], shape, b.type_of(src), attrs=attrs, source=name)
+
+
+def _freeze_reshape(b: _Builder, name, module, src, shape):
+    return b.add("reshape", name, [src], shape, b.type_of(src), attrs={"shape": list(shape)},
+                 source=name)
+
+
+#: module type -> freezer(builder, name, module, input tensor, per-sample output shape)
+MODULE_FREEZERS = {
+    QLinear: _freeze_weighted,
+    QConv2d: _freeze_weighted,
+    QBatchNorm1d: _freeze_batchnorm,
+    QBatchNorm2d: _freeze_batchnorm,
+    QReLU: _freeze_relu,
+    QAvgPool2d: _freeze_avgpool,
+    QAdaptiveAvgPool2d: _freeze_global_avgpool,
+    nn.MaxPool2d: _freeze_maxpool,
+    nn.Flatten: _freeze_reshape,
+}
+_ALIASES = (nn.Identity, nn.Dropout)
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_ADD_FUNCTIONS = {operator.add, torch.add}
+_RELU_FUNCTIONS = {torch.relu, nn.functional.relu}
+
+
+def freeze(model: nn.Module, example_input: torch.Tensor) -> QGraph:
+    """Freeze a quantized model (``qflow.quantize_`` + training) into a QGraph.
+
+    The model is put in eval mode; ``example_input`` (a batch) fixes the shapes.
+
+    >>> import torch, qflow
+    >>> from qflow.graph import freeze, emulate
+    >>> model = qflow.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
+    >>> x = torch.rand(8, 4)
+    >>> graph = freeze(model, x)
+    >>> codes = emulate(graph, x.numpy())
+    >>> with torch.no_grad():
+    ...     bool((model(x).numpy() == codes * graph.output_type.lsb).all())
+    True
+    """
+    if not hasattr(model, "qflow_input"):
+        raise FreezeError("model is not quantized: call qflow.quantize_(model, config) first")
+    model.eval()
+    with torch.no_grad():
+        model(example_input)  # initializes any quantizer that has not seen data yet
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as exc:
+            raise FreezeError(f"cannot trace the model with torch.fx: {exc}") from None
+        gm = fx.GraphModule(model, graph)
+        ShapeProp(gm).propagate(example_input)
+    modules = dict(model.named_modules())
+    b = _Builder(model)
+    env: dict[fx.Node, object] = {}
+    in_quant: QInput = model.qflow_input
+    input_shape = tuple(example_input.shape[1:])
+    output = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if env:
+                raise FreezeError(f"node {node.name}: models with several inputs are not supported")
+            if "qflow_input" in modules and not any(
+                n.op == "call_module" and n.target == "qflow_input" for n in graph.nodes
+            ):
+                env[node] = _declare_input(b, in_quant, input_shape)
+            else:
+                env[node] = _RAW
+            continue
+        if node.op == "output":
+            output = env[node.args[0]]
+            continue
+        args = [env.get(a) if isinstance(a, fx.Node) else a for a in node.args]
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+        label = f"node {node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
+        if node.op == "call_module" and isinstance(modules[node.target], QInput):
+            if args[0] is not _RAW:
+                raise FreezeError(f"{label}: the input quantizer must take the model input")
+            env[node] = _declare_input(b, modules[node.target], input_shape)
+            continue
+        if any(env.get(a) is _RAW for a in tensor_args):
+            raise FreezeError(f"{label}: uses the model input before the input quantizer")
+        env[node] = _freeze_node(b, node, modules, args, label)
+    if not isinstance(output, str):
+        raise FreezeError("the model output is not a single quantized tensor")
+    meta = {"input_shape": list(input_shape), "frozen_from": type(model).__name__}
+    return QGraph(b.tensors and next(iter(b.tensors)), output, b.tensors, b.nodes,
+                  meta).validate()
+
+
+def _declare_input(b: _Builder, quant: QInput, shape) -> str:
+    name = b.unique("input")
+    b.tensors[name] = TensorInfo(name, tuple(shape), quant.quant.fixed_type())
+    return name
+
+
+def _freeze_node(b: _Builder, node: fx.Node, modules, args, label: str) -> str:
+    shape = _per_sample_shape(node)
+    if node.op == "call_module":
+        module = modules[node.target]
+        if isinstance(module, _ALIASES):
+            return args[0]
+        if isinstance(module, QAdd):
+            return _freeze_add(b, node.target, module, args[:2], shape)
+        freezer = next((f for t, f in MODULE_FREEZERS.items() if type(module) is t), None)
+        if freezer is None and isinstance(module, nn.MaxPool2d):
+            freezer = _freeze_maxpool
+        if freezer is None:
+            raise FreezeError(f"{label}: module {type(module).__name__} has no integer form "
+                              "(quantize it with qflow.quantize_ or remove it)")
+        return freezer(b, node.target, module, args[0], shape)
+    if node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS:
+        return _freeze_reshape(b, node.name, None, args[0], shape)
+    if node.op == "call_method" and node.target in _RESHAPE_METHODS:
+        return _freeze_reshape(b, node.name, None, args[0], shape)
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return _freeze_add(b, node.name, None, args[:2], shape)
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        return _freeze_relu(b, node.name, None, args[0], shape)
+    raise FreezeError(f"{label}: op is not supported by freeze")

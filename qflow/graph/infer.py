@@ -1,0 +1,108 @@
+"""Exact output types of QGraph nodes: each result gets a type wide enough to hold every
+value its inputs' types allow, so no arithmetic node can overflow or lose bits."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qflow.numerics import MAX_WIDTH, FixedType
+
+from .ir import Node, QGraphError
+
+
+def type_for_range(lo: int, hi: int, fractional: int) -> FixedType:
+    """The narrowest type with ``fractional`` bits whose codes cover ``[lo, hi]``.
+
+    Accumulator types use the HLS defaults TRN/WRAP: nothing is ever rounded or wrapped
+    in them, since they hold every possible value.
+    """
+    lo, hi = int(lo), int(hi)
+    signed = lo < 0
+    if signed:
+        width = max(hi.bit_length(), (-lo - 1).bit_length()) + 1
+    else:
+        width = max(hi.bit_length(), 1)
+    if width > MAX_WIDTH:
+        raise QGraphError(f"a result needs {width} bits, more than the {MAX_WIDTH} qflow supports")
+    return FixedType(signed=signed, integer=width - int(signed) - fractional,
+                     fractional=fractional)
+
+
+def _code_range(t: FixedType) -> tuple[int, int]:
+    return t.qmin, t.qmax
+
+
+def _obj(a) -> np.ndarray:
+    """Python-int arrays: bound sums of wide products must not overflow."""
+    return np.asarray(a).astype(object)
+
+
+def aligned_weights(weight, weight_frac, in_frac: int, out_frac: int) -> np.ndarray:
+    """Weight codes shifted per output channel so that every product has ``out_frac`` bits."""
+    shift = out_frac - (in_frac + np.asarray(weight_frac))
+    if (shift < 0).any():
+        raise QGraphError("output fraction is narrower than a product fraction")
+    shape = (-1,) + (1,) * (np.ndim(weight) - 1)
+    return _obj(weight) * (2 ** _obj(shift)).reshape(shape)
+
+
+def aligned_bias(bias, bias_frac, out_frac: int) -> np.ndarray:
+    shift = out_frac - np.asarray(bias_frac)
+    if (shift < 0).any():
+        raise QGraphError("output fraction is narrower than the bias fraction")
+    return _obj(bias) * (2 ** _obj(shift))
+
+
+def accumulator_frac(in_frac: int, weight_frac, bias_frac=None) -> int:
+    frac = int(in_frac + np.max(weight_frac))
+    if bias_frac is not None:
+        frac = max(frac, int(np.max(bias_frac)))
+    return frac
+
+
+def _weighted_sum_range(weight_rows: np.ndarray, lo: int, hi: int, offset) -> tuple[int, int]:
+    """Min and max over channels of sum_j w_cj * x_j + offset_c with x_j in [lo, hi]."""
+    a, b = weight_rows * lo, weight_rows * hi
+    top = np.maximum(a, b).sum(axis=1) + offset
+    bottom = np.minimum(a, b).sum(axis=1) + offset
+    return int(bottom.min()), int(top.max())
+
+
+def infer_weighted(node: Node, in_type: FixedType) -> FixedType:
+    """Type of a dense or conv2d accumulator."""
+    c = node.consts
+    bias = c.get("bias")
+    bias_frac = c.get("bias_frac")
+    frac = accumulator_frac(in_type.fractional, c["weight_frac"], bias_frac)
+    w = aligned_weights(c["weight"], c["weight_frac"], in_type.fractional, frac)
+    rows = w.reshape(w.shape[0], -1)
+    offset = aligned_bias(bias, bias_frac, frac) if bias is not None else 0
+    lo, hi = _weighted_sum_range(rows, *_code_range(in_type), offset)
+    # zero padding adds zeros: include 0 in the range of every term
+    return type_for_range(min(lo, 0) if node.op == "conv2d" else lo,
+                          max(hi, 0) if node.op == "conv2d" else hi, frac)
+
+
+def infer_scale_shift(node: Node, in_type: FixedType) -> FixedType:
+    c = node.consts
+    frac = max(int(in_type.fractional + np.max(c["scale_frac"])), int(np.max(c["shift_frac"])))
+    scale = aligned_weights(c["scale"], c["scale_frac"], in_type.fractional, frac)
+    shift = aligned_bias(c["shift"], c["shift_frac"], frac)
+    lo, hi = _weighted_sum_range(scale.reshape(-1, 1), *_code_range(in_type), shift)
+    return type_for_range(lo, hi, frac)
+
+
+def infer_add(a: FixedType, b: FixedType) -> FixedType:
+    frac = max(a.fractional, b.fractional)
+    lo = a.qmin * 2 ** (frac - a.fractional) + b.qmin * 2 ** (frac - b.fractional)
+    hi = a.qmax * 2 ** (frac - a.fractional) + b.qmax * 2 ** (frac - b.fractional)
+    return type_for_range(lo, hi, frac)
+
+
+def infer_relu(t: FixedType) -> FixedType:
+    return type_for_range(0, max(t.qmax, 0), t.fractional)
+
+
+def infer_pool_sum(t: FixedType, count: int, reciprocal: int, reciprocal_frac: int) -> FixedType:
+    return type_for_range(min(t.qmin * count * reciprocal, 0), t.qmax * count * reciprocal,
+                          t.fractional + reciprocal_frac)

@@ -1,0 +1,302 @@
+"""Benchmark one QAT training step: float vs qflow QFX 4-bit vs brevitas 4-bit.
+
+What it measures
+    The wall time of one training step -- forward, cross-entropy loss, backward and an
+    Adam step -- at batch size 256 (``--batch-size``) on seeded synthetic data, for two
+    models, each in three variants built from the same float initialisation:
+
+    * ``digits_cnn``: ``qflow.zoo.models.digits_cnn()`` (input N x 1 x 8 x 8, 10 classes:
+      conv/BN/ReLU stem, a residual block, 2x2 average pooling, conv/BN/ReLU, global
+      average pooling, linear);
+    * ``jet_mlp``: ``qflow.zoo.models.jet_mlp()`` (input N x 16, 16-64-32-32-5, 5 classes).
+
+    Variants:
+
+    * ``float``: the plain torch model;
+    * ``qflow``: ``qflow.quantize_(model, qflow.QFXConfig.with_bits(4))`` -- 4-bit input,
+      4-bit per-channel weights, 4-bit activations, with the config's defaults for the
+      rest (16-bit bias, 12-bit BatchNorm scale, 16-bit BatchNorm/residual-add outputs),
+      all with trainable binary points;
+    * ``brevitas``: the equivalent brevitas 0.13 model at 4 bits:
+      ``QuantIdentity(bit_width=4)`` (signed, per tensor) on the input;
+      ``QuantConv2d`` / ``QuantLinear`` with 4-bit per-output-channel weights
+      (``Int8WeightPerChannelFloat``, ``weight_bit_width=4``) and, where the layer has a
+      bias, a 16-bit bias with its own scale (``Int8BiasPerTensorFloatInternalScaling``,
+      ``bias_bit_width=16``, the counterpart of qflow's 16-bit bias); ``QuantReLU``
+      4-bit; ``nn.BatchNorm2d`` left float, as brevitas users do; the residual add
+      re-quantized by a 16-bit signed ``QuantIdentity`` (qflow casts it to its 16-bit
+      ``intermediate`` type); average pooling (2x2 and global) as float pooling followed
+      by a 4-bit unsigned ``QuantIdentity``. We chose that over ``TruncAvgPool2d``
+      because qflow re-casts the pooled value to a 4-bit type with a learned binary
+      point, which is what a ``QuantIdentity`` with a learned scale does;
+      ``TruncAvgPool2d`` instead drops low bits by a fixed shift.
+
+How it measures
+    Each variant first runs warm-up steps (not timed): qflow's quantizers pick their
+    binary points on the first forward, and brevitas's activation quantizers collect
+    statistics for their first 300 training steps before switching to a learned scale,
+    so brevitas is warmed up until every quantizer has left that phase and the timed
+    steps are steady-state steps for all variants. The measurement then runs
+    ``--repeats`` rounds; in each round every variant runs ``--steps`` steps in turn
+    (float, qflow, brevitas, float, qflow, brevitas, ...) so that changes in machine
+    load hit all variants alike. The table shows the median over rounds of the mean
+    time per step, and its ratio to float; below it, per model, the two key ratios
+    qflow/float and qflow/brevitas. Everything runs eagerly in float32 on the CPU (no
+    ``torch.compile`` for any variant). Only stdout is written.
+
+Run it
+    . .venv/bin/activate
+    python scripts/bench_qat.py                      # defaults, about a minute on 2 cores
+    python scripts/bench_qat.py --threads 1 --steps 50 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import qflow
+from qflow.zoo import models
+
+VARIANTS = ("float", "qflow", "brevitas")
+BITS = 4
+ACC_BITS = 16  # qflow's default bias and intermediate word length
+SEED = 0
+
+
+def _brevitas():
+    """Import brevitas lazily (it warns a lot on import); fail with a clear message."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import brevitas.nn as qnn
+            from brevitas.quant import (
+                Int8ActPerTensorFloat,
+                Int8BiasPerTensorFloatInternalScaling,
+                Int8WeightPerChannelFloat,
+                Uint8ActPerTensorFloat,
+            )
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        sys.exit(f"bench_qat: brevitas is needed (pip install -e '.[bench]'): {exc}")
+    return qnn, Int8ActPerTensorFloat, Uint8ActPerTensorFloat, Int8WeightPerChannelFloat, \
+        Int8BiasPerTensorFloatInternalScaling
+
+
+def _brevitas_layers():
+    qnn, act_signed, act_unsigned, weight, bias = _brevitas()
+
+    def conv(cin, cout, k, **kw):
+        return qnn.QuantConv2d(cin, cout, k, weight_quant=weight, weight_bit_width=BITS,
+                               bias_quant=bias, bias_bit_width=ACC_BITS, **kw)
+
+    def linear(cin, cout):
+        return qnn.QuantLinear(cin, cout, bias=True, weight_quant=weight,
+                               weight_bit_width=BITS, bias_quant=bias,
+                               bias_bit_width=ACC_BITS)
+
+    def relu():
+        return qnn.QuantReLU(act_quant=act_unsigned, bit_width=BITS)
+
+    def ident(bits, signed):
+        return qnn.QuantIdentity(act_quant=act_signed if signed else act_unsigned,
+                                 bit_width=bits)
+
+    return conv, linear, relu, ident
+
+
+class BrevitasDigitsCNN(nn.Module):
+    """brevitas twin of :class:`qflow.zoo.models.DigitsCNN` (same parameter names)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        conv, linear, relu, ident = _brevitas_layers()
+        self.input_quant = ident(BITS, signed=True)
+        self.stem = conv(1, width, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(width)
+        self.stem_relu = relu()
+        self.conv1 = conv(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu1 = relu()
+        self.conv2 = conv(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.add_quant = ident(ACC_BITS, signed=True)
+        self.relu2 = relu()
+        self.pool = nn.AvgPool2d(2)
+        self.pool_quant = ident(BITS, signed=False)
+        self.conv3 = conv(width, 2 * width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.relu3 = relu()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.gap_quant = ident(BITS, signed=False)
+        self.flatten = nn.Flatten()
+        self.fc = linear(2 * width, 10)
+
+    def forward(self, x):
+        x = self.input_quant(x)
+        x = self.stem_relu(self.stem_bn(self.stem(x)))
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        x = self.relu2(self.add_quant(x + y))
+        x = self.pool_quant(self.pool(x))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        return self.fc(self.flatten(self.gap_quant(self.gap(x))))
+
+
+def brevitas_jet_mlp() -> nn.Module:
+    """brevitas twin of :func:`qflow.zoo.models.jet_mlp` (same parameter names)."""
+    _, linear, relu, ident = _brevitas_layers()
+    return nn.Sequential(OrderedDict([
+        ("input_quant", ident(BITS, signed=True)),
+        ("fc1", linear(16, 64)), ("relu1", relu()),
+        ("fc2", linear(64, 32)), ("relu2", relu()),
+        ("fc3", linear(32, 32)), ("relu3", relu()),
+        ("fc4", linear(32, 5)),
+    ]))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple, int]] = {
+    # name: (float model, brevitas model, input shape without batch, classes)
+    "digits_cnn": (models.digits_cnn, BrevitasDigitsCNN, (1, 8, 8), 10),
+    "jet_mlp": (models.jet_mlp, brevitas_jet_mlp, (16,), 5),
+}
+
+
+def _copy_float_parameters(src: nn.Module, dst: nn.Module) -> None:
+    """Start the brevitas twin from the float model's weights, BN included."""
+    dst_state = dst.state_dict()
+    with torch.no_grad():
+        for name, value in src.state_dict().items():
+            if name not in dst_state or dst_state[name].shape != value.shape:
+                raise RuntimeError(f"brevitas twin lacks a matching {name!r}")
+            dst_state[name].copy_(value)
+
+
+class Variant:
+    """One model in one variant, with its optimizer and data, ready to step."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        self.model = model.train()
+        self.x, self.y = x, y
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
+    def run(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return (time.perf_counter() - start) / steps
+
+
+def _brevitas_stats_pending(model: nn.Module) -> bool:
+    """True while some brevitas quantizer still collects statistics (not steady state)."""
+    for module in model.modules():
+        steps = getattr(module, "collect_stats_steps", None)
+        counter = getattr(module, "counter", None)
+        if isinstance(steps, int) and isinstance(counter, int) and counter <= steps:
+            return True
+    return False
+
+
+def build(name: str, batch_size: int) -> dict[str, Variant]:
+    make_float, make_brevitas, shape, classes = MODELS[name]
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn((batch_size, *shape), generator=gen)
+    y = torch.randint(0, classes, (batch_size,), generator=gen)
+    torch.manual_seed(SEED)
+    float_model = make_float()
+    qflow_model = qflow.quantize_(copy.deepcopy(float_model), qflow.QFXConfig.with_bits(BITS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # brevitas's deprecation and tracing chatter
+        brevitas_model = make_brevitas()
+    _copy_float_parameters(float_model, brevitas_model)
+    return {
+        "float": Variant(float_model, x, y),
+        "qflow": Variant(qflow_model, x, y),
+        "brevitas": Variant(brevitas_model, x, y),
+    }
+
+
+def warm_up(variants: dict[str, Variant], steps: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for variant in variants.values():
+            variant.run(steps)
+            guard = 0
+            while _brevitas_stats_pending(variant.model):
+                variant.run(10)
+                guard += 1
+                if guard > 1000:
+                    raise RuntimeError("brevitas quantizers never left statistics collection")
+
+
+def measure(variants: dict[str, Variant], steps: int, repeats: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(repeats):
+            for variant in variants.values():  # interleaved: float, qflow, brevitas, ...
+                variant.times.append(variant.run(steps))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps per variant per round (default 20)")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="interleaved measurement rounds; the median is reported (default 7)")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="untimed steps per variant before measuring (default 10; brevitas "
+                             "runs more until its quantizers leave statistics collection)")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
+                        help="models to benchmark (default: all)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1 or args.batch_size < 1 or args.warmup < 1:
+        parser.error("--steps, --repeats, --batch-size and --warmup must be positive")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be positive")
+        torch.set_num_threads(args.threads)
+
+    print(f"QAT training step (forward + loss + backward + Adam), batch {args.batch_size}, "
+          f"{BITS}-bit, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"median of {args.repeats} interleaved rounds of {args.steps} steps")
+    results: dict[str, dict[str, float]] = {}
+    for name in args.models:
+        variants = build(name, args.batch_size)
+        warm_up(variants, args.warmup)
+        measure(variants, args.steps, args.repeats)
+        results[name] = {v: statistics.median(variants[v].times) * 1e3 for v in VARIANTS}
+
+    print()
+    print(f"{'model':<12} {'variant':<10} {'ms/step':>9} {'x float':>8}")
+    print("-" * 42)
+    for name, ms in results.items():
+        for v in VARIANTS:
+            print(f"{name:<12} {v:<10} {ms[v]:>9.3f} {ms[v] / ms['float']:>8.2f}")
+    print()
+    for name, ms in results.items():
+        print(f"{name}: qflow/float = {ms['qflow'] / ms['float']:.2f}, "
+              f"qflow/brevitas = {ms['qflow'] / ms['brevitas']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
