@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -46,8 +47,13 @@ PASSTHROUGH_TYPES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Sequential, nn.Modu
 _FOLDABLE = (nn.Conv2d, nn.Linear)
 
 
-def _quantize_input(module: nn.Module, args: tuple) -> tuple:
-    return (module.qflow_input(args[0]), *args[1:])
+def _quantize_input(module: nn.Module, args: tuple, kwargs: dict):
+    if args:
+        return (module.qflow_input(args[0]), *args[1:]), kwargs
+    name = module.qflow_input_name
+    if name not in kwargs:
+        raise QflowError(f"{type(module).__name__}: no input given (expected argument {name!r})")
+    return args, {**kwargs, name: module.qflow_input(kwargs[name])}
 
 
 def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
@@ -74,10 +80,15 @@ def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
         raise ConfigError(f"quantize_ expects a QFXConfig, got {type(config).__name__}")
     if hasattr(model, "qflow_input"):
         raise QflowError("model is already quantized (it has a qflow_input module)")
+    if type(model) in SWAPS or isinstance(model, QUANTIZED_TYPES):
+        raise QflowError(f"quantize_ swaps the modules inside a model; wrap the single "
+                         f"{type(model).__name__} in a container, e.g. nn.Sequential(layer)")
     folds = _batchnorm_folds(model) if config.fold_batchnorm else {}
     folded_bns = set(folds.values())
     float_left = []
-    for name, module in list(model.named_modules()):
+    originals = list(model.named_modules())
+    by_name = dict(originals)
+    for name, module in originals:
         if not name:
             continue
         make = SWAPS.get(type(module))
@@ -86,7 +97,7 @@ def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
         elif make is not None:
             quantized = make(module, config, name)
             if name in folds:
-                quantized.fold_batchnorm(model.get_submodule(folds[name]))
+                quantized.fold_batchnorm(by_name[folds[name]])
             _replace(model, name, quantized)
         elif not isinstance(module, PASSTHROUGH_TYPES) and not list(module.children()):
             float_left.append(f"{name} ({type(module).__name__})")
@@ -109,7 +120,9 @@ def _attach_input_quantizer(model: nn.Module, quant: QInput) -> None:
         model._modules.update(children)
     else:
         model.qflow_input = quant
-        model.register_forward_pre_hook(_quantize_input)
+        params = list(inspect.signature(model.forward).parameters)
+        model.qflow_input_name = params[0] if params else "input"
+        model.register_forward_pre_hook(_quantize_input, with_kwargs=True)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

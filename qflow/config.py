@@ -33,7 +33,8 @@ ROLES = ("input", "weight", "bias", "activation", "intermediate", "norm_scale")
 
 def _check_bits(bits: int, where: str) -> None:
     if not MIN_BITS <= bits <= MAX_BITS:
-        raise ConfigError(f"{where}: bit width {bits} is impossible (must be {MIN_BITS}..{MAX_BITS})")
+        raise ConfigError(
+            f"{where}: bit width {bits} is impossible (must be {MIN_BITS}..{MAX_BITS})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +94,10 @@ class SpecOverride:
             raise ConfigError(str(exc)) from None
         if self.bits is not None:
             _check_bits(self.bits, "bits")
+        if self.khot is not None and not 0 <= self.khot <= (self.bits or MAX_BITS):
+            raise ConfigError(f"khot {self.khot} must be between 0 (off) and bits")
+        if self.integer_bits is not None and abs(self.integer_bits) > 64:
+            raise ConfigError(f"integer_bits {self.integer_bits} is out of range (-64..64)")
 
     def apply(self, base: QuantSpec) -> QuantSpec:
         changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -116,7 +121,8 @@ class LayerOverride:
         try:
             re.compile(self.pattern)
         except re.error as exc:
-            raise ConfigError(f"override pattern {self.pattern!r} is not a valid regex: {exc}") from None
+            raise ConfigError(
+                f"override pattern {self.pattern!r} is not a valid regex: {exc}") from None
 
     def matches(self, name: str) -> bool:
         return name == self.pattern or re.fullmatch(self.pattern, name) is not None
@@ -135,7 +141,8 @@ class QFXConfig:
 
     version: int = CONFIG_VERSION
     input: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8))
-    weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, signed=True, per_channel=True))
+    weight: QuantSpec = field(
+        default_factory=lambda: QuantSpec(bits=8, signed=True, per_channel=True))
     bias: QuantSpec = field(default_factory=lambda: QuantSpec(bits=16, signed=True))
     activation: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8))
     intermediate: QuantSpec = field(default_factory=lambda: QuantSpec(bits=16, signed=True))
@@ -147,8 +154,19 @@ class QFXConfig:
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:
-            raise ConfigError(f"config version {self.version} is not supported (this qflow reads {CONFIG_VERSION})")
+            raise ConfigError(f"config version {self.version} is not supported "
+                              f"(this qflow reads {CONFIG_VERSION})")
         object.__setattr__(self, "overrides", tuple(self.overrides))
+        # Each override must give a valid spec on its own (khot <= bits and so on).
+        for i, override in enumerate(self.overrides):
+            for role in ROLES:
+                patch = getattr(override, role)
+                if patch is None:
+                    continue
+                try:
+                    patch.apply(getattr(self, role))
+                except ConfigError as exc:
+                    raise ConfigError(f"overrides[{i}].{role}: {exc}") from None
 
     @classmethod
     def with_bits(cls, bits: int | None = None, *, weight_bits: int | None = None,
@@ -187,7 +205,23 @@ class QFXConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> QFXConfig:
-        return _from_plain(cls, data, "config")
+        """Build from plain data; a role given in part (``weight: {bits: 4}``) keeps the
+        defaults of that role for the fields it leaves out."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+        defaults = cls()
+        data = dict(data)
+        partial = {}
+        for role in ROLES:
+            if role in data:
+                given = data.pop(role)
+                if not isinstance(given, dict):
+                    raise ConfigError(f"config.{role}: expected a mapping, "
+                                      f"got {type(given).__name__}")
+                merged = {**_to_plain(getattr(defaults, role)), **given}
+                partial[role] = _from_plain(QuantSpec, merged, f"config.{role}")
+        config = _from_plain(cls, data, "config")
+        return dataclasses.replace(config, **partial) if partial else config
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -210,7 +244,8 @@ class QFXConfig:
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             line = f" at line {where.line + 1}" if where is not None else ""
-            raise ConfigError(f"malformed YAML{line}: {getattr(exc, 'problem', exc)}") from None
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(f"malformed YAML{line}: {problem}") from None
         return cls.from_dict({} if data is None else data)
 
 
@@ -237,7 +272,8 @@ def _from_plain(cls, data, path: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(names))})")
+        allowed = ", ".join(sorted(names))
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {allowed})")
     kwargs = {k: _parse_value(hints[k], v, f"{path}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)

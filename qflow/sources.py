@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-from torch import nn
 
 from qflow.errors import QflowError
 from qflow.zoo import DATASETS, MODELS, Dataset
@@ -17,7 +16,7 @@ from qflow.zoo import DATASETS, MODELS, Dataset
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def resolve_model(spec: str) -> Callable[[], nn.Module]:
+def resolve_model(spec: str) -> Callable[[], object]:
     """A zoo name (``digits-mlp``) or ``path/file.py:factory`` -> a model factory."""
     if spec in MODELS:
         return MODELS[spec].factory
@@ -28,7 +27,9 @@ def resolve_model(spec: str) -> Callable[[], nn.Module]:
         raise QflowError(f"unknown model {spec!r}: use a zoo name ({', '.join(sorted(MODELS))}) "
                          "or path/file.py:factory")
 
-    def build() -> nn.Module:
+    def build():
+        from torch import nn
+
         model = factory()
         if not isinstance(model, nn.Module):
             raise QflowError(f"model factory {spec} returned {type(model).__name__}, "

@@ -28,6 +28,14 @@ def evaluate(model: nn.Module, x, y, *, batch_size: int = 1024) -> float:
     return 100.0 * correct / len(x_t)
 
 
+def calibrate(model: nn.Module, x) -> None:
+    """Run one eval-mode forward pass on (training) data ``x`` so that every quantizer
+    starts from it, without touching BatchNorm statistics."""
+    model.eval()
+    with torch.no_grad():
+        model(torch.as_tensor(x, dtype=torch.float32))
+
+
 def fit(
     model: nn.Module,
     x_train,

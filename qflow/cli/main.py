@@ -8,11 +8,13 @@ import sys
 from qflow import __version__
 from qflow.errors import QflowError
 
-from . import quantize
+from . import export, quantize, verify
 
 #: subcommand name -> module with ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
     "quantize": quantize,
+    "export": export,
+    "verify": verify,
 }
 
 

@@ -18,7 +18,7 @@ from qflow.config import QFXConfig
 from qflow.errors import ConfigError, QflowError
 from qflow.runs import save_run
 from qflow.sources import resolve_data, resolve_model
-from qflow.train import evaluate, fit, seed_everything
+from qflow.train import calibrate, evaluate, fit, seed_everything
 from qflow.zoo import MODELS
 
 HELP = "train and quantize a model with QFX fixed point (default: digits-mlp, 8-bit)"
@@ -56,9 +56,14 @@ def build_config(args: argparse.Namespace) -> QFXConfig:
         if not args.recipe.is_file():
             raise QflowError(f"recipe file not found: {args.recipe}")
         try:
-            config = QFXConfig.from_yaml(args.recipe.read_text())
+            config = QFXConfig.from_yaml(args.recipe.read_text(encoding="utf-8"))
         except ConfigError as exc:
             raise ConfigError(f"{args.recipe}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{args.recipe}: not UTF-8 text ({exc.reason} at byte "
+                              f"{exc.start})") from None
+        except OSError as exc:
+            raise QflowError(f"cannot read recipe {args.recipe}: {exc.strerror}") from None
     else:
         config = QFXConfig()
     return config.replace_bits(args.bits, weight_bits=args.weight_bits, act_bits=args.act_bits)
@@ -99,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
 
     qat_model = copy.deepcopy(float_model)
     quantize_(qat_model, config)
-    ptq_acc = evaluate(qat_model, data.x_test, data.y_test) if config.fold_batchnorm is False \
-        else None
+    calibrate(qat_model, data.x_train[: args.batch_size * 4])
+    ptq_acc = evaluate(qat_model, data.x_test, data.y_test)
     qat_history = fit(qat_model, data.x_train, data.y_train, epochs=qat_epochs, lr=lr / 3,
                       batch_size=args.batch_size, seed=args.seed + 1, progress=progress,
                       description="QAT")

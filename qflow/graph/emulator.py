@@ -1,7 +1,13 @@
-"""The golden model: a QGraph run on numpy int64 codes, batched and vectorized.
+"""The golden model: a QGraph run on numpy integer codes, batched and vectorized.
 
-Products are computed with float32 or float64 BLAS when every partial sum provably
-stays below 2**24 or 2**53 (so they are exact integers), and with int64 otherwise.
+Two arithmetics give the same codes:
+- ``"int64"``: codes are int64 arrays; products use float BLAS only where every
+  partial sum provably stays below 2**24 (float32) or 2**53 (float64), else int64.
+- ``"float64"`` (the default when the graph allows it): codes are held as float64
+  arrays of integers. Every tensor is at most 52 bits wide and every partial sum of
+  a product is below 2**53, so additions, products by powers of two, BLAS matrix
+  products, floor/round and clipping are all exact; it is several times faster.
+Tests run both on every model and configuration and require equal codes.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qflow.numerics import requantize, to_codes
+from qflow.numerics import kernel, requantize, to_codes
 
 from .infer import accumulator_frac, aligned_bias, aligned_weights
 from .ir import Node, QGraph, QGraphError
@@ -17,6 +23,8 @@ from .ir import Node, QGraph, QGraphError
 #: float dtypes by the magnitude below which their integer sums are exact
 _EXACT_DTYPES = ((2**24, np.float32), (2**53, np.float64))
 CHUNK = 512  # samples per pass: keeps the im2col buffers in cache
+_FLOAT_MAX_WIDTH = 52  # widest tensor the float64 arithmetic holds with room for a tie bit
+ARITHMETICS = ("auto", "float64", "int64")
 
 
 def _product_dtype(weight_obj: np.ndarray, max_abs_input: int):
@@ -33,10 +41,10 @@ def _product_dtype(weight_obj: np.ndarray, max_abs_input: int):
     return np.int64
 
 
-def _matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x (..., K) @ w (M, K).T, exact (x already in w's dtype)."""
+def _matmul(x: np.ndarray, w: np.ndarray, codes_dtype) -> np.ndarray:
+    """x (..., K) @ w (M, K).T, exact (x already in w's dtype), as ``codes_dtype``."""
     out = x @ w.T
-    return out if out.dtype == np.int64 else out.astype(np.int64)
+    return out if out.dtype == codes_dtype else out.astype(codes_dtype)
 
 
 class Emulator:
@@ -45,8 +53,14 @@ class Emulator:
     >>> # emulator = Emulator(QGraph.load("model.qgraph")); codes = emulator.run(x)
     """
 
-    def __init__(self, graph: QGraph):
+    def __init__(self, graph: QGraph, arithmetic: str = "auto"):
+        if arithmetic not in ARITHMETICS:
+            raise ValueError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
         self.graph = graph.validate()
+        fits = max(t.type.width for t in graph.tensors.values()) <= _FLOAT_MAX_WIDTH
+        if arithmetic == "float64" and not fits:
+            raise QGraphError(f"a tensor is wider than {_FLOAT_MAX_WIDTH} bits: use int64")
+        self.float_mode = arithmetic == "float64" or (arithmetic == "auto" and fits)
         self._prepared: dict[str, dict] = {}
         for node in graph.nodes:
             prepare = _PREPARE.get(node.op)
@@ -73,11 +87,13 @@ class Emulator:
                                for i in range(0, len(codes), CHUNK)])
 
     def _run_chunk(self, codes: np.ndarray, keep: bool):
-        values = {self.graph.input: codes}
+        values = {self.graph.input: codes.astype(np.float64) if self.float_mode else codes}
         for node in self.graph.nodes:
             args = [values[name] for name in node.inputs]
             values[node.output] = _RUN[node.op](self, node, *args)
-        return values if keep else values[self.graph.output]
+        if keep:
+            return {k: v.astype(np.int64) for k, v in values.items()}
+        return values[self.graph.output].astype(np.int64)
 
     def to_real(self, codes: np.ndarray) -> np.ndarray:
         return np.ldexp(codes.astype(np.float64), -self.graph.output_type.fractional)
@@ -98,9 +114,15 @@ def _prepare_weighted(em: Emulator, node: Node) -> dict:
                           f"{out_t.fractional} fractional bits, the products need {frac}")
     w = aligned_weights(c["weight"], c["weight_frac"], in_t.fractional, frac)
     dtype = _product_dtype(w, max(abs(in_t.qmin), abs(in_t.qmax)))
+    if em.float_mode:
+        if dtype is np.int64:
+            raise QGraphError(f"node {node.name!r}: partial sums may reach 2**53; "
+                              "use the int64 arithmetic")
+        dtype = np.float64
+    codes = np.float64 if em.float_mode else np.int64
     bias = None
     if "bias" in c:
-        bias = aligned_bias(c["bias"], c["bias_frac"], frac).astype(np.int64)
+        bias = aligned_bias(c["bias"], c["bias_frac"], frac).astype(codes)
     return {"weight": w.astype(dtype), "dtype": dtype, "bias": bias}
 
 
@@ -108,9 +130,10 @@ def _prepare_scale_shift(em: Emulator, node: Node) -> dict:
     in_t, out_t = em._type(node.inputs[0]), em._type(node.output)
     c = node.consts
     frac = out_t.fractional
+    codes = np.float64 if em.float_mode else np.int64
     return {
-        "scale": aligned_weights(c["scale"], c["scale_frac"], in_t.fractional, frac).astype(np.int64),
-        "shift": aligned_bias(c["shift"], c["shift_frac"], frac).astype(np.int64),
+        "scale": aligned_weights(c["scale"], c["scale_frac"], in_t.fractional, frac).astype(codes),
+        "shift": aligned_bias(c["shift"], c["shift_frac"], frac).astype(codes),
     }
 
 
@@ -121,7 +144,7 @@ _PREPARE = {"dense": _prepare_weighted, "conv2d": _prepare_weighted,
 # -- execution -------------------------------------------------------------------------
 def _run_dense(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
     p = em._prepared[node.name]
-    acc = _matmul(x.astype(p["dtype"]), p["weight"])
+    acc = _matmul(x.astype(p["dtype"], copy=False), p["weight"], x.dtype)
     return acc if p["bias"] is None else acc + p["bias"]
 
 
@@ -143,7 +166,8 @@ def _run_conv2d(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
     w = p["weight"]
     out_ch, in_per_group, kh, kw = w.shape
     groups = a["groups"]
-    win = _windows(x.astype(p["dtype"]), (kh, kw), a["stride"], a["padding"], a["dilation"], 0)
+    win = _windows(x.astype(p["dtype"], copy=False), (kh, kw), a["stride"], a["padding"],
+                   a["dilation"], 0)
     n, _, ho, wo = win.shape[:4]
     outs = []
     per_group_out = out_ch // groups
@@ -151,7 +175,7 @@ def _run_conv2d(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
         cols = win[:, g * in_per_group:(g + 1) * in_per_group]  # N, Cg, Ho, Wo, kh, kw
         cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(n, ho, wo, -1)
         wg = w[g * per_group_out:(g + 1) * per_group_out].reshape(per_group_out, -1)
-        outs.append(_matmul(cols, wg))
+        outs.append(_matmul(cols, wg, x.dtype))
     acc = np.concatenate(outs, axis=-1).transpose(0, 3, 1, 2)
     if p["bias"] is not None:
         acc = acc + p["bias"].reshape(1, -1, 1, 1)
@@ -175,14 +199,14 @@ def _run_relu(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
 def _run_add(em: Emulator, node: Node, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     frac = em._type(node.output).fractional
     fa, fb = (em._type(name).fractional for name in node.inputs)
-    return (a << (frac - fa)) + (b << (frac - fb))
+    return a * (1 << (frac - fa)) + b * (1 << (frac - fb))
 
 
 def _run_maxpool2d(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
     a = node.attrs
     if a["ceil_mode"]:
         raise QGraphError(f"node {node.name!r} (op maxpool2d): ceil_mode is not supported")
-    low = np.iinfo(np.int64).min
+    low = -np.inf if x.dtype == np.float64 else np.iinfo(np.int64).min
     win = _windows(x, a["kernel"], a["stride"], a["padding"], a["dilation"], low)
     return win.max(axis=(-2, -1))
 
@@ -202,7 +226,15 @@ def _run_reshape(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
 
 
 def _run_cast(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
-    return requantize(x, em._type(node.inputs[0]).fractional, em._type(node.output))
+    t = em._type(node.output)
+    from_frac = em._type(node.inputs[0]).fractional
+    if x.dtype != np.float64:
+        return requantize(x, from_frac, t)
+    # scaling by a power of two is exact; the kernel rounds and overflows exactly on floats
+    scaled = kernel.reduce_range(x * 2.0 ** (t.fractional - from_frac), t.width, t.signed,
+                                 t.overflow, np)
+    rounded = kernel.round_scaled(scaled, t.rounding, np)
+    return kernel.apply_overflow(rounded, t.width, t.signed, t.overflow, np)
 
 
 _RUN = {

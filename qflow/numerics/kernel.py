@@ -2,15 +2,13 @@
 implementations, so that the two cannot drift apart.
 
 ``xp`` is ``numpy`` or ``torch``: only functions both spell the same way are used
-(floor, trunc, round, clip, where, fmod, remainder, log2, exp2, abs, sign, asarray, int64).
+(floor, trunc, round, clip, where, fmod, remainder, log2, exp2, abs, sign, zeros_like).
 All float arithmetic here is exact: scaling by powers of two, floor/trunc, and
-subtractions whose result is representable. Overflow handling runs on int64 codes,
-because codes of more than 53 bits (widths up to ``MAX_WIDTH``) do not fit a double.
+subtractions whose result is representable. Float codes are therefore exact whenever
+the code itself is representable (every code of up to 53 bits in float64, 24 in float32).
 """
 
 from __future__ import annotations
-
-import math
 
 from .types import Overflow, Rounding
 
@@ -37,24 +35,29 @@ def sat_sym_low(width: int, signed: bool) -> int:
 def reduce_range(t, width: int, signed: bool, overflow: Overflow, xp):
     """Bring a scaled value ``t`` into a small range without changing the final code.
 
-    The saturating modes clamp ``t`` to ``±2**width``: rounding is monotone and maps
-    integers to themselves, and both bounds lie outside the code range, so the clamped
-    value saturates (or is zeroed) exactly as the original; the bounds are exact in
-    floating point and in int64, unlike ``qmin - 1`` or ``qmax`` for wide types. WRAP only
-    needs ``t`` modulo ``2**width``, and ``fmod`` keeps the sign, the fractional part
-    and (``2**width`` being even) the parity that the tie rules look at.
+    Rounding is monotone and maps integers to themselves, so clamping to the code range
+    before rounding gives the same result as clamping after (SAT, SAT_SYM); one code of
+    margin keeps SAT_ZERO's out-of-range test intact (see :func:`quantize_scaled` for
+    when ``qmin - 1`` is not representable); WRAP only needs ``t`` modulo ``2**width``,
+    and ``fmod`` keeps the sign, the fractional part and (``2**width`` being even) the
+    parity that the tie rules look at.
 
-    Under WRAP, ``t`` is first clamped to ``±2**(width + 53)``: a double that large is a
-    multiple of ``2**(width + 1)``, so its code is 0, as is the bound's. This also maps
-    an infinite ``t`` (scaling ``x * 2**fractional`` overflowed) to code 0, which is
-    exact: the ulp of such an ``x * 2**fractional`` is at least ``2**971 > 2**width``.
-    Either way ``|result| <= 2**width``, so the rounded value fits int64.
+    Under WRAP, ``|t| >= 2**(width + 53)`` becomes 0 first: such a float is a multiple of
+    ``2**(width + 1)``, so its code is 0 anyway. That includes an infinite ``t`` (scaling
+    ``x * 2**fractional`` overflowed), whose exact value has an ulp of at least
+    ``2**971 > 2**width``; ``fmod`` would turn it into NaN.
     """
-    if overflow is not Overflow.WRAP:
-        bound = 2.0**width
-        return xp.clip(t, -bound, bound)
-    bound = 2.0 ** (width + 53)
-    return xp.fmod(xp.clip(t, -bound, bound), float(1 << width))
+    qmin, qmax = code_range(width, signed)
+    if overflow is Overflow.SAT:
+        return xp.clip(t, qmin, qmax)
+    if overflow is Overflow.SAT_SYM:
+        return xp.clip(t, sat_sym_low(width, signed), qmax)
+    if overflow is Overflow.SAT_ZERO:
+        return xp.clip(t, qmin - 1, qmax + 1)
+    if overflow is Overflow.WRAP:
+        t = xp.where(xp.abs(t) < 2.0 ** (width + 53), t, xp.zeros_like(t))
+        return xp.fmod(t, float(1 << width))
+    raise ValueError(f"unknown overflow {overflow!r}")
 
 
 def round_from_parts(floor, above_half, at_half, has_fraction, negative, odd, rounding):
@@ -93,7 +96,7 @@ def round_scaled(t, rounding: Rounding, xp):
 
 
 def apply_overflow(q, width: int, signed: bool, overflow: Overflow, xp):
-    """Map int64 ``q`` with ``|q| <= 2**62`` into the ``width``-bit code range (exact)."""
+    """Map integer-valued ``q`` (float or int array) into the ``width``-bit code range."""
     qmin, qmax = code_range(width, signed)
     if overflow is Overflow.SAT:
         return xp.clip(q, qmin, qmax)
@@ -101,20 +104,32 @@ def apply_overflow(q, width: int, signed: bool, overflow: Overflow, xp):
         return xp.clip(q, sat_sym_low(width, signed), qmax)
     if overflow is Overflow.SAT_ZERO:
         return xp.where((q < qmin) | (q > qmax), 0 * q, q)
-    return xp.remainder(q - qmin, 1 << width) + qmin
+    if overflow is Overflow.WRAP:
+        return xp.remainder(q - qmin, 1 << width) + qmin
+    raise ValueError(f"unknown overflow {overflow!r}")
 
 
 def quantize_scaled(t, width: int, signed: bool, rounding: Rounding, overflow: Overflow, xp):
-    """int64 codes of ``t = x * 2**fractional``."""
-    t = reduce_range(t, width, signed, overflow, xp)
-    q = xp.asarray(round_scaled(t, rounding, xp), dtype=xp.int64)  # exact: |q| <= 2**62
+    """Codes (as integer-valued floats) of ``t = x * 2**fractional``.
+
+    Exact whenever the code is representable in ``t``'s dtype. The comparisons use
+    ``qmin`` and ``qmax + 1``, which are 0 or powers of two and so exact in any float
+    format (``qmax`` and ``qmin - 1`` are not, past the mantissa width).
+    """
+    q = round_scaled(reduce_range(t, width, signed, overflow, xp), rounding, xp)
+    qmin, qmax = code_range(width, signed)
+    if overflow is Overflow.WRAP:
+        # reduce_range left |q| <= 2**width, so one period at most is added or taken
+        # away, in one operation: exact when the code is representable, unlike
+        # remainder(q - qmin, 2**width) + qmin, whose q - qmin rounds for wide types.
+        period = float(1 << width)
+        q = xp.where(q >= qmax + 1, q - period, q)
+        return xp.where(q < qmin, q + period, q)
+    if overflow is Overflow.SAT_ZERO:
+        # Where qmin - 1 is not representable it rounds to qmin, and the clamp in
+        # reduce_range pulls a t below the range into it; such a t is below qmin - 1.
+        return xp.where((q < qmin) | (q >= qmax + 1) | (t < qmin - 1), 0 * q, q)
     return apply_overflow(q, width, signed, overflow, xp)
-
-
-def float_at_most(n: int) -> float:
-    """The largest double ``<= n`` (``float(n)`` may round up for ``n >= 2**53``)."""
-    f = float(n)
-    return f if int(f) <= n else math.nextafter(f, -math.inf)
 
 
 def khot_scaled(t, k: int, width: int, signed: bool, xp):
@@ -125,8 +140,8 @@ def khot_scaled(t, k: int, width: int, signed: bool, xp):
     running sum would leave ``[-qmax, qmax]``. The result is on the code grid and fits
     ``width`` bits, so a product with it is ``k`` shifts and adds.
     """
-    lim = float_at_most(code_range(width, signed)[1])  # qmax, unless it has > 53 bits
-    t = xp.clip(t, -lim if signed else 0.0, lim)
+    qmax = code_range(width, signed)[1]
+    t = xp.clip(t, -qmax if signed else 0, qmax)
     top = float(width - 2 if signed else width - 1)  # largest exponent with 2**e <= qmax
     acc = 0 * t
     for _ in range(k):
@@ -143,7 +158,8 @@ def khot_scaled(t, k: int, width: int, signed: bool, xp):
         step = xp.sign(residual) * term
         # A nearest power is at most 4/3 of the residual, so half of it keeps the sum
         # between acc and t, hence in range.
-        step = xp.where(xp.abs(acc + step) > lim, step / 2, step)
+        # qmax + 1 is a power of two, exact in any float format; qmax may round up.
+        step = xp.where(xp.abs(acc + step) >= qmax + 1, step / 2, step)
         step = xp.where(xp.abs(step) < 1, 0 * step, step)
         acc = acc + step
     return acc

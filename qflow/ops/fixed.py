@@ -29,6 +29,100 @@ def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out.reshape(shape)
 
 
+def _scale(integer_bits: torch.Tensor, width: int, signed: bool, dtype) -> torch.Tensor:
+    """``2**f`` with ``f = width - signed - round(integer_bits)``, in ``dtype`` (exact)."""
+    scale = torch.exp2(torch.round(integer_bits).neg_().add_(width - int(signed)))
+    return scale if scale.dtype == dtype else scale.to(dtype)
+
+
+def _saturating_low(width: int, signed: bool, overflow: Overflow) -> int | None:
+    """Lower clamp bound when ``kernel.quantize_scaled`` is a clamp and a rounding, else None.
+
+    Under SAT and SAT_SYM, ``quantize_scaled(t) = apply_overflow(round(clip(t, low, qmax)))``
+    and ``apply_overflow`` (the same clip) is the identity on the rounded value: rounding
+    is monotone and maps the integer bounds to themselves. For those types the clamp is
+    also exactly the gradient's code range (see :func:`_grad_range`), except a 1-bit signed
+    SAT_SYM type, which saturates like SAT (``kernel.sat_sym_low``) while its gradient
+    range is ``[-qmax, qmax] = [0, 0]``: that one takes the general path.
+    """
+    if overflow is Overflow.SAT:
+        return kernel.code_range(width, signed)[0]
+    if overflow is Overflow.SAT_SYM and not (signed and width == 1):
+        return kernel.sat_sym_low(width, signed)
+    return None
+
+
+def _grad_range(width: int, signed: bool, overflow: Overflow) -> tuple[int, int]:
+    """Codes where the straight-through gradient passes (not used under WRAP)."""
+    qmin, qmax = kernel.code_range(width, signed)
+    low = -qmax if (overflow is Overflow.SAT_SYM and signed) else qmin
+    return low, qmax
+
+
+def _round_(c: torch.Tensor, rounding: Rounding) -> torch.Tensor:
+    """``kernel.round_scaled(c)``, in place on ``c`` where the kernel is one torch op."""
+    if rounding is Rounding.RND_CONV:
+        return c.round_()
+    if rounding is Rounding.TRN:
+        return c.floor_()
+    if rounding is Rounding.TRN_ZERO:
+        return c.trunc_()
+    return kernel.round_scaled(c, rounding, torch)
+
+
+def _codes(t: torch.Tensor, width, signed, rounding, overflow, khot) -> torch.Tensor:
+    """Codes of ``t`` as floats (``quantize_scaled`` / ``khot_scaled``); may overwrite ``t``."""
+    low = None if khot else _saturating_low(width, signed, overflow)
+    if low is not None:
+        return _round_(t.clamp_(low, kernel.code_range(width, signed)[1]), rounding)
+    if khot:
+        q = kernel.khot_scaled(t, khot, width, signed, torch)
+    else:
+        q = kernel.quantize_scaled(t, width, signed, rounding, overflow, torch)
+    return q if q.is_floating_point() else q.to(t.dtype)  # int64 codes: as q / scale would
+
+
+def _cast_values(x, scale, width, signed, rounding, overflow, khot) -> torch.Tensor:
+    """``codes(x * scale) / scale``, with code 0 giving +0.0 as integer codes do.
+
+    Exactly ``from_codes(quantize_scaled(x * scale))``: every step is exact (scaling by a
+    power of two, clamping, rounding), and float rounding's -0.0 becomes +0.0 by adding
+    0.0, which changes nothing else. One new tensor; the rest is done in place on it.
+    """
+    q = _codes(x * scale, width, signed, rounding, overflow, khot)
+    return q.div_(scale).add_(0.0)
+
+
+def _mask_and_err(x, scale, width, signed, rounding, overflow, khot, need_err):
+    """Recompute, for the backward pass, ``inside`` and ``err`` of ``t = x * scale``.
+
+    ``inside`` is the float mask (1.0 / 0.0) of ``t`` lying in the gradient's code range
+    (``None`` under WRAP: everywhere); ``err`` is ``q - t`` inside it and ``q`` outside it
+    (``q - t`` everywhere under WRAP), ``q`` being the codes of the forward pass, or None
+    unless ``need_err``. Masks are float, not bool: on CPU, comparisons into bool and
+    ``where`` or products with bool masks are much slower than float arithmetic.
+    """
+    t = x * scale
+    low, qmax = _grad_range(width, signed, overflow)
+    if not khot and _saturating_low(width, signed, overflow) == low:
+        # The forward clamp is the gradient range: the codes are round(c).
+        c = torch.clamp(t, low, qmax)
+        inside = t.eq_(c)  # 1.0 where clamping left t alone
+        if not need_err:
+            return inside, None
+        q = kernel.round_scaled(c, rounding, torch)  # a new tensor for every rounding
+    else:
+        q = _codes(t.clone(), width, signed, rounding, overflow, khot) if need_err else None
+        if overflow is Overflow.WRAP:
+            return None, (None if q is None else q.sub_(t))
+        c = torch.clamp(t, low, qmax)
+        inside = t.eq_(c)
+        if q is None:
+            return inside, None
+    # q - c * inside: q - t inside the range (c == t there), q outside it (c is finite)
+    return inside, torch.addcmul(q, c, inside, value=-1, out=q)
+
+
 class _TrainableCast(torch.autograd.Function):
     """Fixed-point cast whose integer bits are a (rounded) trainable tensor.
 
@@ -37,38 +131,33 @@ class _TrainableCast(torch.autograd.Function):
       dy/dx = 1 inside the code range, 0 outside under saturating overflow, 1 under WRAP;
       dy/di = ln2 * 2**-f * (q - t) inside the range (or always, under WRAP),
               ln2 * y outside it, scaled by ``grad_scale``; round(i) passes straight through.
+
+    Only ``x`` and the scale are saved: the backward pass recomputes ``t``, the codes and
+    the range mask (the same operations, so the same values). That keeps no tensor alive
+    between the passes that the graph does not hold anyway (``x`` usually is, e.g. by a
+    ReLU or a convolution), which on CPU saves page faults as well as memory.
     """
 
     @staticmethod
     def forward(ctx, x, integer_bits, width, signed, rounding, overflow, khot, grad_scale):
-        fractional = (width - int(signed)) - torch.round(integer_bits)
-        scale = torch.exp2(fractional).to(x.dtype)
-        t = x * scale
-        if khot:
-            q = kernel.khot_scaled(t, khot, width, signed, torch)
-        else:
-            q = kernel.quantize_scaled(t, width, signed, rounding, overflow, torch)
-        y = q / scale
-        ctx.meta = (width, signed, overflow, grad_scale, integer_bits.shape)
-        ctx.save_for_backward(t, q, scale)
-        return y
+        scale = _scale(integer_bits, width, signed, x.dtype)
+        ctx.meta = (width, signed, rounding, overflow, khot, grad_scale, integer_bits.shape)
+        ctx.save_for_backward(x, scale)
+        return _cast_values(x, scale, width, signed, rounding, overflow, khot)
 
     @staticmethod
     def backward(ctx, grad_y):
-        width, signed, overflow, grad_scale, i_shape = ctx.meta
-        t, q, scale = ctx.saved_tensors
-        qmin, qmax = kernel.code_range(width, signed)
+        width, signed, rounding, overflow, khot, grad_scale, i_shape = ctx.meta
+        x, scale = ctx.saved_tensors
+        need_x, need_i = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        inside, err = _mask_and_err(x, scale, width, signed, rounding, overflow, khot, need_i)
         grad_x = grad_i = None
-        if overflow is Overflow.WRAP:
-            inside = None
-            grad_x = grad_y
-        else:
-            low = -qmax if (overflow is Overflow.SAT_SYM and signed) else qmin
-            inside = (t >= low) & (t <= qmax)
-            grad_x = grad_y * inside
-        if ctx.needs_input_grad[1]:
-            err = q - t if inside is None else torch.where(inside, q - t, q)
-            grad_i = _sum_to_shape(grad_y * err / scale, i_shape) * (_LN2 * grad_scale)
+        if need_i:
+            product = torch.mul(grad_y, err, out=err).div_(scale)
+            grad_i = _sum_to_shape(product, i_shape)
+            grad_i.mul_(_LN2 * grad_scale)  # made here (a sum or product itself): in place
+        if need_x:
+            grad_x = grad_y if inside is None else inside.mul_(grad_y)
         return grad_x, grad_i, None, None, None, None, None, None
 
 
@@ -97,9 +186,12 @@ def cast_trainable(
     >>> y.sum().backward(); float(i.grad) > 0   # clipping pushes the binary point right
     True
     """
-    return _TrainableCast.apply(
-        x, integer_bits, width, signed, rounding, overflow, khot, grad_scale
-    )
+    if torch.is_grad_enabled() and (x.requires_grad or integer_bits.requires_grad):
+        return _TrainableCast.apply(
+            x, integer_bits, width, signed, rounding, overflow, khot, grad_scale
+        )
+    scale = _scale(integer_bits, width, signed, x.dtype)  # no graph: same values, no saving
+    return _cast_values(x, scale, width, signed, rounding, overflow, khot)
 
 
 def cast(x: torch.Tensor, t: FixedType) -> torch.Tensor:

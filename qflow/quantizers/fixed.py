@@ -43,25 +43,52 @@ class FixedQuantizer(nn.Module):
         ready = spec.integer_bits is not None and spec.signed is not None
         self.register_buffer("initialized", torch.tensor(ready))
         self.register_buffer("signed", torch.tensor(bool(spec.signed)))
+        self._sync_flags()
+
+    # The buffers ``initialized`` and ``signed`` are the state (saved and loaded); their
+    # Python mirrors below spare the forward pass a tensor-to-bool read of each. They are
+    # refreshed wherever the buffers change: here, in ``initialize`` and on loading a
+    # state dict. Change the buffers only through these (or call ``_sync_flags``).
+    def _sync_flags(self) -> None:
+        self._initialized = bool(self.initialized)
+        self._signed = bool(self.signed)
+        self._grad_scales: dict[int, float] = {}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_flags()
+
+    def __setstate__(self, state):  # a module pickled before the mirrors existed
+        super().__setstate__(state)
+        if "_initialized" not in self.__dict__:
+            self._sync_flags()
 
     @property
     def is_signed(self) -> bool:
-        return bool(self.signed)
+        return self._signed
+
+    def _grad_scale(self, numel: int) -> float:
+        """LSQ gradient scale ``1 / sqrt(values per integer-bits entry * qmax)``."""
+        scale = self._grad_scales.get(numel)
+        if scale is None:
+            per_value = numel // max(1, self.integer_bits.numel())
+            qmax = (1 << (self.spec.bits - self._signed)) - 1 or 1
+            scale = self._grad_scales[numel] = 1.0 / math.sqrt(per_value * qmax)
+        return scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if not self._initialized:
             self.initialize(x)
-        per_value = x.numel() // max(1, self.integer_bits.numel())
-        qmax = (1 << (self.spec.bits - self.is_signed)) - 1 or 1
+        spec = self.spec
         return cast_trainable(
             x,
             self.integer_bits,
-            width=self.spec.bits,
-            signed=self.is_signed,
-            rounding=self.spec.rounding,
-            overflow=self.spec.overflow,
-            khot=self.spec.khot,
-            grad_scale=1.0 / math.sqrt(per_value * qmax),
+            width=spec.bits,
+            signed=self._signed,
+            rounding=spec.rounding,
+            overflow=spec.overflow,
+            khot=spec.khot,
+            grad_scale=self._grad_scale(x.numel()),
         )
 
     @torch.no_grad()
@@ -70,9 +97,11 @@ class FixedQuantizer(nn.Module):
         x = x.detach()
         if self.spec.signed is None:
             self.signed.fill_(bool(x.min() < 0))
+            self._sync_flags()  # _best_integer_bits below casts with the new sign
         if self.spec.integer_bits is None:
             self.integer_bits.copy_(self._best_integer_bits(x))
         self.initialized.fill_(True)
+        self._sync_flags()
 
     def _best_integer_bits(self, x: torch.Tensor) -> torch.Tensor:
         shape = self.integer_bits.shape

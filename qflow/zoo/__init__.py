@@ -7,27 +7,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from torch import nn
-
-from . import data, models
+from . import data
 from .data import Dataset
+
+
+def _lazy(name: str) -> Callable[[], object]:
+    """A factory that imports torch (via .models) only when called."""
+
+    def build():
+        from . import models
+
+        return getattr(models, name)()
+
+    build.__name__ = name
+    return build
 
 
 @dataclass(frozen=True)
 class ZooModel:
-    factory: Callable[[], nn.Module]
+    factory: Callable[[], object]  # returns a float torch.nn.Module
     data: str  # default data set
     epochs: int  # default float training epochs
     lr: float = 3e-3
 
 
 MODELS: dict[str, ZooModel] = {
-    "digits-mlp": ZooModel(models.digits_mlp, "digits", epochs=40),
-    "digits-cnn": ZooModel(models.digits_cnn, "digits", epochs=30),
-    "jet-mlp": ZooModel(models.jet_mlp, "jets", epochs=12),
+    "digits-mlp": ZooModel(_lazy("digits_mlp"), "digits", epochs=40),
+    "digits-cnn": ZooModel(_lazy("digits_cnn"), "digits", epochs=30),
+    "jet-mlp": ZooModel(_lazy("jet_mlp"), "jets", epochs=12),
 }
 
 DATASETS: dict[str, Callable[[], Dataset]] = {

@@ -1,0 +1,75 @@
+"""``qflow export``: freeze a run's QAT model and write deployable artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+import qflow
+from qflow.errors import QflowError
+from qflow.export import TARGETS, get_target
+from qflow.runs import atomic_directory
+from qflow.verify.check import EXPORT_FILE, QGRAPH_FILE
+
+HELP = "freeze a run and export it for a target (onnx)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run directory written by `qflow quantize`")
+    p.add_argument("--target", required=True,
+                   help=f"deployment target ({', '.join(sorted(TARGETS))})")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default RUN/export-<target>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from qflow.graph.from_torch import freeze
+    from qflow.runs import load_run
+
+    console = Console(highlight=False)
+    target = get_target(args.target)
+    model, info = load_run(args.run)
+    shape = info.get("input_shape")
+    if not shape:
+        raise QflowError(f"{args.run / 'run.json'} lacks input_shape")
+    graph = freeze(model, torch.zeros((2, *shape)))
+    graph.meta.update({"model": info.get("model"), "run": str(args.run)})
+    out = args.out or args.run / f"export-{target.name}"
+    with atomic_directory(out) as tmp:
+        graph.save(tmp / QGRAPH_FILE)
+        artifacts = target.export(graph, tmp)
+        export_info = {
+            "target": target.name,
+            "run": os.path.relpath(args.run.resolve(), out.resolve()),
+            "data": info.get("data"),
+            "qgraph": QGRAPH_FILE,
+            "artifacts": artifacts,
+            "input_type": graph.input_type.to_ap(),
+            "output_type": graph.output_type.to_ap(),
+            "qflow": qflow.__version__,
+        }
+        (tmp / EXPORT_FILE).write_text(json.dumps(export_info, indent=2) + "\n")
+    console.print(_graph_table(graph))
+    for kind, name in artifacts.items():
+        console.print(f"  {kind:10s} {out / name}")
+    console.print(f"exported {args.run} for target {target.name} to {out}")
+    console.print(f"check it with: qflow verify {out}")
+    return 0
+
+
+def _graph_table(graph) -> Table:
+    table = Table(title="QGraph (every tensor's fixed-point type)")
+    for col in ("node", "op", "from layer", "output type", "shape"):
+        table.add_column(col)
+    table.add_row("input", "", "", graph.input_type.to_ap(),
+                  str(tuple(graph.tensors[graph.input].shape)))
+    for row in graph.summary():
+        table.add_row(row["node"], row["op"], row["source"], row["type"], str(row["shape"]))
+    return table

@@ -1,0 +1,459 @@
+"""Builders for :mod:`qflow.export.int_onnx`: one emitter per QGraph op, each in
+integer-only standard ONNX. The module docstring of ``int_onnx`` explains the routes
+and why each is exact; the bounds that the proofs need are checked here, at export.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from qflow.errors import QflowError
+from qflow.graph.infer import accumulator_frac, aligned_bias, aligned_weights
+from qflow.graph.ir import Node, QGraph
+from qflow.numerics import FixedType, Overflow
+from qflow.numerics import kernel as K
+
+INT64_LIMIT = 2**63
+INT32_LIMIT = 2**31
+DOUBLE_EXACT_WIDTH = 53  # codes of at most this many bits are exact in a double
+LIMB = 8  # bits per operand limb of MatMulInteger / ConvInteger
+
+
+def _fail(node: Node, reason: str):
+    raise QflowError(f"int ONNX export: node {node.name!r} (op {node.op!r}): {reason}")
+
+
+def _int64(values, node: Node, what: str) -> np.ndarray:
+    """Python-int (object) array -> int64, refusing values that do not fit."""
+    arr = np.asarray(values, dtype=object)
+    if arr.size and (max(int(v) for v in arr.flat) >= INT64_LIMIT
+                     or min(int(v) for v in arr.flat) < -INT64_LIMIT):
+        _fail(node, f"{what} does not fit int64")
+    return arr.astype(np.int64)
+
+
+class Builder:
+    """Accumulates ONNX nodes and initializers with unique, node-derived names."""
+
+    def __init__(self):
+        self.nodes: list = []
+        self.inits: list = []
+        self.used: set[str] = set()
+        self.prefix = "graph"
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, label: str) -> str:
+        base = f"{self.prefix}/{label}"
+        name, i = base, 1
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+    def const(self, value, dtype=np.int64, label: str = "const") -> str:
+        """An initializer (shared by the ONNX nodes of one QGraph node when equal)."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (self.prefix, arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self.fresh(label)
+            self.inits.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: list[str], label: str | None = None, **attrs) -> str:
+        out = self.fresh(label or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def rename_output(self, value: str, target: str, start: int) -> None:
+        """Make ``value`` (produced at or after node ``start``) be called ``target``."""
+        for node in self.nodes[start:]:
+            if value in node.output:
+                node.output[:] = [target if o == value else o for o in node.output]
+                for later in self.nodes[start:]:
+                    later.input[:] = [target if i == value else i for i in later.input]
+                self.used.add(target)
+                return
+        self.nodes.append(helper.make_node("Identity", [value], [target],
+                                           name=f"{self.prefix}/identity"))
+
+    def prune(self, outputs: list[str]) -> None:
+        """Drop nodes and initializers nothing depends on (masks a rounding mode ignores)."""
+        needed = set(outputs)
+        kept = []
+        for node in reversed(self.nodes):
+            if any(o in needed for o in node.output):
+                kept.append(node)
+                needed.update(i for i in node.input if i)
+        self.nodes = kept[::-1]
+        self.inits = [t for t in self.inits if t.name in needed]
+
+
+class Sym:
+    """An ONNX value that supports the operators ``kernel.round_from_parts`` and
+    ``kernel.apply_overflow`` use, so the exported rounding and overflow rules are those
+    functions themselves, traced into ONNX nodes (int64 values and bool masks)."""
+
+    def __init__(self, b: Builder, name: str, is_bool: bool = False):
+        self.b, self.name, self.is_bool = b, name, is_bool
+
+    def _arg(self, other) -> str:
+        if isinstance(other, Sym):
+            if other.is_bool:
+                return self.b.op("Cast", [other.name], "cast", to=TensorProto.INT64)
+            return other.name
+        return self.b.const(int(other))
+
+    def _int(self, op_type, other, label, swap=False) -> Sym:
+        a, c = self._arg(self), self._arg(other)
+        return Sym(self.b, self.b.op(op_type, [c, a] if swap else [a, c], label))
+
+    def _cmp(self, op_type, other) -> Sym:
+        return Sym(self.b, self.b.op(op_type, [self._arg(self), self._arg(other)]), True)
+
+    def _logic(self, op_type, other) -> Sym:
+        return Sym(self.b, self.b.op(op_type, [self.name, other.name]), True)
+
+    def __add__(self, other):
+        return self._int("Add", other, "add")
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self._int("Sub", other, "sub")
+
+    def __rsub__(self, other):
+        return self._int("Sub", other, "sub", swap=True)
+
+    def __mul__(self, other):
+        return self._int("Mul", other, "mul")
+
+    __rmul__ = __mul__
+
+    def __lt__(self, other):
+        return self._cmp("Less", other)
+
+    def __gt__(self, other):
+        return self._cmp("Greater", other)
+
+    def __eq__(self, other):  # elementwise, as in numpy
+        return self._cmp("Equal", other)
+
+    __hash__ = None
+
+    def __and__(self, other):
+        return self._logic("And", other)
+
+    def __or__(self, other):
+        return self._logic("Or", other)
+
+    def __invert__(self):
+        return Sym(self.b, self.b.op("Not", [self.name]), True)
+
+
+class OnnxXp:
+    """The array namespace ``kernel.apply_overflow`` needs, on :class:`Sym` values."""
+
+    int64 = np.int64
+
+    @staticmethod
+    def clip(q: Sym, lo: int, hi: int) -> Sym:
+        b = q.b
+        return Sym(b, b.op("Clip", [q.name, b.const(lo), b.const(hi)]))
+
+    @staticmethod
+    def where(cond: Sym, a, q: Sym) -> Sym:
+        b = q.b
+        return Sym(b, b.op("Where", [cond.name, q._arg(a), q._arg(q)]))
+
+    @staticmethod
+    def remainder(q: Sym, m: int) -> Sym:
+        b = q.b
+        return Sym(b, b.op("Mod", [q.name, b.const(m)], fmod=0))
+
+
+# -- cast (requantize) -----------------------------------------------------------------
+def emit_requantize(b: Builder, x: str, from_frac: int, t: FixedType,
+                    node: Node) -> tuple[str, str]:
+    """``qflow.numerics.requantize`` in int64 ONNX; returns (value, route)."""
+    shift = from_frac - t.fractional
+    if abs(shift) > 62:
+        _fail(node, f"a shift of {shift} bits is out of range")
+    q = Sym(b, x)
+    if shift > 0:
+        p = b.const(1 << shift, label="pow2")
+        rem = Sym(b, b.op("Mod", [x, p], "rem", fmod=0))  # in [0, 2**shift)
+        floor = Sym(b, b.op("Div", [(q - rem).name, p], "floor"))  # an exact division
+        parity = Sym(b, b.op("Mod", [floor.name, b.const(2)], "parity", fmod=0))
+        half = 1 << (shift - 1)
+        rounded = K.round_from_parts(floor, rem > half, rem == half, rem > 0, q < 0,
+                                     parity == 1, t.rounding)
+        route = f"shift right {shift}, {t.rounding.value}, {t.overflow.value}"
+    else:
+        rounded = _shift_left(b, q, -shift, t)
+        route = f"shift left {-shift}, {t.overflow.value}"
+    out = K.apply_overflow(rounded, t.width, t.signed, t.overflow, OnnxXp)
+    return out.name, route
+
+
+def _shift_left(b: Builder, q: Sym, shift: int, t: FixedType) -> Sym:
+    """As ``convert._shift_left``: reduce first so that the product cannot overflow."""
+    if shift >= t.width + 1:
+        bound = 1
+    elif shift:
+        bound = 1 << (t.width + 1 - shift)
+    else:
+        bound = 1 << 62
+    if t.overflow is Overflow.WRAP:
+        reduced = OnnxXp.remainder(q, bound) if shift < t.width else q * 0
+    else:
+        reduced = OnnxXp.clip(q, -bound, bound)
+    return reduced * (1 << shift) if shift else reduced
+
+
+# -- dense / conv2d ----------------------------------------------------------------------
+def _u8_operand(lo: int, hi: int) -> int | None:
+    """Zero point that maps codes in [lo, hi] onto uint8, or None."""
+    if lo >= 0 and hi <= 255:
+        return 0
+    if lo >= -128 and hi <= 127:
+        return 128
+    return None
+
+
+def _to_u8(b: Builder, x: str, zero_point: int) -> tuple[str, str]:
+    if zero_point:
+        x = b.op("Add", [x, b.const(zero_point)], "offset")
+    return b.op("Cast", [x], "to_u8", to=TensorProto.UINT8), b.const(zero_point, np.uint8, "zp")
+
+
+def _weight_limbs(w: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+    """Split integer weights into 8-bit limbs: [(uint8 array, zero point, max |limb|)].
+
+    Low limbs are ``w mod 256`` (unsigned); the top limb is the rest (signed when w is).
+    """
+    lo, hi = int(w.min(initial=0)), int(w.max(initial=0))
+    bits = max(hi.bit_length(), (-lo - 1).bit_length()) + 1 if lo < 0 else max(hi.bit_length(), 1)
+    count = -(-bits // LIMB)
+    limbs, rest = [], w.astype(np.int64)
+    for _ in range(count - 1):
+        low = np.remainder(rest, 256)
+        limbs.append((low.astype(np.uint8), 0, 255))
+        rest = (rest - low) // 256
+    zp = _u8_operand(int(rest.min(initial=0)), int(rest.max(initial=0)))
+    limbs.append(((rest + zp).astype(np.uint8), zp, int(np.abs(rest).max(initial=0))))
+    return limbs
+
+
+def _input_limbs(b: Builder, x: str, t: FixedType) -> list[tuple[str, str, int]]:
+    """Split input codes of type ``t`` into 8-bit limbs in ONNX: [(u8 value, zp, max |limb|)]."""
+    count = -(-t.width // LIMB)
+    limbs, rest = [], x
+    for _ in range(count - 1):
+        low = b.op("Mod", [rest, b.const(256)], "limb", fmod=0)
+        limbs.append((*_to_u8(b, low, 0), 255))
+        rest = b.op("Div", [b.op("Sub", [rest, low], "sub"), b.const(256)], "rest")
+    shift = LIMB * (count - 1)
+    lo, hi = t.qmin >> shift, t.qmax >> shift
+    limbs.append((*_to_u8(b, rest, _u8_operand(lo, hi)), max(abs(lo), abs(hi))))
+    return limbs
+
+
+def emit_weighted(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    """dense / conv2d: integer products on raw codes, then per-channel alignment and bias."""
+    in_t, out_t = g.tensors[node.inputs[0]].type, g.tensors[node.output].type
+    c = node.consts
+    frac = accumulator_frac(in_t.fractional, c["weight_frac"], c.get("bias_frac"))
+    if frac != out_t.fractional:
+        _fail(node, f"output type has {out_t.fractional} fractional bits, the products need {frac}")
+    shifts = frac - in_t.fractional - np.asarray(c["weight_frac"], dtype=np.int64)
+    if (shifts < 0).any() or (shifts > 62).any():
+        _fail(node, "weight alignment shift out of range")
+    w = np.asarray(c["weight"], dtype=np.int64)
+    channels = w.shape[0]
+    max_x = max(abs(in_t.qmin), abs(in_t.qmax))
+    row_abs = np.abs(w.reshape(channels, -1).astype(object)).sum(axis=1)
+    if node.op == "dense":
+        acc, route = _dense_products(b, node, x, in_t, w, max_x, row_abs)
+    else:
+        acc, route = _conv_products(b, node, x, in_t, w)
+    view = (-1,) if node.op == "dense" else (1, -1, 1, 1)
+    if shifts.any():
+        scale = _int64(2 ** shifts.astype(object), node, "alignment")
+        acc = b.op("Mul", [acc, b.const(scale.reshape(view), label="align_pow2")], "align")
+    if "bias" in c:
+        bias = _int64(aligned_bias(c["bias"], c["bias_frac"], frac), node, "aligned bias")
+        acc = b.op("Add", [acc, b.const(bias.reshape(view), label="bias_aligned")], "bias")
+    return acc, route
+
+
+def _dense_products(b, node, x, in_t, w, max_x, row_abs) -> tuple[str, str]:
+    zp_w = _u8_operand(int(w.min(initial=0)), int(w.max(initial=0)))
+    zp_x = _u8_operand(in_t.qmin, in_t.qmax)
+    if (in_t.width <= LIMB and zp_w is not None and zp_x is not None
+            and _int32_safe(w.shape[1])):
+        xu8, xzp = _to_u8(b, x, zp_x)
+        wu8 = (w + zp_w).astype(np.uint8).T.copy()
+        acc = b.op("MatMulInteger", [xu8, b.const(wu8, np.uint8, "weight"), xzp,
+                                     b.const(zp_w, np.uint8, "zp")], "matmul")
+        return b.op("Cast", [acc], "to_int64", to=TensorProto.INT64), "MatMulInteger(u8,u8)"
+    if int(row_abs.max(initial=0)) * max_x >= INT64_LIMIT:
+        _fail(node, "int64 partial sums could overflow")
+    acc = b.op("MatMul", [x, b.const(w.T.copy(), label="weight")], "matmul")
+    return acc, "MatMul(int64)"
+
+
+#: largest fan-in for one MatMulInteger / ConvInteger: with uint8 operands u, v and zero
+#: points z, w <= 128, each product uv and each correction term (z v, w u, z w) is at
+#: most 255**2, 128 * 255, 128 * 255, 128**2 in magnitude, summing to 383**2 per input
+#: element, so every partial sum of any evaluation order fits int32.
+MAX_FAN_IN = (INT32_LIMIT - 1) // (383 * 383)
+
+
+def _int32_safe(fan_in: int) -> bool:
+    return fan_in <= MAX_FAN_IN
+
+
+def _conv_products(b, node, x, in_t, w) -> tuple[str, str]:
+    a = node.attrs
+    groups = int(a["groups"])
+    channels, per_group = w.shape[0], w.shape[1]
+    taps = int(np.prod(w.shape[2:]))
+    # input-channel chunks (groups == 1) that keep each ConvInteger's fan-in int32-safe
+    step = max(1, MAX_FAN_IN // max(taps, 1))
+    if taps > MAX_FAN_IN or (groups > 1 and per_group * taps > MAX_FAN_IN):
+        _fail(node, f"fan-in {per_group * taps} is too large for exact int32 ConvInteger sums")
+    chunks = [(c0, min(c0 + step, per_group)) for c0 in range(0, per_group, step)]
+    attrs = {"kernel_shape": list(w.shape[2:]), "strides": list(a["stride"]),
+             "pads": list(a["padding"]) * 2, "dilations": list(a["dilation"]), "group": groups}
+    x_limbs = _input_limbs(b, x, in_t)
+    bound, acc, count = 0, None, 0
+    for c0, c1 in chunks:
+        w_limbs = _weight_limbs(w[:, c0:c1])
+        for i, (xv, xzp, x_max) in enumerate(x_limbs):
+            if len(chunks) > 1:
+                xv = b.op("Slice", [xv, b.const([c0]), b.const([c1]), b.const([1])], "chunk")
+            for j, (wv, wzp, _) in enumerate(w_limbs):
+                limb = wv.astype(np.int64) - wzp
+                row = int(np.abs(limb.reshape(channels, -1)).sum(axis=1).max(initial=0))
+                bound += (row * x_max) << (LIMB * (i + j))
+                part = b.op("ConvInteger", [xv, b.const(wv, np.uint8, "weight"), xzp,
+                                            b.const(wzp, np.uint8, "zp")], "conv", **attrs)
+                part = b.op("Cast", [part], "to_int64", to=TensorProto.INT64)
+                if i + j:
+                    part = b.op("Mul", [part, b.const(1 << (LIMB * (i + j)))], "limb_shift")
+                acc = part if acc is None else b.op("Add", [acc, part], "limb_sum")
+                count += 1
+    if bound >= INT64_LIMIT:
+        _fail(node, "int64 sums of the limb products could overflow")
+    if count == 1:
+        return acc, "ConvInteger(u8,u8)"
+    return acc, f"ConvInteger(u8,u8) x{count} (input limbs {len(x_limbs)}, chunks {len(chunks)})"
+
+
+# -- the other ops -------------------------------------------------------------------------
+def _channel_view(ndim: int) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (ndim - 2)
+
+
+def emit_scale_shift(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    in_t, out_t = g.tensors[node.inputs[0]].type, g.tensors[node.output].type
+    c, frac = node.consts, out_t.fractional
+    try:
+        scale = aligned_weights(c["scale"], c["scale_frac"], in_t.fractional, frac)
+        shift = aligned_bias(c["shift"], c["shift_frac"], frac)
+    except QflowError as exc:
+        _fail(node, str(exc))
+    view = _channel_view(1 + len(g.tensors[node.inputs[0]].shape))
+    scale = b.const(_int64(scale, node, "scale").reshape(view), label="scale_aligned")
+    shift = b.const(_int64(shift, node, "shift").reshape(view), label="shift_aligned")
+    out = b.op("Add", [b.op("Mul", [x, scale], "scale"), shift], "shift")
+    return out, "Mul+Add(int64)"
+
+
+def emit_add(b: Builder, g: QGraph, node: Node, xa: str, xb: str) -> tuple[str, str]:
+    frac = g.tensors[node.output].type.fractional
+    terms = []
+    for value, name in zip((xa, xb), node.inputs, strict=True):
+        shift = frac - g.tensors[name].type.fractional
+        if not 0 <= shift <= 62:
+            _fail(node, f"alignment shift {shift} of input {name!r} is out of range")
+        terms.append(b.op("Mul", [value, b.const(1 << shift)], "align") if shift else value)
+    return b.op("Add", terms), "Add(int64)"
+
+
+def emit_relu(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    return b.op("Max", [x, b.const(0)], "relu"), "Max(int64)"
+
+
+def emit_maxpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    a = node.attrs
+    if a["ceil_mode"]:
+        _fail(node, "ceil_mode is not supported")
+    width = g.tensors[node.inputs[0]].type.width
+    if width > DOUBLE_EXACT_WIDTH:
+        _fail(node, f"{width}-bit codes are not exact in a double (MaxPool has no int64 kernel)")
+    xd = b.op("Cast", [x], "to_double", to=TensorProto.DOUBLE)
+    pooled = b.op("MaxPool", [xd], "maxpool", kernel_shape=list(a["kernel"]),
+                  strides=list(a["stride"]), pads=list(a["padding"]) * 2,
+                  dilations=list(a["dilation"]))
+    return b.op("Cast", [pooled], "to_int64", to=TensorProto.INT64), "MaxPool(double)"
+
+
+def emit_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
+    channels, h, w = g.tensors[node.inputs[0]].shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    if ho < 1 or wo < 1:
+        _fail(node, f"kernel {kh}x{kw} is larger than the {h}x{w} input")
+    if (kh, kw) == (sh, sw):
+        if (ho * kh, wo * kw) != (h, w):
+            x = b.op("Slice", [x, b.const([0, 0]), b.const([ho * kh, wo * kw]),
+                               b.const([2, 3])], "crop")
+        tiles = b.op("Reshape", [x, b.const([0, channels, ho, kh, wo, kw])], "tiles")
+        total = b.op("ReduceSum", [tiles, b.const([3, 5])], "sum", keepdims=0)
+        route = "Reshape+ReduceSum(int64)"
+    else:  # overlapping or gapped windows: one strided slice per kernel tap
+        total = None
+        for i in range(kh):
+            for j in range(kw):
+                tap = b.op("Slice", [x, b.const([i, j]),
+                                     b.const([i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1]),
+                                     b.const([2, 3]), b.const([sh, sw])], "tap")
+                total = tap if total is None else b.op("Add", [total, tap], "sum")
+        route = f"{kh * kw} strided Slices+Add(int64)"
+    return b.op("Mul", [total, b.const(int(node.consts["reciprocal"]))], "reciprocal"), route
+
+
+def emit_global_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    total = b.op("ReduceSum", [x, b.const([2, 3])], "sum", keepdims=1)
+    out = b.op("Mul", [total, b.const(int(node.consts["reciprocal"]))], "reciprocal")
+    return out, "ReduceSum(int64)"
+
+
+def emit_reshape(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    shape = [int(s) for s in node.attrs["shape"]]
+    if any(s <= 0 for s in shape):
+        _fail(node, f"per-sample shape {shape} has a non-positive dimension")
+    return b.op("Reshape", [x, b.const([0, *shape])], "reshape"), "Reshape"
+
+
+def emit_cast(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    return emit_requantize(b, x, g.tensors[node.inputs[0]].type.fractional,
+                           g.tensors[node.output].type, node)
+
+
+EMITTERS = {
+    "dense": emit_weighted,
+    "conv2d": emit_weighted,
+    "scale_shift": emit_scale_shift,
+    "relu": emit_relu,
+    "add": emit_add,
+    "maxpool2d": emit_maxpool2d,
+    "avgpool2d": emit_avgpool2d,
+    "global_avgpool2d": emit_global_avgpool2d,
+    "reshape": emit_reshape,
+    "cast": emit_cast,
+}

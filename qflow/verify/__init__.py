@@ -1,0 +1,1 @@
+"""Bit-exactness checks of deployed artifacts against the emulator."""

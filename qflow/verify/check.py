@@ -1,0 +1,157 @@
+"""Run every artifact of an export directory and count mismatches against the emulator."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qflow.errors import QflowError
+from qflow.graph.emulator import Emulator
+from qflow.graph.ir import QGraph
+from qflow.numerics import to_codes
+
+from .corners import corner_inputs
+
+EXPORT_FILE = "export.json"
+QGRAPH_FILE = "model.qgraph"
+
+
+@dataclass
+class ArtifactResult:
+    artifact: str
+    samples: int
+    mismatching_samples: int
+    max_diff_lsb: int
+    seconds: float
+    note: str = ""
+
+
+def _run_qonnx(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
+    from qflow.export.qonnx import run_qonnx
+
+    return run_qonnx(path, x)
+
+
+def _run_int_onnx(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
+    from qflow.export.int_onnx import run_int_onnx
+
+    return run_int_onnx(path, to_codes(x, graph.input_type))
+
+
+#: artifact kind -> runner(path, graph, real-valued input) -> output codes
+RUNNERS: dict[str, Callable[[Path, QGraph, np.ndarray], np.ndarray]] = {
+    "qonnx": _run_qonnx,
+    "int_onnx": _run_int_onnx,
+}
+
+
+def read_export(directory: Path) -> dict:
+    path = directory / EXPORT_FILE
+    if not path.is_file():
+        raise QflowError(f"{directory} is not an export directory ({EXPORT_FILE} not found)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QflowError(f"malformed JSON in {path}: {exc}") from None
+
+
+def qat_codes(run_dir: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
+    """Output codes of the QAT model (eval mode, exact float64 path) of a run directory."""
+    import torch
+
+    from qflow.runs import load_run
+
+    model, _ = load_run(run_dir)
+    with torch.no_grad():
+        out = model(torch.as_tensor(x, dtype=torch.float32)).numpy().astype(np.float64)
+    return _values_to_codes(out, graph)
+
+
+def _values_to_codes(values: np.ndarray, graph: QGraph) -> np.ndarray:
+    scaled = np.ldexp(values, graph.output_type.fractional)
+    codes = np.rint(scaled)
+    off_grid = ~(codes == scaled)
+    # an off-grid value can never match: push it out of reach so it counts as a mismatch
+    return np.where(off_grid, np.iinfo(np.int64).min // 2, codes).astype(np.int64)
+
+
+def compare(reference: np.ndarray, codes: np.ndarray) -> tuple[int, int]:
+    """(mismatching samples, max |difference| in LSBs) between two code arrays."""
+    if codes.shape != reference.shape:
+        return len(reference), -1
+    diff = np.abs(codes.astype(np.float64) - reference.astype(np.float64))
+    per_sample = diff.reshape(len(diff), -1).max(axis=1)
+    return int((per_sample > 0).sum()), int(per_sample.max()) if len(per_sample) else 0
+
+
+def verification_inputs(graph: QGraph, test_x: np.ndarray | None, samples: int,
+                        corners: int) -> tuple[np.ndarray, int]:
+    """Test data (at most ``samples``) followed by corner cases; returns (x, n_test)."""
+    shape = tuple(graph.tensors[graph.input].shape)
+    parts = []
+    n_test = 0
+    if test_x is not None:
+        parts.append(np.asarray(test_x[:samples], dtype=np.float64))
+        n_test = len(parts[0])
+    if corners:
+        parts.append(corner_inputs(graph.input_type, shape, corners))
+    return np.concatenate(parts), n_test
+
+
+def verify_directory(directory: Path, *, samples: int, corners: int,
+                     progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Check every artifact in ``directory``; return the report written to verify.json."""
+    directory = Path(directory)
+    info = read_export(directory)
+    graph = QGraph.load(directory / QGRAPH_FILE)
+    run_dir = (directory / info["run"]).resolve() if info.get("run") else None
+    test_x = None
+    if info.get("data"):
+        from qflow.sources import resolve_data
+
+        test_x = resolve_data(info["data"]).x_test
+    x, n_test = verification_inputs(graph, test_x, samples, corners)
+    progress(f"{len(x)} samples: {n_test} test + {len(x) - n_test} corner cases")
+
+    start = time.perf_counter()
+    reference = Emulator(graph).run(x)
+    results = [ArtifactResult("emulator (reference)", len(x), 0, 0,
+                              time.perf_counter() - start)]
+    if run_dir is not None and run_dir.is_dir():
+        results.append(_timed("QAT model (torch eval)", reference,
+                              lambda: qat_codes(run_dir, graph, x)))
+    for kind, filename in info.get("artifacts", {}).items():
+        runner = RUNNERS.get(kind)
+        if runner is None:
+            raise QflowError(f"{directory / EXPORT_FILE}: unknown artifact kind {kind!r}")
+        path = directory / filename
+        if not path.is_file():
+            raise QflowError(f"artifact file not found: {path}")
+        progress(f"running {kind} ({filename})")
+        results.append(_timed(kind, reference, lambda r=runner, p=path: r(p, graph, x)))
+    report = {
+        "directory": str(directory),
+        "samples": len(x),
+        "test_samples": n_test,
+        "corner_samples": len(x) - n_test,
+        "output_type": graph.output_type.to_ap(),
+        "results": [asdict(r) for r in results],
+        "mismatching_samples": sum(r.mismatching_samples for r in results),
+    }
+    tmp = directory / ".verify.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(directory / "verify.json")
+    return report
+
+
+def _timed(name: str, reference: np.ndarray, run: Callable[[], np.ndarray]) -> ArtifactResult:
+    start = time.perf_counter()
+    codes = run()
+    seconds = time.perf_counter() - start
+    bad, max_diff = compare(reference, codes)
+    return ArtifactResult(name, len(reference), bad, max_diff, seconds)

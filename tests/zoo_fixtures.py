@@ -1,0 +1,78 @@
+"""Quantized zoo models for exactness tests, built once per test session and cached.
+
+The models are trained briefly (exactness does not depend on accuracy, but the
+quantizers must have initialized and moved from their start) and frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import torch
+
+import qflow
+from qflow.config import QFXConfig, QuantSpec
+from qflow.train import fit
+from qflow.zoo import DATASETS, MODELS
+
+#: the CI exactness matrix: name -> config
+CONFIGS: dict[str, QFXConfig] = {
+    "8bit": QFXConfig(),
+    "4bit": QFXConfig.with_bits(4),
+    "khot2": dataclasses.replace(
+        QFXConfig.with_bits(6),
+        weight=QuantSpec(bits=6, signed=True, per_channel=True, khot=2)),
+    "bn_folded": QFXConfig(fold_batchnorm=True),
+    "wrap_trn": dataclasses.replace(
+        QFXConfig.with_bits(4),
+        activation=QuantSpec(bits=4, rounding="TRN", overflow="WRAP"),
+        intermediate=QuantSpec(bits=10, signed=True, rounding="TRN", overflow="WRAP")),
+    "sat_rndconv": dataclasses.replace(
+        QFXConfig.with_bits(6),
+        activation=QuantSpec(bits=6, rounding="RND_CONV", overflow="SAT"),
+        intermediate=QuantSpec(bits=12, signed=True, rounding="RND_CONV", overflow="SAT")),
+}
+MODEL_NAMES = tuple(sorted(MODELS))
+
+
+@functools.cache
+def dataset(name: str):
+    return DATASETS[name]()
+
+
+@functools.cache
+def quantized_model(model_name: str, config_name: str) -> torch.nn.Module:
+    zoo = MODELS[model_name]
+    data = dataset(zoo.data)
+    torch.manual_seed(0)
+    model = qflow.quantize_(zoo.factory(), CONFIGS[config_name])
+    fit(model, data.x_train[:768], data.y_train[:768], epochs=1, lr=3e-3, progress=False)
+    return model.eval()
+
+
+@functools.cache
+def frozen(model_name: str, config_name: str):
+    """(model, qgraph) for one cell of the matrix."""
+    model = quantized_model(model_name, config_name)
+    data = dataset(MODELS[model_name].data)
+    graph = qflow.freeze(model, torch.as_tensor(data.x_test[:4]))
+    return model, graph
+
+
+def test_inputs(model_name: str, count: int = 2000, seed: int = 0) -> np.ndarray:
+    """Test data plus inputs drawn around the data range (float32, like real data)."""
+    data = dataset(MODELS[model_name].data)
+    rng = np.random.default_rng(seed)
+    x = data.x_test[:count]
+    extra = count - len(x)
+    if extra > 0:
+        lo, hi = float(data.x_test.min()), float(data.x_test.max())
+        pad = 0.25 * (hi - lo)
+        noise = rng.uniform(lo - pad, hi + pad, (extra, *x.shape[1:])).astype(np.float32)
+        x = np.concatenate([x, noise])
+    return x
+
+
+test_inputs.__test__ = False  # a helper, not a test, though tests import it by this name
