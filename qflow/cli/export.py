@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 import qflow
@@ -15,6 +14,8 @@ from qflow.errors import QflowError
 from qflow.export import TARGETS, get_target
 from qflow.runs import atomic_directory
 from qflow.verify.check import EXPORT_FILE, QGRAPH_FILE
+
+from .console import make_console
 
 HELP = "freeze a run and export it for a target (onnx)"
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from qflow.graph.from_torch import freeze
     from qflow.runs import load_run
 
-    console = Console(highlight=False)
+    console = make_console()
     target = get_target(args.target)
     model, info = load_run(args.run)
     shape = info.get("input_shape")

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 import qflow
@@ -20,6 +19,8 @@ from qflow.runs import save_run
 from qflow.sources import resolve_data, resolve_model
 from qflow.train import calibrate, evaluate, fit, seed_everything
 from qflow.zoo import MODELS
+
+from .console import make_console
 
 HELP = "train and quantize a model with QFX fixed point (default: digits-mlp, 8-bit)"
 DEFAULT_MODEL = "digits-mlp"
@@ -75,7 +76,7 @@ def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=False, highlight=False)
+    console = make_console()
     _check_positive("epochs", args.epochs, allow_zero=True)
     _check_positive("qat-epochs", args.qat_epochs, allow_zero=True)
     _check_positive("batch-size", args.batch_size)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from qflow.errors import QflowError
 from qflow.verify.check import verify_directory
+
+from .console import make_console
 
 HELP = "check every exported artifact against the bit-exact emulator"
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         raise QflowError("--samples and --corners must be >= 0")
     if args.samples + args.corners == 0:
         raise QflowError("nothing to verify: --samples and --corners are both 0")
-    console = Console(highlight=False)
+    console = make_console()
     report = verify_directory(args.directory, samples=args.samples, corners=args.corners,
                               progress=lambda msg: console.print(f"[dim]{msg}[/]"))
     table = Table(title=f"Bit-exactness vs the emulator ({report['test_samples']} test + "

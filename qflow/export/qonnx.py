@@ -244,7 +244,7 @@ def run_qonnx(path: str | Path, x) -> np.ndarray:
     model, meta = _load(path)
     in_name, out_name = model.graph.input[0].name, model.graph.output[0].name
     try:
-        out_type = FixedType.parse(meta[f"qflow.type.{out_name}"])
+        out_type = FixedType.parse(meta[f"qflow.type.{meta['qflow.output']}"])
         shape = tuple(json.loads(meta["qflow.input_shape"]))
     except (KeyError, ValueError) as exc:
         raise QflowError(f"{path}: malformed qflow metadata ({exc})") from None

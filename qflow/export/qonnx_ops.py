@@ -220,7 +220,10 @@ def _quarter_snap(b: Builder, name: str, x: str, f: int) -> str:
     t = op("Mul", [x, b.real(f"{name}/const_up", np.ldexp(1.0, f), F64)], "t")
     n = op("Floor", [t], "floor")
     r = op("Sub", [t, n], "frac")
-    r_half = op("Sub", [r, b.real(f"{name}/const_half", 0.5, F64)], "frac_half")
+    # t - (n + 1/2), not r - 1/2: r can round to 1/2 (t = -1/2 + 2^-54), while n + 1/2 is
+    # exact and the sign of a difference of two floats is always exact.
+    mid = op("Add", [n, b.real(f"{name}/const_half", 0.5, F64)], "mid")
+    r_half = op("Sub", [t, mid], "frac_half")
     s1, s2 = op("Sign", [r], "sign"), op("Sign", [r_half], "sign_half")
     k = op("Add", [s1, s2], "k")
     k = op("Add", [k, b.real(f"{name}/const_one", 1.0, F64)], "k1")

@@ -231,10 +231,8 @@ def _run_cast(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
     if x.dtype != np.float64:
         return requantize(x, from_frac, t)
     # scaling by a power of two is exact; the kernel rounds and overflows exactly on floats
-    scaled = kernel.reduce_range(x * 2.0 ** (t.fractional - from_frac), t.width, t.signed,
-                                 t.overflow, np)
-    rounded = kernel.round_scaled(scaled, t.rounding, np)
-    return kernel.apply_overflow(rounded, t.width, t.signed, t.overflow, np)
+    return kernel.quantize_scaled(x * 2.0 ** (t.fractional - from_frac), t.width, t.signed,
+                                  t.rounding, t.overflow, np)
 
 
 _RUN = {

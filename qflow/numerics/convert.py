@@ -21,6 +21,17 @@ def _as_float64(x) -> np.ndarray:
     return arr
 
 
+FLOAT_EXACT_WIDTH = 53
+
+
+def _check_float_width(t: FixedType) -> None:
+    # float64 holds every code of a type up to 53 bits; wider codes only come from
+    # integer arithmetic (requantize), never from real values.
+    if t.width > FLOAT_EXACT_WIDTH:
+        raise ValueError(f"cannot cast real values into {t} exactly: wider than "
+                         f"{FLOAT_EXACT_WIDTH} bits (use requantize on integer codes)")
+
+
 def to_codes(x, t: FixedType) -> np.ndarray:
     """Cast real values to the int64 codes of ``t`` (round first, overflow second).
 
@@ -29,7 +40,9 @@ def to_codes(x, t: FixedType) -> np.ndarray:
     >>> to_codes([0.375, 0.625, 5.0, -9.0], t).tolist()
     [2, 2, 7, -8]
     """
-    scaled = np.ldexp(_as_float64(x), t.fractional)
+    _check_float_width(t)
+    x = _as_float64(x)
+    scaled = kernel.undo_underflow(x, np.ldexp(x, t.fractional), np)
     q = kernel.quantize_scaled(scaled, t.width, t.signed, t.rounding, t.overflow, np)
     return q.astype(np.int64)
 

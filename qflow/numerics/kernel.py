@@ -91,8 +91,20 @@ def round_scaled(t, rounding: Rounding, xp):
     if rounding is Rounding.RND_CONV:
         return xp.round(t)  # numpy and torch both round half to even
     floor = xp.floor(t)
-    frac = t - floor  # exact: both operands share the exponent range of t
-    return round_from_parts(floor, frac > 0.5, frac == 0.5, frac > 0, t < 0, None, rounding)
+    # t - floor can round (t = -0.5 + 2**-54 would look like a tie); floor + 0.5 is exact
+    # while |floor| < 2**(mantissa bits - 1), and beyond that t has no fraction at all.
+    mid = floor + 0.5
+    has_fraction = t > floor
+    above = has_fraction & (t > mid)
+    at_half = has_fraction & (t == mid)
+    return round_from_parts(floor, above, at_half, has_fraction, t < 0, None, rounding)
+
+
+def undo_underflow(x, scaled, xp):
+    """Float64 ``scaled = x * 2**f`` with underflow to zero undone: a nonzero ``x`` keeps
+    a nonzero ``scaled`` of its sign (the smallest subnormal), which every rounding mode
+    treats like the true tiny value (TRN of a tiny negative value is -1, not 0)."""
+    return xp.where((scaled == 0) & (x != 0), xp.sign(x) * 5e-324, scaled)
 
 
 def apply_overflow(q, width: int, signed: bool, overflow: Overflow, xp):

@@ -17,6 +17,12 @@ def _check_finite(x: torch.Tensor) -> None:
         raise ValueError("cannot cast non-finite values (NaN or inf) to a fixed-point type")
 
 
+def _check_width(t: FixedType) -> None:
+    from qflow.numerics.convert import _check_float_width
+
+    _check_float_width(t)
+
+
 def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum a broadcast gradient back to ``shape`` (the shape of the integer-bits tensor)."""
     if grad.shape == shape:
@@ -205,9 +211,11 @@ def cast(x: torch.Tensor, t: FixedType) -> torch.Tensor:
 
 def to_codes(x: torch.Tensor, t: FixedType) -> torch.Tensor:
     """int64 codes of ``x`` cast to ``t`` (no gradient)."""
+    _check_width(t)
     _check_finite(x)
     with torch.no_grad():
-        scaled = x.to(torch.float64) * (2.0**t.fractional)
+        x64 = x.to(torch.float64)
+        scaled = kernel.undo_underflow(x64, x64 * (2.0**t.fractional), torch)
         q = kernel.quantize_scaled(scaled, t.width, t.signed, t.rounding, t.overflow, torch)
     return q.to(torch.int64)
 

@@ -1,0 +1,116 @@
+"""`qflow quantize` -> `qflow export --target onnx` -> `qflow verify`, and its bad inputs."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from qflow.cli.main import main
+
+
+def _qflow(*args, cwd):
+    result = subprocess.run([sys.executable, "-m", "qflow.cli.main", *args], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A quick digits-cnn run, exported once for the module."""
+    root = tmp_path_factory.mktemp("e2e")
+    code, out, err = _qflow("quantize", "--model", "digits-cnn", "--epochs", "2",
+                            "--qat-epochs", "1", "--quiet", "--out", "run", cwd=root)
+    assert code == 0, err
+    code, out, err = _qflow("export", "run", "--target", "onnx", cwd=root)
+    assert code == 0, err
+    return root, root / "run" / "export-onnx"
+
+
+def test_export_writes_every_artifact(exported):
+    _, out = exported
+    info = json.loads((out / "export.json").read_text())
+    assert info["target"] == "onnx"
+    assert set(info["artifacts"]) == {"qonnx", "int_onnx"}
+    for name in ("model.qgraph", "model.qonnx.onnx", "model.int.onnx"):
+        assert (out / name).is_file()
+    onnx.checker.check_model(onnx.load(out / "model.int.onnx"))
+    assert not list(out.parent.glob(".*tmp*")), "temporary directories left behind"
+
+
+def test_verify_reports_zero_mismatches(exported):
+    root, out = exported
+    code, stdout, err = _qflow("verify", str(out), "--corners", "300", cwd=root)
+    assert code == 0, stdout + err
+    report = json.loads((out / "verify.json").read_text())
+    names = {r["artifact"] for r in report["results"]}
+    assert {"emulator (reference)", "QAT model (torch eval)", "qonnx", "int_onnx"} <= names
+    assert report["test_samples"] == 540 and report["corner_samples"] == 300
+    for r in report["results"]:
+        assert r["samples"] == 840
+        assert r["mismatching_samples"] == 0, r
+    assert "OK: 0 mismatching samples" in stdout
+
+
+def test_verify_detects_a_tampered_artifact(exported, tmp_path):
+    """The check can fail: change one weight code in the integer ONNX by one LSB."""
+    root, out = exported
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for f in out.iterdir():
+        if f.is_file():
+            (tampered / f.name).write_bytes(f.read_bytes())
+    info = json.loads((tampered / "export.json").read_text())
+    info["run"] = str((out / info["run"]).resolve())
+    (tampered / "export.json").write_text(json.dumps(info))
+    model = onnx.load(tampered / "model.int.onnx")
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    values = numpy_helper.to_array(init).copy()
+    values.flat[0] = values.flat[0] + 1 if values.flat[0] < np.iinfo(values.dtype).max else 0
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    onnx.save(model, tampered / "model.int.onnx")
+    code, stdout, _ = _qflow("verify", str(tampered), cwd=root)
+    assert code == 1
+    report = json.loads((tampered / "verify.json").read_text())
+    bad = {r["artifact"]: r["mismatching_samples"] for r in report["results"]}
+    assert bad["int_onnx"] > 0 and bad["qonnx"] == 0 and bad["emulator (reference)"] == 0
+
+
+@pytest.mark.parametrize("case", ["truncated_qgraph", "corrupt_onnx", "missing_dir",
+                                  "unknown_target", "not_a_run"])
+def test_bad_input_exits_2_with_one_line(exported, tmp_path, case):
+    root, out = exported
+    work = tmp_path / "w"
+    work.mkdir()
+    for f in out.iterdir():
+        if f.is_file():
+            (work / f.name).write_bytes(f.read_bytes())
+    info = json.loads((work / "export.json").read_text())
+    info["run"] = str((out / info["run"]).resolve())
+    (work / "export.json").write_text(json.dumps(info))
+    if case == "truncated_qgraph":
+        data = (work / "model.qgraph").read_bytes()
+        (work / "model.qgraph").write_bytes(data[: len(data) // 3])
+        args, expect = ["verify", str(work)], "model.qgraph"
+    elif case == "corrupt_onnx":
+        (work / "model.int.onnx").write_bytes(b"\x08\x07garbage" * 10)
+        args, expect = ["verify", str(work)], "model.int.onnx"
+    elif case == "missing_dir":
+        args, expect = ["verify", str(tmp_path / "nope")], "nope"
+    elif case == "unknown_target":
+        args, expect = ["export", str(root / "run"), "--target", "fpga9000"], "fpga9000"
+    else:
+        args, expect = ["export", str(tmp_path), "--target", "onnx"], "run"
+    code, stdout, stderr = _qflow(*args, cwd=root)
+    assert code == 2, stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert expect in lines[0]
+
+
+def test_in_process_main_returns_2_for_missing_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "none"), "--target", "onnx"]) == 2
+    assert "run directory not found" in capsys.readouterr().err
