@@ -99,34 +99,44 @@ def _cast_values(x, scale, width, signed, rounding, overflow, khot) -> torch.Ten
     return q.div_(scale).add_(0.0)
 
 
-def _mask_and_err(x, scale, width, signed, rounding, overflow, khot, need_err):
-    """Recompute, for the backward pass, ``inside`` and ``err`` of ``t = x * scale``.
+def _mask_and_err(x, scale, width, signed, rounding, overflow, khot, need_err, keep_codes):
+    """``(inside, err, q)`` of ``t = x * scale``, for the backward pass.
 
     ``inside`` is the float mask (1.0 / 0.0) of ``t`` lying in the gradient's code range
     (``None`` under WRAP: everywhere); ``err`` is ``q - t`` inside it and ``q`` outside it
-    (``q - t`` everywhere under WRAP), ``q`` being the codes of the forward pass, or None
-    unless ``need_err``. Masks are float, not bool: on CPU, comparisons into bool and
-    ``where`` or products with bool masks are much slower than float arithmetic.
+    (``q - t`` everywhere under WRAP), or None unless ``need_err``; ``q`` are the codes of
+    the forward pass, kept intact only with ``keep_codes`` (else ``err`` may reuse their
+    memory). Masks are float, not bool: on CPU, comparisons into bool and ``where`` or
+    products with bool masks are much slower than float arithmetic.
     """
     t = x * scale
     low, qmax = _grad_range(width, signed, overflow)
+    want_codes = need_err or keep_codes
     if not khot and _saturating_low(width, signed, overflow) == low:
         # The forward clamp is the gradient range: the codes are round(c).
         c = torch.clamp(t, low, qmax)
+        q = kernel.round_scaled(c, rounding, torch) if want_codes else None  # a new tensor
         inside = t.eq_(c)  # 1.0 where clamping left t alone
-        if not need_err:
-            return inside, None
-        q = kernel.round_scaled(c, rounding, torch)  # a new tensor for every rounding
     else:
-        q = _codes(t.clone(), width, signed, rounding, overflow, khot) if need_err else None
+        q = _codes(t.clone(), width, signed, rounding, overflow, khot) if want_codes else None
         if overflow is Overflow.WRAP:
-            return None, (None if q is None else q.sub_(t))
+            if not need_err:
+                return None, None, q
+            return None, (q - t if keep_codes else q.sub_(t)), q
         c = torch.clamp(t, low, qmax)
         inside = t.eq_(c)
-        if q is None:
-            return inside, None
+    if not need_err:
+        return inside, None, q
     # q - c * inside: q - t inside the range (c == t there), q outside it (c is finite)
-    return inside, torch.addcmul(q, c, inside, value=-1, out=q)
+    return inside, torch.addcmul(q, c, inside, value=-1, out=c if keep_codes else q), q
+
+
+#: Tensors with fewer elements save their range mask and error in the forward pass (fewer
+#: operations in all, which is what costs for small tensors); larger ones save only ``x``
+#: and have the backward pass recompute them (nothing kept alive between the passes that
+#: the graph does not hold anyway, which is what costs for large tensors on CPU: memory
+#: and page faults).
+_RECOMPUTE_FROM = 1 << 15
 
 
 class _TrainableCast(torch.autograd.Function):
@@ -138,32 +148,43 @@ class _TrainableCast(torch.autograd.Function):
       dy/di = ln2 * 2**-f * (q - t) inside the range (or always, under WRAP),
               ln2 * y outside it, scaled by ``grad_scale``; round(i) passes straight through.
 
-    Only ``x`` and the scale are saved: the backward pass recomputes ``t``, the codes and
-    the range mask (the same operations, so the same values). That keeps no tensor alive
-    between the passes that the graph does not hold anyway (``x`` usually is, e.g. by a
-    ReLU or a convolution), which on CPU saves page faults as well as memory.
+    For large tensors only ``x`` and the scale are saved, and the backward pass recomputes
+    ``t``, the codes and the range mask with the same operations, hence the same values
+    (see ``_RECOMPUTE_FROM``).
     """
 
     @staticmethod
     def forward(ctx, x, integer_bits, width, signed, rounding, overflow, khot, grad_scale):
         scale = _scale(integer_bits, width, signed, x.dtype)
         ctx.meta = (width, signed, rounding, overflow, khot, grad_scale, integer_bits.shape)
-        ctx.save_for_backward(x, scale)
-        return _cast_values(x, scale, width, signed, rounding, overflow, khot)
+        ctx.recompute = x.numel() >= _RECOMPUTE_FROM
+        if ctx.recompute:
+            ctx.save_for_backward(x, scale)
+            return _cast_values(x, scale, width, signed, rounding, overflow, khot)
+        inside, err, q = _mask_and_err(x, scale, width, signed, rounding, overflow, khot,
+                                       ctx.needs_input_grad[1], keep_codes=True)
+        ctx.save_for_backward(inside, err, scale)
+        return q.div_(scale).add_(0.0)  # as in _cast_values
 
     @staticmethod
     def backward(ctx, grad_y):
         width, signed, rounding, overflow, khot, grad_scale, i_shape = ctx.meta
-        x, scale = ctx.saved_tensors
         need_x, need_i = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        inside, err = _mask_and_err(x, scale, width, signed, rounding, overflow, khot, need_i)
+        if ctx.recompute:  # inside and err are made here: free to overwrite
+            x, scale = ctx.saved_tensors
+            inside, err, _ = _mask_and_err(x, scale, width, signed, rounding, overflow, khot,
+                                           need_i, keep_codes=False)
+        else:
+            inside, err, scale = ctx.saved_tensors
         grad_x = grad_i = None
         if need_i:
-            product = torch.mul(grad_y, err, out=err).div_(scale)
+            product = torch.mul(grad_y, err, out=err if ctx.recompute else None).div_(scale)
             grad_i = _sum_to_shape(product, i_shape)
             grad_i.mul_(_LN2 * grad_scale)  # made here (a sum or product itself): in place
-        if need_x:
-            grad_x = grad_y if inside is None else inside.mul_(grad_y)
+        if need_x and inside is not None:
+            grad_x = inside.mul_(grad_y) if ctx.recompute else grad_y * inside
+        elif need_x:
+            grad_x = grad_y
         return grad_x, grad_i, None, None, None, None, None, None
 
 
