@@ -22,10 +22,10 @@ def _qflow(*args, cwd):
 def exported(tmp_path_factory):
     """A quick digits-cnn run, exported once for the module."""
     root = tmp_path_factory.mktemp("e2e")
-    code, out, err = _qflow("quantize", "--model", "digits-cnn", "--epochs", "2",
-                            "--qat-epochs", "1", "--quiet", "--out", "run", cwd=root)
+    code, _, err = _qflow("quantize", "--model", "digits-cnn", "--epochs", "2",
+                          "--qat-epochs", "1", "--quiet", "--out", "run", cwd=root)
     assert code == 0, err
-    code, out, err = _qflow("export", "run", "--target", "onnx", cwd=root)
+    code, _, err = _qflow("export", "run", "--target", "onnx", cwd=root)
     assert code == 0, err
     return root, root / "run" / "export-onnx"
 
@@ -72,7 +72,7 @@ def test_verify_detects_a_tampered_artifact(exported, tmp_path):
     values.flat[0] = values.flat[0] + 1 if values.flat[0] < np.iinfo(values.dtype).max else 0
     init.CopyFrom(numpy_helper.from_array(values, init.name))
     onnx.save(model, tampered / "model.int.onnx")
-    code, stdout, _ = _qflow("verify", str(tampered), cwd=root)
+    code, _, _ = _qflow("verify", str(tampered), cwd=root)
     assert code == 1
     report = json.loads((tampered / "verify.json").read_text())
     bad = {r["artifact"]: r["mismatching_samples"] for r in report["results"]}

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 MAX_WIDTH = 62  # codes live in int64 with headroom for one addition and a sign
 
 
-class Rounding(str, Enum):
+class Rounding(StrEnum):
     """Rounding modes, named as in ap_fixed (``AP_`` prefix dropped)."""
 
     TRN = "TRN"  # floor (HLS default)
@@ -25,20 +25,14 @@ class Rounding(str, Enum):
     RND_MIN_INF = "RND_MIN_INF"  # ties toward -inf
     RND_CONV = "RND_CONV"  # ties to even
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Overflow(str, Enum):
+class Overflow(StrEnum):
     """Overflow modes, named as in ap_fixed (``AP_`` prefix dropped)."""
 
     SAT = "SAT"  # clamp to [qmin, qmax]
     SAT_ZERO = "SAT_ZERO"  # 0 when out of range
     SAT_SYM = "SAT_SYM"  # clamp to [-qmax, qmax] when signed
     WRAP = "WRAP"  # keep the low W bits (HLS default)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def parse_rounding(value: str | Rounding) -> Rounding:

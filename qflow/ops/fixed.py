@@ -66,7 +66,8 @@ def _grad_range(width: int, signed: bool, overflow: Overflow) -> tuple[int, int]
 
 
 def _round_(c: torch.Tensor, rounding: Rounding) -> torch.Tensor:
-    """``kernel.round_scaled(c)``, in place on ``c`` where the kernel is one torch op."""
+    """``kernel.round_scaled(c)``, in place on ``c`` where the kernel is one torch op
+    (``round``, ``floor``, ``trunc``: keep these in step with the kernel)."""
     if rounding is Rounding.RND_CONV:
         return c.round_()
     if rounding is Rounding.TRN:
@@ -91,9 +92,10 @@ def _codes(t: torch.Tensor, width, signed, rounding, overflow, khot) -> torch.Te
 def _cast_values(x, scale, width, signed, rounding, overflow, khot) -> torch.Tensor:
     """``codes(x * scale) / scale``, with code 0 giving +0.0 as integer codes do.
 
-    Exactly ``from_codes(quantize_scaled(x * scale))``: every step is exact (scaling by a
-    power of two, clamping, rounding), and float rounding's -0.0 becomes +0.0 by adding
-    0.0, which changes nothing else. One new tensor; the rest is done in place on it.
+    The same values as ``quantize_scaled(x * scale) / scale`` in ``x``'s dtype: every
+    step is exact (scaling by a power of two, clamping, rounding), and float rounding's
+    -0.0 becomes +0.0 by adding 0.0, which changes nothing else. One new tensor; the
+    rest is done in place on it.
     """
     q = _codes(x * scale, width, signed, rounding, overflow, khot)
     return q.div_(scale).add_(0.0)
