@@ -140,7 +140,9 @@ class QFXConfig:
     """
 
     version: int = CONFIG_VERSION
-    input: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8))
+    # The input's range is the data's: its binary point is calibrated, not trained
+    # (training it would also cost the first layer an input gradient).
+    input: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, trainable=False))
     weight: QuantSpec = field(
         default_factory=lambda: QuantSpec(bits=8, signed=True, per_channel=True))
     bias: QuantSpec = field(default_factory=lambda: QuantSpec(bits=16, signed=True))

@@ -44,10 +44,15 @@ How it measures
     qflow/float and qflow/brevitas. Everything runs eagerly in float32 on the CPU (no
     ``torch.compile`` for any variant). Only stdout is written.
 
+    One intra-op thread by default: on a machine that other jobs share, several OpenMP
+    threads wait on each other at every parallel operation, and one preempted thread can
+    make a step ten times slower, which swamps the comparison. ``--threads 2`` (or 0 for
+    torch's default) measures multi-threaded steps on an otherwise idle machine.
+
 Run it
     . .venv/bin/activate
-    python scripts/bench_qat.py                      # defaults: about a minute on 2 idle cores
-    python scripts/bench_qat.py --threads 1 --steps 50 --repeats 9
+    python scripts/bench_qat.py                      # defaults: about a minute
+    python scripts/bench_qat.py --threads 2 --steps 50 --repeats 9 --models digits_cnn
 """
 
 from __future__ import annotations
@@ -259,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20,
                         help="timed steps per variant per round (default 20)")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1; 0 keeps torch's own choice)")
     parser.add_argument("--repeats", type=int, default=7,
                         help="interleaved measurement rounds; the median is reported (default 7)")
     parser.add_argument("--warmup", type=int, default=10,
@@ -271,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.batch_size < 1 or args.warmup < 1:
         parser.error("--steps, --repeats, --batch-size and --warmup must be positive")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be positive")
+    if args.threads < 0:
+        parser.error("--threads must be 0 (torch's choice) or positive")
+    if args.threads:
         torch.set_num_threads(args.threads)
 
     print(f"QAT training step (forward + loss + backward + Adam), batch {args.batch_size}, "

@@ -11,10 +11,17 @@ from torch import nn
 
 from qflow.config import QFXConfig
 from qflow.errors import ConfigError
-from qflow.numerics import FixedType, cast
+from qflow.numerics import FixedType, Overflow, cast
 from qflow.quantizers import FixedQuantizer
 
-from .functional import batch_statistics, batchnorm_scale_shift, exact_dtype
+from .functional import (
+    batch_statistics,
+    batchnorm_scale_shift,
+    exact_dtype,
+    update_running_stats,
+)
+
+_CLAMPS = (Overflow.SAT, Overflow.SAT_SYM, Overflow.SAT_ZERO)
 
 #: Type of the constant 1/n that average pooling multiplies by (exact when n is a power of two).
 RECIPROCAL_TYPE = FixedType(signed=False, integer=0, fractional=18, rounding="RND_CONV",
@@ -56,9 +63,24 @@ class _QBatchNorm:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(exact_dtype(x, self))
-        scale, shift = self.quantized_scale_shift(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return self.out_quant(x * scale.reshape(shape) + shift.reshape(shape))
+        if not self.training:
+            scale, shift = self.quantized_scale_shift(x)
+            return self.out_quant(x * scale.reshape(shape) + shift.reshape(shape))
+        # Training: x * Q(scale) + Q(shift) written as torch's fused BatchNorm plus the
+        # quantization errors x * (Q(scale) - scale) + (Q(shift) - shift). The value is
+        # the same up to float32 rounding (training need not be bit-exact; evaluation
+        # above is), the gradients are the same, and the fused kernel's backward through
+        # the batch statistics is much cheaper than autograd's through mean and var.
+        normalized, mean, invstd = torch.native_batch_norm(
+            x, self.weight, self.bias, None, None, True, 0.0, self.eps)
+        mean, var = mean.detach(), (invstd.detach() ** -2 - self.eps).clamp_min(0)
+        update_running_stats(self, mean, var, x.numel() // x.shape[1])
+        scale, shift = batchnorm_scale_shift(self, mean, var, x.dtype)
+        scale_error = self.scale_quant(scale) - scale
+        shift_error = self.shift_quant(shift) - shift
+        return self.out_quant(normalized + x * scale_error.reshape(shape)
+                              + shift_error.reshape(shape))
 
 
 class QBatchNorm1d(_QBatchNorm, nn.BatchNorm1d):
@@ -80,7 +102,13 @@ class QReLU(nn.ReLU):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_quant(F.relu(x.to(exact_dtype(x, self))))
+        x = x.to(exact_dtype(x, self))
+        quant = self.out_quant
+        if quant.is_initialized and not quant.is_signed and quant.spec.overflow in _CLAMPS:
+            # An unsigned saturating cast already maps every negative value to code 0
+            # (and passes no gradient there), exactly as ReLU then the cast would.
+            return quant(x)
+        return quant(F.relu(x))
 
 
 class QAdd(nn.Module):

@@ -42,7 +42,9 @@ def to_codes(x, t: FixedType) -> np.ndarray:
     """
     _check_float_width(t)
     x = _as_float64(x)
-    scaled = kernel.undo_underflow(x, np.ldexp(x, t.fractional), np)
+    scaled = np.ldexp(x, t.fractional)
+    if t.fractional < 0:  # only scaling down can underflow a nonzero value to zero
+        scaled = kernel.undo_underflow(x, scaled, np)
     q = kernel.quantize_scaled(scaled, t.width, t.signed, t.rounding, t.overflow, np)
     return q.astype(np.int64)
 

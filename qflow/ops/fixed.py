@@ -238,7 +238,9 @@ def to_codes(x: torch.Tensor, t: FixedType) -> torch.Tensor:
     _check_finite(x)
     with torch.no_grad():
         x64 = x.to(torch.float64)
-        scaled = kernel.undo_underflow(x64, x64 * (2.0**t.fractional), torch)
+        scaled = x64 * (2.0**t.fractional)
+        if t.fractional < 0:  # only scaling down can underflow a nonzero value to zero
+            scaled = kernel.undo_underflow(x64, scaled, torch)
         q = kernel.quantize_scaled(scaled, t.width, t.signed, t.rounding, t.overflow, torch)
     return q.to(torch.int64)
 

@@ -67,6 +67,10 @@ class FixedQuantizer(nn.Module):
     def is_signed(self) -> bool:
         return self._signed
 
+    @property
+    def is_initialized(self) -> bool:
+        return self._initialized
+
     def _grad_scale(self, numel: int) -> float:
         """LSQ gradient scale ``1 / sqrt(values per integer-bits entry * qmax)``."""
         scale = self._grad_scales.get(numel)
