@@ -9,7 +9,6 @@ place when complete, so a failed run leaves nothing half-written.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from torch import nn
 from qflow.api import quantize_
 from qflow.config import QFXConfig
 from qflow.errors import QflowError
+from qflow.jsonfile import read_json, write_json
 from qflow.sources import resolve_model
 
 RUN_FORMAT = 1
@@ -53,10 +53,6 @@ def atomic_directory(final: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def save_run(directory: Path, *, qat_model: nn.Module, float_model: nn.Module,
              config: QFXConfig, run_info: dict, metrics: dict) -> Path:
     """Write a complete run directory atomically; return its path."""
@@ -69,15 +65,6 @@ def save_run(directory: Path, *, qat_model: nn.Module, float_model: nn.Module,
     return Path(directory)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise QflowError(f"run file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QflowError(f"malformed JSON in {path}: {exc}") from None
-
-
 def load_run(directory: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the QAT model of a run directory (eval mode) and return it with run.json.
 
@@ -86,10 +73,14 @@ def load_run(directory: str | Path) -> tuple[nn.Module, dict]:
     directory = Path(directory)
     if not directory.is_dir():
         raise QflowError(f"run directory not found: {directory}")
-    info = _read_json(directory / "run.json")
+    info = read_json(directory / "run.json", missing=f"run file not found: "
+                     f"{directory / 'run.json'}")
     if info.get("format") != RUN_FORMAT:
         raise QflowError(f"{directory / 'run.json'}: unsupported run format {info.get('format')!r}")
-    config = QFXConfig.from_json((directory / "config.json").read_text())
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise QflowError(f"config not found: {config_path}")
+    config = QFXConfig.from_json(config_path.read_text(encoding="utf-8"))
     model = resolve_model(info["model"])()
     quantize_(model, config)
     checkpoint = directory / "checkpoint.pt"

@@ -55,17 +55,22 @@ def test_verify_reports_zero_mismatches(exported):
     assert "OK: 0 mismatching samples" in stdout
 
 
+def _copy_export(out, dest):
+    """A copy of the export directory whose run reference still resolves."""
+    dest.mkdir()
+    for f in out.iterdir():
+        if f.is_file():
+            (dest / f.name).write_bytes(f.read_bytes())
+    info = json.loads((dest / "export.json").read_text())
+    info["run"] = str((out / info["run"]).resolve())
+    (dest / "export.json").write_text(json.dumps(info))
+    return dest
+
+
 def test_verify_detects_a_tampered_artifact(exported, tmp_path):
     """The check can fail: change one weight code in the integer ONNX by one LSB."""
     root, out = exported
-    tampered = tmp_path / "tampered"
-    tampered.mkdir()
-    for f in out.iterdir():
-        if f.is_file():
-            (tampered / f.name).write_bytes(f.read_bytes())
-    info = json.loads((tampered / "export.json").read_text())
-    info["run"] = str((out / info["run"]).resolve())
-    (tampered / "export.json").write_text(json.dumps(info))
+    tampered = _copy_export(out, tmp_path / "tampered")
     model = onnx.load(tampered / "model.int.onnx")
     init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     values = numpy_helper.to_array(init).copy()
@@ -83,14 +88,7 @@ def test_verify_detects_a_tampered_artifact(exported, tmp_path):
                                   "unknown_target", "not_a_run"])
 def test_bad_input_exits_2_with_one_line(exported, tmp_path, case):
     root, out = exported
-    work = tmp_path / "w"
-    work.mkdir()
-    for f in out.iterdir():
-        if f.is_file():
-            (work / f.name).write_bytes(f.read_bytes())
-    info = json.loads((work / "export.json").read_text())
-    info["run"] = str((out / info["run"]).resolve())
-    (work / "export.json").write_text(json.dumps(info))
+    work = _copy_export(out, tmp_path / "w")
     if case == "truncated_qgraph":
         data = (work / "model.qgraph").read_bytes()
         (work / "model.qgraph").write_bytes(data[: len(data) // 3])

@@ -33,7 +33,7 @@ def test_quantspec_defaults():
 def test_qfxconfig_defaults():
     cfg = QFXConfig()
     assert cfg.version == 1
-    assert cfg.input == QuantSpec(bits=8)
+    assert cfg.input == QuantSpec(bits=8, trainable=False)  # calibrated from the data
     assert cfg.weight == QuantSpec(bits=8, signed=True, per_channel=True)
     assert cfg.bias == QuantSpec(bits=16, signed=True)
     assert cfg.activation == QuantSpec(bits=8)

@@ -456,10 +456,14 @@ def test_training_step_changes_integer_bits():
     quantizers = {n: m for n, m in model.named_modules() if isinstance(m, FixedQuantizer)}
     assert set(quantizers) == {"qflow_input.quant", "fc1.weight_quant", "fc1.bias_quant",
                                "relu1.out_quant", "fc2.weight_quant", "fc2.bias_quant"}
+    # the input's binary point is calibrated, not trained (the default input spec)
+    calibrated = quantizers.pop("qflow_input.quant")
+    assert not calibrated.integer_bits.requires_grad
     before = {n: q.integer_bits.detach().clone() for n, q in quantizers.items()}
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
+    assert calibrated.integer_bits.grad is None
     for name, q in quantizers.items():
         assert q.integer_bits.grad is not None, name
         assert bool((q.integer_bits.grad != 0).any()), name

@@ -13,6 +13,7 @@ import numpy as np
 from qflow.errors import QflowError
 from qflow.graph.emulator import Emulator
 from qflow.graph.ir import QGraph
+from qflow.jsonfile import read_json
 from qflow.numerics import to_codes
 
 from .corners import corner_inputs
@@ -51,13 +52,8 @@ RUNNERS: dict[str, Callable[[Path, QGraph, np.ndarray], np.ndarray]] = {
 
 
 def read_export(directory: Path) -> dict:
-    path = directory / EXPORT_FILE
-    if not path.is_file():
-        raise QflowError(f"{directory} is not an export directory ({EXPORT_FILE} not found)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QflowError(f"malformed JSON in {path}: {exc}") from None
+    return read_json(directory / EXPORT_FILE, missing=f"{directory} is not an export "
+                     f"directory ({EXPORT_FILE} not found)")
 
 
 def qat_codes(run_dir: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
