@@ -7,6 +7,7 @@ initialized) it measures samples per second of
   - the float model in eval mode (torch, float32),
   - the QGraph emulator (numpy; default arithmetic),
   - the QONNX graph run by qonnx's executor (fewer samples: it is slow),
+  - the emulator and qonnx's executor called with one sample at a time (20 calls),
 side by side in one run (rounds interleaved, median taken), and prints the ratios.
 """
 
@@ -58,13 +59,24 @@ def bench(model_name: str, samples: int, qonnx_samples: int, repeats: int, workd
     emulator.run(x)
     run_qonnx(qonnx_path, xq[:8])
 
-    rates: dict[str, list[float]] = {"torch float eval": [], "emulator": [],
-                                     "qonnx executor": []}
+    singles = x[:20]
+
+    def one_at_a_time(run):
+        for i in range(len(singles)):
+            run(singles[i:i + 1])
+
+    rates: dict[str, list[float]] = {
+        "torch float eval": [], "emulator": [], "qonnx executor": [],
+        "emulator, 1 sample per call": [], "qonnx, 1 sample per call": []}
     for _ in range(repeats):
         with torch.no_grad():
             rates["torch float eval"].append(_rate(lambda: float_model(xt), len(x)))
         rates["emulator"].append(_rate(lambda: emulator.run(x), len(x)))
         rates["qonnx executor"].append(_rate(lambda: run_qonnx(qonnx_path, xq), len(xq)))
+        rates["emulator, 1 sample per call"].append(
+            _rate(lambda: one_at_a_time(emulator.run), len(singles)))
+        rates["qonnx, 1 sample per call"].append(
+            _rate(lambda: one_at_a_time(lambda s: run_qonnx(qonnx_path, s)), len(singles)))
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
@@ -81,10 +93,13 @@ def main() -> None:
             r = bench(name, args.samples, args.qonnx_samples, args.repeats, Path(tmp))
             print(f"\n{name}")
             for k, v in r.items():
-                print(f"  {k:18s} {v:12,.0f} samples/s")
+                print(f"  {k:28s} {v:12,.0f} samples/s")
             emu = r["emulator"]
             print(f"  emulator / torch float eval = {emu / r['torch float eval']:.2f}x")
-            print(f"  emulator / qonnx executor   = {emu / r['qonnx executor']:.0f}x")
+            print(f"  emulator / qonnx executor   = {emu / r['qonnx executor']:.0f}x "
+                  f"(same batch of {args.qonnx_samples})")
+            single = r["emulator, 1 sample per call"] / r["qonnx, 1 sample per call"]
+            print(f"  emulator / qonnx executor   = {single:.0f}x (one sample per call)")
 
 
 if __name__ == "__main__":
