@@ -22,7 +22,9 @@ from .ir import Node, QGraph, QGraphError
 
 #: float dtypes by the magnitude below which their integer sums are exact
 _EXACT_DTYPES = ((2**24, np.float32), (2**53, np.float64))
-CHUNK = 512  # samples per pass: keeps the im2col buffers in cache
+#: values (per chunk) of the largest tensor or im2col buffer: small enough that numpy reuses
+#: its buffers instead of faulting in fresh pages, large enough to amortize per-node overhead
+CHUNK_VALUES = 1 << 16
 _FLOAT_MAX_WIDTH = 52  # widest tensor the float64 arithmetic holds with room for a tie bit
 ARITHMETICS = ("auto", "float64", "int64")
 
@@ -61,6 +63,7 @@ class Emulator:
         if arithmetic == "float64" and not fits:
             raise QGraphError(f"a tensor is wider than {_FLOAT_MAX_WIDTH} bits: use int64")
         self.float_mode = arithmetic == "float64" or (arithmetic == "auto" and fits)
+        self._chunk = _chunk_size(graph)
         self._prepared: dict[str, dict] = {}
         for node in graph.nodes:
             prepare = _PREPARE.get(node.op)
@@ -72,22 +75,37 @@ class Emulator:
 
     def run(self, x) -> np.ndarray:
         """Real-valued input (batch first) -> int64 output codes."""
-        return self.run_codes(to_codes(x, self.graph.input_type))
+        x = np.asarray(x)
+        self._check_shape(x)
+        if not self.float_mode:
+            return self.run_codes(to_codes(x, self.graph.input_type))
+        # float64 arithmetic: the input codes stay floats (to_codes without the int64 trip)
+        codes = to_codes(x, self.graph.input_type, as_float=True)
+        return self._run_chunked(codes)
 
     def run_codes(self, codes: np.ndarray, *, keep: bool = False):
         """Input codes (batch first) -> output codes; with ``keep`` also every tensor."""
         codes = np.asarray(codes, dtype=np.int64)
-        expected = self.graph.tensors[self.graph.input].shape
-        if tuple(codes.shape[1:]) != tuple(expected):
-            raise QGraphError(f"input has per-sample shape {tuple(codes.shape[1:])}, the graph "
-                              f"expects {tuple(expected)}")
-        if keep or len(codes) <= CHUNK:
-            return self._run_chunk(codes, keep)
-        return np.concatenate([self._run_chunk(codes[i:i + CHUNK], False)
-                               for i in range(0, len(codes), CHUNK)])
+        self._check_shape(codes)
+        if self.float_mode:
+            codes = codes.astype(np.float64)
+        return self._run_chunk(codes, keep) if keep else self._run_chunked(codes)
+
+    def _check_shape(self, x: np.ndarray) -> None:
+        expected = tuple(self.graph.tensors[self.graph.input].shape)
+        if tuple(x.shape[1:]) != expected:
+            raise QGraphError(f"input has per-sample shape {tuple(x.shape[1:])}, the graph "
+                              f"expects {expected}")
+
+    def _run_chunked(self, codes: np.ndarray) -> np.ndarray:
+        step = self._chunk
+        if len(codes) <= step:
+            return self._run_chunk(codes, False)
+        return np.concatenate([self._run_chunk(codes[i:i + step], False)
+                               for i in range(0, len(codes), step)])
 
     def _run_chunk(self, codes: np.ndarray, keep: bool):
-        values = {self.graph.input: codes.astype(np.float64) if self.float_mode else codes}
+        values = {self.graph.input: codes}
         for node in self.graph.nodes:
             args = [values[name] for name in node.inputs]
             values[node.output] = _RUN[node.op](self, node, *args)
@@ -97,6 +115,17 @@ class Emulator:
 
     def to_real(self, codes: np.ndarray) -> np.ndarray:
         return np.ldexp(codes.astype(np.float64), -self.graph.output_type.fractional)
+
+
+def _chunk_size(graph: QGraph) -> int:
+    """Samples per pass, from the largest per-sample tensor or im2col buffer."""
+    peak = 1
+    for node in graph.nodes:
+        per_sample = int(np.prod(graph.tensors[node.output].shape))
+        if node.op == "conv2d":
+            per_sample *= int(np.prod(node.consts["weight"].shape[1:]))
+        peak = max(peak, per_sample)
+    return max(64, CHUNK_VALUES // peak)
 
 
 def emulate(graph: QGraph, x) -> np.ndarray:

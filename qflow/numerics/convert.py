@@ -32,13 +32,16 @@ def _check_float_width(t: FixedType) -> None:
                          f"{FLOAT_EXACT_WIDTH} bits (use requantize on integer codes)")
 
 
-def to_codes(x, t: FixedType) -> np.ndarray:
+def to_codes(x, t: FixedType, *, as_float: bool = False) -> np.ndarray:
     """Cast real values to the int64 codes of ``t`` (round first, overflow second).
 
     >>> from qflow.numerics import FixedType
     >>> t = FixedType(signed=True, integer=1, fractional=2, rounding="RND_CONV", overflow="SAT")
     >>> to_codes([0.375, 0.625, 5.0, -9.0], t).tolist()
     [2, 2, 7, -8]
+
+    With ``as_float`` the codes come back as integer-valued float64 (exact: widths are
+    at most 53 bits), sparing a conversion when they feed float arithmetic.
     """
     _check_float_width(t)
     x = _as_float64(x)
@@ -46,7 +49,7 @@ def to_codes(x, t: FixedType) -> np.ndarray:
     if t.fractional < 0:  # only scaling down can underflow a nonzero value to zero
         scaled = kernel.undo_underflow(x, scaled, np)
     q = kernel.quantize_scaled(scaled, t.width, t.signed, t.rounding, t.overflow, np)
-    return q.astype(np.int64)
+    return q if as_float else q.astype(np.int64)
 
 
 def from_codes(q, t: FixedType) -> np.ndarray:
