@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qflow.numerics import kernel, requantize, to_codes
+from qflow.numerics import Overflow, kernel, requantize, to_codes
 
 from .infer import accumulator_frac, aligned_bias, aligned_weights
 from .ir import Node, QGraph, QGraphError
@@ -64,6 +64,7 @@ class Emulator:
             raise QGraphError(f"a tensor is wider than {_FLOAT_MAX_WIDTH} bits: use int64")
         self.float_mode = arithmetic == "float64" or (arithmetic == "auto" and fits)
         self._chunk = _chunk_size(graph)
+        self._relu_in_cast = _relus_done_by_their_cast(graph) if self.float_mode else set()
         self._prepared: dict[str, dict] = {}
         for node in graph.nodes:
             prepare = _PREPARE.get(node.op)
@@ -79,9 +80,14 @@ class Emulator:
         self._check_shape(x)
         if not self.float_mode:
             return self.run_codes(to_codes(x, self.graph.input_type))
-        # float64 arithmetic: the input codes stay floats (to_codes without the int64 trip)
-        codes = to_codes(x, self.graph.input_type, as_float=True)
-        return self._run_chunked(codes)
+        t = self.graph.input_type
+        if t.fractional < 0 or x.dtype.kind not in "fiu":
+            # scaling down can underflow to zero: to_codes guards that
+            return self._run_chunked(to_codes(x, t, as_float=True))
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise ValueError("cannot cast non-finite values (NaN or inf) to a fixed-point type")
+        scaled = np.multiply(x, 2.0**t.fractional, dtype=np.float64)  # one exact pass
+        return self._run_chunked(_cast_in_place(scaled, t))
 
     def run_codes(self, codes: np.ndarray, *, keep: bool = False):
         """Input codes (batch first) -> output codes; with ``keep`` also every tensor."""
@@ -108,6 +114,9 @@ class Emulator:
         values = {self.graph.input: codes}
         for node in self.graph.nodes:
             args = [values[name] for name in node.inputs]
+            if not keep and node.name in self._relu_in_cast:
+                values[node.output] = args[0]  # its only consumer clamps at 0 anyway
+                continue
             values[node.output] = _RUN[node.op](self, node, *args)
         if keep:
             return {k: v.astype(np.int64) for k, v in values.items()}
@@ -115,6 +124,45 @@ class Emulator:
 
     def to_real(self, codes: np.ndarray) -> np.ndarray:
         return np.ldexp(codes.astype(np.float64), -self.graph.output_type.fractional)
+
+
+_IN_PLACE_ROUNDING = {"RND_CONV": np.rint, "TRN": np.floor, "TRN_ZERO": np.trunc}
+
+
+def _cast_in_place(scaled: np.ndarray, t) -> np.ndarray:
+    """Codes (float64) of ``scaled = value * 2**f`` in type ``t``, overwriting ``scaled``.
+
+    The common modes (RND_CONV, TRN, TRN_ZERO with SAT or SAT_SYM) are done in place:
+    clamp, then round, exactly as ``kernel.quantize_scaled`` does (clamping first is
+    exact for monotone roundings that fix integers); fresh buffers would cost page
+    faults. Other modes go through the kernel.
+    """
+    round_ = _IN_PLACE_ROUNDING.get(t.rounding.value)
+    if round_ is None or t.overflow not in (Overflow.SAT, Overflow.SAT_SYM):
+        return kernel.quantize_scaled(scaled, t.width, t.signed, t.rounding, t.overflow, np)
+    low = t.qmin if t.overflow is Overflow.SAT else kernel.sat_sym_low(t.width, t.signed)
+    np.clip(scaled, low, t.qmax, out=scaled)
+    return round_(scaled, out=scaled)
+
+
+def _relus_done_by_their_cast(graph: QGraph) -> set[str]:
+    """ReLU nodes whose only consumer is an in-place cast to an unsigned saturating type:
+    the cast's clamp to [0, qmax] maps negative values to code 0, as ReLU first would, so
+    the ReLU pass can be skipped (not when every tensor is kept)."""
+    consumers: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+    skip = set()
+    for node in graph.nodes:
+        users = consumers.get(node.output, [])
+        if node.op != "relu" or node.output == graph.output or len(users) != 1:
+            continue
+        t = graph.tensors[users[0].output].type
+        if (users[0].op == "cast" and not t.signed and t.rounding.value in _IN_PLACE_ROUNDING
+                and t.overflow in (Overflow.SAT, Overflow.SAT_SYM)):
+            skip.add(node.name)
+    return skip
 
 
 def _chunk_size(graph: QGraph) -> int:
@@ -174,7 +222,9 @@ _PREPARE = {"dense": _prepare_weighted, "conv2d": _prepare_weighted,
 def _run_dense(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
     p = em._prepared[node.name]
     acc = _matmul(x.astype(p["dtype"], copy=False), p["weight"], x.dtype)
-    return acc if p["bias"] is None else acc + p["bias"]
+    if p["bias"] is not None:
+        acc += p["bias"]  # acc is a fresh array
+    return acc
 
 
 def _windows(x: np.ndarray, kernel, stride, padding, dilation, pad_value) -> np.ndarray:
@@ -259,9 +309,8 @@ def _run_cast(em: Emulator, node: Node, x: np.ndarray) -> np.ndarray:
     from_frac = em._type(node.inputs[0]).fractional
     if x.dtype != np.float64:
         return requantize(x, from_frac, t)
-    # scaling by a power of two is exact; the kernel rounds and overflows exactly on floats
-    return kernel.quantize_scaled(x * 2.0 ** (t.fractional - from_frac), t.width, t.signed,
-                                  t.rounding, t.overflow, np)
+    # scaling by a power of two is exact; rounding and overflow are exact on floats
+    return _cast_in_place(x * 2.0 ** (t.fractional - from_frac), t)
 
 
 _RUN = {
