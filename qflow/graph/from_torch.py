@@ -21,6 +21,7 @@ from qflow.nn import (
     QConv2d,
     QInput,
     QLinear,
+    QMaxPool2d,
     QReLU,
 )
 from qflow.nn.elementwise import RECIPROCAL_TYPE, _reciprocal
@@ -64,6 +65,7 @@ class _Builder:
         self.tensors: dict[str, TensorInfo] = {}
         self.nodes: list[Node] = []
         self.names: set[str] = set()
+        self.input: str | None = None  # the graph input, once the input quantizer is seen
 
     def unique(self, name: str) -> str:
         base, i = name.replace(".", "_"), 1
@@ -201,6 +203,7 @@ MODULE_FREEZERS = {
     QAvgPool2d: _freeze_avgpool,
     QAdaptiveAvgPool2d: _freeze_global_avgpool,
     nn.MaxPool2d: _freeze_maxpool,
+    QMaxPool2d: _freeze_maxpool,
     nn.Flatten: _freeze_reshape,
 }
 _ALIASES = (nn.Identity, nn.Dropout)
@@ -267,15 +270,14 @@ def freeze(model: nn.Module, example_input: torch.Tensor) -> QGraph:
         if any(env.get(a) is _RAW for a in tensor_args):
             raise FreezeError(f"{label}: uses the model input before the input quantizer")
         env[node] = _freeze_node(b, node, modules, args, label)
-    if not isinstance(output, str):
+    if not isinstance(output, str) or b.input is None:
         raise FreezeError("the model output is not a single quantized tensor")
     meta = {"input_shape": list(input_shape), "frozen_from": type(model).__name__}
-    return QGraph(b.tensors and next(iter(b.tensors)), output, b.tensors, b.nodes,
-                  meta).validate()
+    return QGraph(b.input, output, b.tensors, b.nodes, meta).validate()
 
 
 def _declare_input(b: _Builder, quant: QInput, shape) -> str:
-    name = b.unique("input")
+    name = b.input = b.unique("input")
     b.tensors[name] = TensorInfo(name, tuple(shape), quant.quant.fixed_type())
     return name
 
@@ -288,9 +290,7 @@ def _freeze_node(b: _Builder, node: fx.Node, modules, args, label: str) -> str:
             return args[0]
         if isinstance(module, QAdd):
             return _freeze_add(b, node.target, module, args[:2], shape)
-        freezer = next((f for t, f in MODULE_FREEZERS.items() if type(module) is t), None)
-        if freezer is None and isinstance(module, nn.MaxPool2d):
-            freezer = _freeze_maxpool
+        freezer = MODULE_FREEZERS.get(type(module))
         if freezer is None:
             raise FreezeError(f"{label}: module {type(module).__name__} has no integer form "
                               "(quantize it with qflow.quantize_ or remove it)")
