@@ -38,8 +38,8 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean, var_biased, 
         if momentum is None:
             momentum = 1.0 / float(bn.num_batches_tracked)
         unbiased = var_biased * (count / max(count - 1, 1))
-        bn.running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
-        bn.running_var.mul_(1 - momentum).add_(unbiased.detach() * momentum)
+        bn.running_mean.mul_(1 - momentum).add_(mean * momentum)  # no_grad: no detach
+        bn.running_var.mul_(1 - momentum).add_(unbiased * momentum)
 
 
 def batch_statistics(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
 from qflow.numerics import kernel
@@ -31,14 +33,50 @@ def _sum_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     dims = list(range(lead)) + [
         lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1
     ]
+    if not shape:
+        return grad.sum()  # the same full reduction, one operation less
     out = grad.sum(dim=dims, keepdim=True) if dims else grad
-    return out.reshape(shape)
+    return out if out.shape == shape else out.reshape(shape)
 
 
 def _scale(integer_bits: torch.Tensor, width: int, signed: bool, dtype) -> torch.Tensor:
     """``2**f`` with ``f = width - signed - round(integer_bits)``, in ``dtype`` (exact)."""
-    scale = torch.exp2(torch.round(integer_bits).neg_().add_(width - int(signed)))
+    scale = torch.exp2((width - int(signed)) - torch.round(integer_bits))
     return scale if scale.dtype == dtype else scale.to(dtype)
+
+
+#: Largest ``|f|`` for which a per-tensor scale is a Python float: ``2**f`` and ``2**-f``
+#: are then normal float32 numbers, the very values :func:`_scale` gives.
+_MAX_SCALAR_FRACTIONAL = 100
+
+
+def _scalar_scale(integer_bits: torch.Tensor, width: int, signed: bool, dtype) -> float | None:
+    """``2**f`` as a Python float for per-tensor integer bits (as :func:`_scale`), else None.
+
+    A scalar operand costs less than a 0-d tensor, and the scale itself then takes no
+    tensor operations. ``round`` rounds half to even, as ``torch.round`` does.
+    """
+    if integer_bits.dim() or dtype not in (torch.float32, torch.float64):
+        return None
+    i = integer_bits.item()
+    if not math.isfinite(i):
+        return None
+    f = width - int(signed) - round(i)
+    return math.ldexp(1.0, f) if abs(f) <= _MAX_SCALAR_FRACTIONAL else None
+
+
+_ZERO = torch.zeros(())  # a CPU 0-d tensor: torch broadcasts it to any device and dtype
+
+
+def _values_(q: torch.Tensor, scale) -> torch.Tensor:
+    """``q / scale`` in place on the codes ``q``, with code 0 giving +0.0 as integer codes do.
+
+    Every step is exact (scaling by a power of two); float rounding's -0.0 becomes +0.0
+    by adding 0.0, which changes nothing else. One pass does both: ``0 + q * 2**-f``.
+    """
+    if isinstance(scale, float):
+        return torch.add(_ZERO, q, alpha=1.0 / scale, out=q)
+    return torch.addcdiv(_ZERO, q, scale, out=q)  # 0 + q / scale
 
 
 def _saturating_low(width: int, signed: bool, overflow: Overflow) -> int | None:
@@ -90,15 +128,10 @@ def _codes(t: torch.Tensor, width, signed, rounding, overflow, khot) -> torch.Te
 
 
 def _cast_values(x, scale, width, signed, rounding, overflow, khot) -> torch.Tensor:
-    """``codes(x * scale) / scale``, with code 0 giving +0.0 as integer codes do.
-
-    The same values as ``quantize_scaled(x * scale) / scale`` in ``x``'s dtype: every
-    step is exact (scaling by a power of two, clamping, rounding), and float rounding's
-    -0.0 becomes +0.0 by adding 0.0, which changes nothing else. One new tensor; the
-    rest is done in place on it.
-    """
-    q = _codes(x * scale, width, signed, rounding, overflow, khot)
-    return q.div_(scale).add_(0.0)
+    """``codes(x * scale) / scale`` (the values of ``quantize_scaled(x * scale) / scale``
+    in ``x``'s dtype: scaling by a power of two, clamping and rounding are all exact).
+    One new tensor; the rest is done in place on it."""
+    return _values_(_codes(x * scale, width, signed, rounding, overflow, khot), scale)
 
 
 def _mask_and_err(x, scale, width, signed, rounding, overflow, khot, need_err, keep_codes):
@@ -133,14 +166,6 @@ def _mask_and_err(x, scale, width, signed, rounding, overflow, khot, need_err, k
     return inside, torch.addcmul(q, c, inside, value=-1, out=c if keep_codes else q), q
 
 
-#: Tensors with fewer elements save their range mask and error in the forward pass (fewer
-#: operations in all, which is what costs for small tensors); larger ones save only ``x``
-#: and have the backward pass recompute them (nothing kept alive between the passes that
-#: the graph does not hold anyway, which is what costs for large tensors on CPU: memory
-#: and page faults).
-_RECOMPUTE_FROM = 1 << 15
-
-
 class _TrainableCast(torch.autograd.Function):
     """Fixed-point cast whose integer bits are a (rounded) trainable tensor.
 
@@ -150,43 +175,115 @@ class _TrainableCast(torch.autograd.Function):
       dy/di = ln2 * 2**-f * (q - t) inside the range (or always, under WRAP),
               ln2 * y outside it, scaled by ``grad_scale``; round(i) passes straight through.
 
-    For large tensors only ``x`` and the scale are saved, and the backward pass recomputes
-    ``t``, the codes and the range mask with the same operations, hence the same values
-    (see ``_RECOMPUTE_FROM``).
+    The forward pass saves the range mask and the error ``q - t`` (``q`` outside the
+    range) that it computes on the way to ``y``, so the backward pass is two products
+    and a sum. The factor ``2**-f`` is applied after that sum: scaling by a power of two
+    commutes with float rounding, so this equals scaling each term first.
     """
 
     @staticmethod
-    def forward(ctx, x, integer_bits, width, signed, rounding, overflow, khot, grad_scale):
-        scale = _scale(integer_bits, width, signed, x.dtype)
-        ctx.meta = (width, signed, rounding, overflow, khot, grad_scale, integer_bits.shape)
-        ctx.recompute = x.numel() >= _RECOMPUTE_FROM
-        if ctx.recompute:
-            ctx.save_for_backward(x, scale)
-            return _cast_values(x, scale, width, signed, rounding, overflow, khot)
+    def forward(ctx, x, integer_bits, scale, width, signed, rounding, overflow, khot,
+                grad_scale):
+        if scale is None:
+            scale = _scale(integer_bits, width, signed, x.dtype)
+        ctx.meta = (scale, grad_scale, integer_bits.shape)
         inside, err, q = _mask_and_err(x, scale, width, signed, rounding, overflow, khot,
                                        ctx.needs_input_grad[1], keep_codes=True)
-        ctx.save_for_backward(inside, err, scale)
-        return q.div_(scale).add_(0.0)  # as in _cast_values
+        ctx.save_for_backward(inside, err)
+        return _values_(q, scale)
 
     @staticmethod
     def backward(ctx, grad_y):
-        width, signed, rounding, overflow, khot, grad_scale, i_shape = ctx.meta
-        need_x, need_i = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.recompute:  # inside and err are made here: free to overwrite
-            x, scale = ctx.saved_tensors
-            inside, err, _ = _mask_and_err(x, scale, width, signed, rounding, overflow, khot,
-                                           need_i, keep_codes=False)
-        else:
-            inside, err, scale = ctx.saved_tensors
+        scale, grad_scale, i_shape = ctx.meta
+        inside, err = ctx.saved_tensors
         grad_x = grad_i = None
-        if need_i:
-            product = torch.mul(grad_y, err, out=err if ctx.recompute else None).div_(scale)
-            grad_i = _sum_to_shape(product, i_shape)
-            grad_i.mul_(_LN2 * grad_scale)  # made here (a sum or product itself): in place
-        if need_x and inside is not None:
-            grad_x = inside.mul_(grad_y) if ctx.recompute else grad_y * inside
-        elif need_x:
-            grad_x = grad_y
+        if ctx.needs_input_grad[1]:
+            grad_i = _sum_to_shape(grad_y * err, i_shape)  # made here: scaled in place
+            if isinstance(scale, float):
+                grad_i.mul_(_LN2 * grad_scale / scale)  # one exact power-of-two factor more
+            else:  # 0 + (c * grad_i) / scale: the division is exact, so = c * (grad_i / scale)
+                grad_i = torch.addcdiv(_ZERO, grad_i, scale, value=_LN2 * grad_scale,
+                                       out=grad_i)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y if inside is None else grad_y * inside
+        return grad_x, grad_i, None, None, None, None, None, None, None
+
+
+_SUBNORMAL = 5e-324  # compared at run time: reads as 0 when denormals are flushed
+
+
+@functools.lru_cache(maxsize=256)
+def _next_float(v: float, dtype, up: bool) -> float:
+    """The neighbour of ``v`` (a ``dtype`` value) towards +inf or -inf, as a Python float."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    return float(np.nextafter(np_dtype(v), np_dtype(np.inf if up else -np.inf)))
+
+
+class _ScalarCast(torch.autograd.Function):
+    """:class:`_TrainableCast` for a per-tensor saturating type with ``scale = 2**f >= 1``.
+
+    Everything happens in ``x``'s units: ``t = x * 2**f`` lies in ``[low, high]`` exactly
+    when ``x`` lies in ``[lo, hi] = [low * 2**-f, high * 2**-f]`` (with ``f >= 0`` the
+    product cannot underflow), and scaling by a power of two commutes with float
+    rounding, so these are the values of :class:`_TrainableCast`:
+
+    * forward: ``y = round(clamp(x, lo, hi))`` to a multiple of ``2**-f``. Under
+      RND_CONV that is ``(c + C) - C`` with ``C = 1.5 * 2**(p - f)`` (``p`` the
+      mantissa bits): ``c + C`` lies in one binade whose spacing is ``2**-f``, so the
+      float addition itself rounds half to even, and ``C - C`` is +0.0, never -0.0.
+      Three passes over the data; other roundings take four.
+    * backward: ``dL/dx = grad_y`` inside ``[lo, hi]``, else 0, and
+      ``dL/di = ln2 * grad_scale * sum(grad_y * (y - x_in))`` with ``x_in = x`` inside
+      and 0 outside. Both masks are one pass each: ``hardtanh_backward`` keeps values
+      strictly between the float neighbours of ``lo`` and ``hi``, i.e. inside
+      ``[lo, hi]`` inclusive. Saving ``x`` and ``y`` (which the next layer holds anyway)
+      keeps no extra memory alive between the passes; as with torch's own functions
+      that save their output, modifying ``y`` in place makes autograd refuse the
+      backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, integer_bits, scale, width, signed, rounding, overflow, grad_scale):
+        low = _saturating_low(width, signed, overflow)
+        high = kernel.code_range(width, signed)[1]
+        lo, hi = low / scale, high / scale  # exact: integers times a power of two
+        ctx.meta = (scale, low, high, width, signed, rounding, overflow, grad_scale)
+        mantissa = 24 if x.dtype == torch.float32 else 53
+        if rounding is Rounding.RND_CONV and width <= mantissa - 3:
+            # |c| <= 2**(width - f) stays below 2**(p - 2 - f): c + C keeps C's binade
+            magic = 1.5 * 2.0 ** (mantissa - 1) / scale
+            y = torch.clamp(x, lo, hi).add_(magic).sub_(magic)
+        else:
+            y = _values_(_round_((x * scale).clamp_(low, high), rounding), scale)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        scale, low, high, width, signed, rounding, overflow, grad_scale = ctx.meta
+        x, y = ctx.saved_tensors
+        lo, hi = low / scale, high / scale
+        if lo == 0.0 and not _SUBNORMAL > 0.0:  # Python floats obey the same CPU flags
+            # Denormals read as zero (torch.set_flush_denormal): the neighbour of 0 is
+            # gone, so take the general way.
+            mask, err, _ = _mask_and_err(x, scale, width, signed, rounding, overflow, 0,
+                                         ctx.needs_input_grad[1], keep_codes=False)
+            grad_i = None
+            if ctx.needs_input_grad[1]:
+                grad_i = err.mul_(grad_y).sum().div_(scale).mul_(_LN2 * grad_scale)
+            grad_x = mask.mul_(grad_y) if ctx.needs_input_grad[0] else None
+            return grad_x, grad_i, None, None, None, None, None, None
+        below, above = _next_float(lo, x.dtype, False), _next_float(hi, x.dtype, True)
+        keep = torch.ops.aten.hardtanh_backward  # (g, x, a, b): g where a < x < b, else 0
+        grad_i = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = keep(x, x, below, above)  # x_in for now; then grad_x in its memory
+            grad_i = torch.sub(y, grad_x, out=grad_x).mul_(grad_y).sum().mul_(_LN2 * grad_scale)
+        if ctx.needs_input_grad[0]:
+            grad_x = keep(grad_y, x, below, above) if grad_x is None else \
+                keep.grad_input(grad_y, x, below, above, grad_input=grad_x)
+        else:
+            grad_x = None
         return grad_x, grad_i, None, None, None, None, None, None
 
 
@@ -215,12 +312,17 @@ def cast_trainable(
     >>> y.sum().backward(); float(i.grad) > 0   # clipping pushes the binary point right
     True
     """
+    scale = _scalar_scale(integer_bits, width, signed, x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or integer_bits.requires_grad):
-        return _TrainableCast.apply(
-            x, integer_bits, width, signed, rounding, overflow, khot, grad_scale
-        )
-    scale = _scale(integer_bits, width, signed, x.dtype)  # no graph: same values, no saving
-    return _cast_values(x, scale, width, signed, rounding, overflow, khot)
+        if (scale is not None and scale >= 1.0 and not khot
+                and _saturating_low(width, signed, overflow) is not None):
+            return _ScalarCast.apply(x, integer_bits, scale, width, signed, rounding, overflow,
+                                    grad_scale)
+        return _TrainableCast.apply(x, integer_bits, scale, width, signed, rounding,
+                                    overflow, khot, grad_scale)
+    if scale is None:
+        scale = _scale(integer_bits, width, signed, x.dtype)
+    return _cast_values(x, scale, width, signed, rounding, overflow, khot)  # no graph: no saving
 
 
 def cast(x: torch.Tensor, t: FixedType) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""The cheaper training paths give the same values and gradients as the general ones:
+per-tensor casts with a Python-float scale (``qflow.ops.fixed._ScalarCast``), the
+error-corrected BatchNorm (two gradient sums equal up to float rounding) and
+power-of-two average pooling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qflow.config import QFXConfig, QuantSpec
+from qflow.nn import QAvgPool2d, QBatchNorm2d
+from qflow.nn.elementwise import _reciprocal
+from qflow.nn.functional import batchnorm_scale_shift
+from qflow.numerics import Overflow, Rounding
+from qflow.ops import cast_trainable
+from qflow.ops import fixed as ops_fixed
+from qflow.quantizers import FixedQuantizer
+
+
+def _inputs(n: int, dtype, f: int, seed: int = 0) -> torch.Tensor:
+    """Random values plus the awkward ones: ties, range bounds, zeros of both signs, inf."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * 3
+    step = 2.0**-f
+    special = [0.0, -0.0, step / 2, -step / 2, 1.5 * step, -2.5 * step, 2.0**-30, -(2.0**-30),
+               7 * step, 7.25 * step, 7.5 * step, 8 * step, 15 * step, 15.5 * step, 16 * step,
+               -8 * step, -8.5 * step, -9 * step, 1e30, -1e30, math.inf, -math.inf]
+    x[: len(special)] = torch.tensor(special, dtype=torch.float64)
+    return x.to(dtype)
+
+
+def _run(path: str, x0, i0, g, **kw):
+    x = x0.clone().requires_grad_()
+    i = i0.clone().requires_grad_()
+    if path == "general":  # the tensor-scale path that every other type takes
+        args = (kw["width"], kw["signed"], kw["rounding"], kw["overflow"], 0, kw["grad_scale"])
+        y = ops_fixed._TrainableCast.apply(x, i, None, *args)
+    else:
+        y = cast_trainable(x, i, **kw)
+    y.backward(g)
+    return y.detach(), x.grad, i.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("rounding", [Rounding.RND_CONV, Rounding.TRN, Rounding.RND])
+@pytest.mark.parametrize("overflow", [Overflow.SAT, Overflow.SAT_SYM])
+@pytest.mark.parametrize("n", [40, 70_000])
+def test_scalar_scale_path_equals_general_path(dtype, signed, rounding, overflow, n):
+    width, integer = 4, 1.4  # round(1.4) = 1 -> f = 4 - signed - 1 >= 2
+    f = width - int(signed) - 1
+    x0 = _inputs(n, dtype, f)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    i0 = torch.tensor(integer)
+    kw = dict(width=width, signed=signed, rounding=rounding, overflow=overflow, grad_scale=0.3)
+    y_fast, gx_fast, gi_fast = _run("cast_trainable", x0, i0, g, **kw)
+    y_ref, gx_ref, gi_ref = _run("general", x0, i0, g, **kw)
+    assert torch.equal(y_fast, y_ref)
+    assert not torch.signbit(y_fast[y_fast == 0]).any()  # +0.0, as integer codes give
+    assert torch.equal(gx_fast, gx_ref)
+    assert torch.equal(gi_fast, gi_ref)
+    assert math.isfinite(float(gi_fast))  # an infinite x contributes its saturated y
+
+
+def test_scalar_scale_path_with_flushed_denormals():
+    x0 = _inputs(40_000, torch.float32, 3)
+    g = torch.randn(40_000, generator=torch.Generator().manual_seed(2))
+    i0 = torch.tensor(1.0)
+    kw = dict(width=4, signed=False, rounding=Rounding.RND_CONV, overflow=Overflow.SAT,
+              grad_scale=1.0)
+    expected = _run("general", x0, i0, g, **kw)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = _run("cast_trainable", x0, i0, g, **kw)
+    finally:
+        torch.set_flush_denormal(False)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_quantizer_uses_scalar_path_only_where_it_applies():
+    q = FixedQuantizer(QuantSpec(bits=4, signed=True, integer_bits=1))
+    x = torch.randn(8, requires_grad=True)
+    assert type(q(x).grad_fn).__name__ == "_ScalarCastBackward"
+    wide = FixedQuantizer(QuantSpec(bits=4, signed=True, integer_bits=6))  # f < 0
+    assert type(wide(x).grad_fn).__name__ == "_TrainableCastBackward"
+    per_channel = FixedQuantizer(QuantSpec(bits=4, signed=True, per_channel=True,
+                                           integer_bits=1), channels=8)
+    assert type(per_channel(x).grad_fn).__name__ == "_TrainableCastBackward"
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_error_corrected_batchnorm_matches_autograd_expression(affine):
+    torch.manual_seed(0)
+    bn = QBatchNorm2d.from_float(torch.nn.BatchNorm2d(6, affine=affine), QFXConfig(), "bn")
+    bn.train()
+    x0 = torch.randn(32, 6, 5, 5) * 2 + 0.5
+    g = torch.randn(32, 6, 5, 5)
+
+    def reference(x):  # the expression the module computed before, through autograd
+        normalized, mean, invstd = torch.native_batch_norm(
+            x, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
+        mean, var = mean.detach(), (invstd.detach() ** -2 - bn.eps).clamp_min(0)
+        scale, shift = batchnorm_scale_shift(bn, mean, var, torch.float32)
+        se = bn.scale_quant(scale) - scale
+        sh = bn.shift_quant(shift) - shift
+        return bn.out_quant(normalized + x * se.reshape(1, -1, 1, 1) + sh.reshape(1, -1, 1, 1))
+
+    results = []
+    for fn in (bn, reference):
+        bn.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = fn(x)
+        y.backward(g)
+        grads = {k: p.grad.clone() for k, p in bn.named_parameters() if p.grad is not None}
+        results.append((y.detach(), x.grad, grads))
+    (y1, gx1, gp1), (y2, gx2, gp2) = results
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    names = ["scale_quant.integer_bits", "shift_quant.integer_bits", "out_quant.integer_bits"]
+    assert sorted(gp1) == sorted(gp2) == sorted(names + (["weight", "bias"] if affine else []))
+    for name in ("weight", "bias", "out_quant.integer_bits"):
+        assert name not in gp1 or torch.equal(gp1[name], gp2[name])
+    # With a weight, the per-channel sums over the batch come from the fused backward:
+    # equal up to float rounding; without one they are computed directly, exactly.
+    for name in names[:2]:
+        if affine:
+            torch.testing.assert_close(gp1[name], gp2[name], rtol=1e-5, atol=0.0)
+        else:
+            assert torch.equal(gp1[name], gp2[name])
+
+
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_average_pooling_values_and_gradients(kernel):
+    pool = QAvgPool2d.from_float(torch.nn.AvgPool2d(kernel), QFXConfig(), "pool").train()
+    x0 = torch.randint(-40, 40, (8, 3, 6, 6)).float() / 16  # fixed-point inputs
+    g = torch.randn(8, 3, 6 // kernel, 6 // kernel)
+    n = kernel * kernel
+    results = []
+    for direct in (True, False):
+        x = x0.clone().requires_grad_()
+        if direct:
+            y = pool(x)
+        else:  # the window sum times the fixed-point 1/n, as the module is documented
+            total = F.avg_pool2d(x, kernel, kernel, 0, divisor_override=1)
+            y = pool.out_quant(total * _reciprocal(n))
+        y.backward(g)
+        results.append((y.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
