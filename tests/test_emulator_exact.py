@@ -1,6 +1,6 @@
 """The QAT model in eval mode equals the QGraph emulator, bit for bit, on 10,000 inputs
-for every zoo model and every configuration of the CI matrix; the emulator's float64 and
-int64 arithmetics agree."""
+for every zoo model and every configuration of the CI matrix; the emulator's float
+arithmetics (float32 where the graph allows it, float64) and int64 agree."""
 
 import numpy as np
 import pytest
@@ -8,6 +8,8 @@ import torch
 from zoo_fixtures import CONFIGS, MODEL_NAMES, frozen, test_inputs
 
 from qflow.graph import Emulator
+from qflow.graph.emulator import FLOAT_FORMATS
+from qflow.graph.infer import float_bounds
 from qflow.numerics import to_codes
 from qflow.verify.check import compare
 from qflow.verify.corners import corner_inputs
@@ -35,16 +37,25 @@ def test_qat_model_equals_emulator(model_name, config_name):
 
 
 @pytest.mark.parametrize(("model_name", "config_name"), CELLS)
-def test_float64_and_int64_arithmetic_agree(model_name, config_name):
+def test_float_and_int64_arithmetic_agree(model_name, config_name):
+    """Every float arithmetic the graph allows (float32 when its bounds fit 24 bits;
+    float64 always here) equals int64 on every tensor."""
     _, graph = frozen(model_name, config_name)
     x = test_inputs(model_name, 1000)
     x = np.concatenate([x, corner_inputs(graph.input_type, x.shape[1:], 256)])
-    fast, exact = Emulator(graph, "float64"), Emulator(graph, "int64")
-    assert fast.float_mode and not exact.float_mode
+    exact = Emulator(graph, "int64")
+    assert not exact.float_mode
     codes = to_codes(x, graph.input_type)
-    a, b = fast.run_codes(codes, keep=True), exact.run_codes(codes, keep=True)
-    for name in a:
-        assert np.array_equal(a[name], b[name]), f"tensor {name} differs"
+    b = exact.run_codes(codes, keep=True)
+    bounds = float_bounds(graph)
+    for fmt in FLOAT_FORMATS:
+        if not bounds.fits(fmt):
+            continue
+        fast = Emulator(graph, np.dtype(fmt.dtype).name)
+        assert fast.float_mode
+        a = fast.run_codes(codes, keep=True)
+        for name in b:
+            assert np.array_equal(a[name], b[name]), f"{fast.arithmetic}: tensor {name} differs"
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)

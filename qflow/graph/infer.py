@@ -3,6 +3,8 @@ value its inputs' types allow, so no arithmetic node can overflow or lose bits."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from qflow.numerics import MAX_WIDTH, FixedType
@@ -106,3 +108,77 @@ def infer_relu(t: FixedType) -> FixedType:
 def infer_pool_sum(t: FixedType, count: int, reciprocal: int, reciprocal_frac: int) -> FixedType:
     return type_for_range(min(t.qmin * count * reciprocal, 0), t.qmax * count * reciprocal,
                           t.fractional + reciprocal_frac)
+
+
+# -- exactness of float arithmetic -----------------------------------------------------
+@dataclass(frozen=True)
+class FloatFormat:
+    """A float dtype for integer codes: integers of magnitude below ``2**bits`` are exact,
+    and so is scaling such an integer by ``2**k`` for ``|k| <= max_shift``."""
+
+    dtype: type
+    bits: int
+    max_shift: int
+
+
+@dataclass(frozen=True)
+class FloatBounds:
+    """What a float arithmetic must hold exactly to run a graph (see :func:`float_bounds`)."""
+
+    width: int  # widest tensor type, in bits
+    peak: int  # largest magnitude of any value formed: code, partial sum, product
+    shift: int  # largest |k| of a scaling by 2**k (casts, the input cast)
+
+    def fits(self, fmt: FloatFormat) -> bool:
+        # one bit of room below the format's integer bound, as for float64 so far
+        return (self.width < fmt.bits and self.peak < 2**fmt.bits
+                and self.shift <= fmt.max_shift)
+
+    def describe(self) -> str:
+        return (f"widest tensor {self.width} bits, values up to 2**{self.peak.bit_length()}, "
+                f"scaling by up to 2**{self.shift}")
+
+
+def _max_abs(t: FixedType) -> int:
+    return max(-t.qmin, t.qmax)
+
+
+def float_bounds(graph) -> FloatBounds:
+    """Bounds on every value the emulator's float arithmetic forms for ``graph``.
+
+    From the exact types: every tensor's codes lie in its type; a dense/conv2d partial
+    sum (any subset of products, in any order, as BLAS may add them) is at most
+    max_c sum_j |w_cj| * max|x|, and adding the bias gives the accumulator, which is in
+    its type; a scale_shift product is at most max|scale| * max|x|; an add term is
+    max|a| * 2**k; a pooling sum is count * max|x|, times the reciprocal. Casts scale by
+    2**(f_out - f_in), the input cast by 2**f_in.
+    """
+    tensors = graph.tensors
+    width = max(t.type.width for t in tensors.values())
+    peak = max(_max_abs(t.type) for t in tensors.values())
+    shift = abs(graph.input_type.fractional)
+    for node in graph.nodes:
+        in_t = tensors[node.inputs[0]].type
+        out_t = tensors[node.output].type
+        c = node.consts
+        if node.op in ("dense", "conv2d"):
+            frac = accumulator_frac(in_t.fractional, c["weight_frac"], c.get("bias_frac"))
+            w = aligned_weights(c["weight"], c["weight_frac"], in_t.fractional, frac)
+            rows = np.abs(w.reshape(w.shape[0], -1)).sum(axis=1)
+            peak = max(peak, int(rows.max(initial=0)) * _max_abs(in_t))
+        elif node.op == "scale_shift":
+            scale = aligned_weights(c["scale"], c["scale_frac"], in_t.fractional,
+                                    out_t.fractional)
+            peak = max(peak, int(np.abs(scale).max(initial=0)) * _max_abs(in_t))
+        elif node.op == "add":
+            for name in node.inputs:
+                t = tensors[name].type
+                peak = max(peak, _max_abs(t) << (out_t.fractional - t.fractional))
+        elif node.op in ("avgpool2d", "global_avgpool2d"):
+            shape = tensors[node.inputs[0]].shape
+            count = (int(np.prod(node.attrs["kernel"])) if node.op == "avgpool2d"
+                     else int(np.prod(shape[-2:])))
+            peak = max(peak, count * _max_abs(in_t) * max(1, int(c["reciprocal"])))
+        elif node.op == "cast":
+            shift = max(shift, abs(out_t.fractional - in_t.fractional))
+    return FloatBounds(width, peak, shift)
