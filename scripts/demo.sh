@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Set up (first run only) and run qflow's main job on the built-in default:
-# train digits-mlp, quantize it with QFX 8-bit (accuracies and formats), export it to
-# QONNX and integer ONNX, and verify every artifact against the emulator, bit for bit.
+# train digits-mlp, quantize it with QFX 8-bit (accuracies and formats), export it for
+# the Ultra96-V2 board (QONNX, integer ONNX and an hls4ml HLS project, with a resource
+# estimate), and verify every artifact against the emulator, bit for bit, including the
+# HLS project's C simulation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh hls
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
 run=runs/demo-digits-mlp
 qflow quantize --out "$run" "$@"
-qflow export "$run" --target onnx
-qflow verify "$run/export-onnx"
+qflow export "$run" --target ultra96
+qflow verify "$run/export-ultra96"

@@ -40,6 +40,29 @@ if ! python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "
     fi
 fi
 
+# The aarch64 cross toolchain links `qflow export --target arm64` into a shared library
+# (without it the export writes object files). Best effort: only as root with apt-get.
+install_cross_toolchain() {
+    if command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; then
+        return
+    fi
+    if [ "${QFLOW_NO_APT:-}" = 1 ] || ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
+        echo "setup: aarch64-linux-gnu-g++ not found (arm64 exports will be object files;" \
+             "install Debian's g++-aarch64-linux-gnu to link them)"
+        return
+    fi
+    echo "setup: installing the aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)"
+    if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends g++-aarch64-linux-gnu; } >/dev/null 2>&1; then
+        echo "setup: installed $(aarch64-linux-gnu-g++ --version | head -n 1)"
+    else
+        echo "setup: could not install g++-aarch64-linux-gnu (arm64 exports will be object files)"
+    fi
+}
+case ",$extras," in
+    *,dev,*|*,tvm,*) install_cross_toolchain ;;
+esac
+
 target="."
 [ -n "$extras" ] && target=".[$extras]"
 echo "setup: installing qflow${extras:+ with extras [$extras]}"

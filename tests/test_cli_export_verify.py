@@ -1,4 +1,4 @@
-"""`qflow quantize` -> `qflow export --target onnx` -> `qflow verify`, and its bad inputs."""
+"""`qflow quantize` -> `qflow export --target onnx|ultra96` -> `qflow verify`, and bad inputs."""
 
 import json
 import subprocess
@@ -48,9 +48,12 @@ def test_verify_reports_zero_mismatches(exported):
     report = json.loads((out / "verify.json").read_text())
     names = {r["artifact"] for r in report["results"]}
     assert {"emulator (reference)", "QAT model (torch eval)", "qonnx", "int_onnx"} <= names
-    assert report["test_samples"] == 540 and report["corner_samples"] == 300
+    # digits has 540 test images: the default 2,000 data samples add the training
+    # split (1,257) and perturbed test images (203)
+    assert report["sample_kinds"] == {"test": 540, "train": 1257, "perturbed test": 203,
+                                      "corner": 300}
     for r in report["results"]:
-        assert r["samples"] == 840
+        assert r["samples"] == 2300
         assert r["mismatching_samples"] == 0, r
     assert "OK: 0 mismatching samples" in stdout
 
@@ -112,3 +115,36 @@ def test_bad_input_exits_2_with_one_line(exported, tmp_path, case):
 def test_in_process_main_returns_2_for_missing_run(tmp_path, capsys):
     assert main(["export", str(tmp_path / "none"), "--target", "onnx"]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ultra96_export_and_csim_verify(exported):
+    """`qflow export --target ultra96 --io-type stream` then `qflow verify`: the HLS
+    project's C simulation gives 0 mismatching samples on 2,000 data-derived inputs plus
+    corner cases, and the export prints the resource summary."""
+    root, _ = exported
+    code, stdout, err = _qflow("export", "run", "--target", "ultra96", "--io-type", "stream",
+                               cwd=root)
+    assert code == 0, err
+    assert "Estimated resources on ultra96" in stdout and "reuse factor auto" in stdout
+    out = root / "run" / "export-ultra96"
+    info = json.loads((out / "export.json").read_text())
+    assert set(info["artifacts"]) == {"qonnx", "int_onnx", "hls_csim"}
+    assert (out / "board" / "block_design.tcl").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["io_type"] == "io_stream"
+    code, stdout, err = _qflow("verify", str(out), cwd=root)
+    assert code == 0, stdout + err
+    results = {r["artifact"]: r for r in json.loads((out / "verify.json").read_text())["results"]}
+    assert results["hls_csim"]["samples"] == 2256
+    assert results["hls_csim"]["mismatching_samples"] == 0
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (["--reuse", "0"], "--reuse must be"),
+    (["--reuse", "many"], "--reuse must be"),
+])
+def test_bad_fpga_options_exit_2(exported, args, expect):
+    root, _ = exported
+    code, _, stderr = _qflow("export", "run", "--target", "ultra96", *args, cwd=root)
+    assert code == 2 and expect in stderr and len(stderr.strip().splitlines()) == 1

@@ -11,21 +11,30 @@ from rich.table import Table
 
 import qflow
 from qflow.errors import QflowError
-from qflow.export import TARGETS, get_target
+from qflow.export import ExportOptions, export
 from qflow.runs import atomic_directory
+from qflow.targets import IO_TYPES, STRATEGIES, load_target
 from qflow.verify.check import EXPORT_FILE, QGRAPH_FILE
 
 from .console import make_console
 
-HELP = "freeze a run and export it for a target (onnx)"
+HELP = "freeze a run and export it for a target (see `qflow targets`)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run directory written by `qflow quantize`")
     p.add_argument("--target", required=True,
-                   help=f"deployment target ({', '.join(sorted(TARGETS))})")
+                   help="deployment target: a board or device name from `qflow targets` "
+                        "(onnx, cpu, arm64, cuda, ultra96, pynq-z2, zcu104, kv260)")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default RUN/export-<target>)")
+    p.add_argument("--io-type", choices=[t.removeprefix("io_") for t in IO_TYPES],
+                   default=None, help="FPGA targets: hls4ml io type (default: the target's)")
+    p.add_argument("--reuse", default=None, metavar="N|auto",
+                   help="FPGA targets: hls4ml reuse factor, or auto: the smallest power of "
+                        "two whose resource estimate fits the board (default: the target's)")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="FPGA targets: hls4ml strategy (default: the target's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +44,16 @@ def run(args: argparse.Namespace) -> int:
     from qflow.runs import load_run
 
     console = make_console()
-    target = get_target(args.target)
+    target = load_target(args.target)
+    reuse = args.reuse
+    if reuse is not None and reuse != "auto":
+        if not reuse.isdigit() or int(reuse) < 1:
+            raise QflowError(f"--reuse must be an integer >= 1 or auto, not {reuse!r}")
+        reuse = int(reuse)
+    options = ExportOptions(
+        io_type=f"io_{args.io_type}" if args.io_type else None,
+        reuse_factor=reuse, strategy=args.strategy,
+        progress=lambda msg: console.print(msg))
     model, info = load_run(args.run)
     shape = info.get("input_shape")
     if not shape:
@@ -43,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     graph = freeze(model, torch.zeros((2, *shape)))
     graph.meta.update({"model": info.get("model"), "run": str(args.run)})
     out = args.out or args.run / f"export-{target.name}"
+    console.print(_graph_table(graph))
     with atomic_directory(out) as tmp:
         graph.save(tmp / QGRAPH_FILE)
-        artifacts = target.export(graph, tmp)
+        artifacts = export(graph, tmp, target, options)
         export_info = {
             "target": target.name,
             "run": os.path.relpath(args.run.resolve(), out.resolve()),
@@ -57,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
             "qflow": qflow.__version__,
         }
         (tmp / EXPORT_FILE).write_text(json.dumps(export_info, indent=2) + "\n")
-    console.print(_graph_table(graph))
     for kind, name in artifacts.items():
         console.print(f"  {kind:10s} {out / name}")
+    for extra in ("board", "report.json"):
+        if (out / extra).exists():
+            console.print(f"  {extra:10s} {out / extra}")
     console.print(f"exported {args.run} for target {target.name} to {out}")
     console.print(f"check it with: qflow verify {out}")
     return 0

@@ -8,13 +8,14 @@ import sys
 from qflow import __version__
 from qflow.errors import QflowError
 
-from . import export, quantize, verify
+from . import export, quantize, targets, verify
 
 #: subcommand name -> module with ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
     "quantize": quantize,
     "export": export,
     "verify": verify,
+    "targets": targets,
 }
 
 

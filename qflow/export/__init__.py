@@ -1,21 +1,41 @@
-"""Exporters: a QGraph to deployable artifacts, picked by target name from a table.
+"""Exporters: a QGraph to deployable artifacts for a target.
 
-Each target is an object with ``name``, ``description`` and
-``export(graph, out_dir) -> dict[str, str]`` (artifact kind -> file name). The
-verification side (``qflow.verify``) knows how to run each artifact kind.
+A target is a data file under ``targets/`` (see :mod:`qflow.targets`); its ``backend``
+picks the exporter from :data:`BACKENDS`. Every exporter has the signature
+``export(graph, out_dir, target, options) -> dict[str, str]`` and returns the artifacts
+it wrote (artifact kind -> path relative to ``out_dir``); ``qflow.verify`` knows how to
+run each kind. Exporters write into a fresh temporary directory that the caller renames
+when the export is complete.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from qflow.errors import QflowError
 from qflow.graph.ir import QGraph
+from qflow.targets import TargetSpec
 
 
-def _export_onnx(graph: QGraph, out_dir: Path) -> dict[str, str]:
+def _no_progress(message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """Choices a user may set on the command line; ``None`` takes the target's default."""
+
+    io_type: str | None = None
+    reuse_factor: int | None = None
+    strategy: str | None = None
+    #: receives one-line progress messages and summaries for the user
+    progress: Callable[[str], None] = field(default=_no_progress)
+
+
+def export_onnx(graph: QGraph, out_dir: Path, target: TargetSpec | None = None,
+                options: ExportOptions | None = None) -> dict[str, str]:
+    """The two ONNX files every target starts from."""
     from .int_onnx import export_int_onnx
     from .qonnx import export_qonnx
 
@@ -24,20 +44,29 @@ def _export_onnx(graph: QGraph, out_dir: Path) -> dict[str, str]:
     return {"qonnx": "model.qonnx.onnx", "int_onnx": "model.int.onnx"}
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str
-    description: str
-    export: Callable[[QGraph, Path], dict[str, str]]
+def _export_hls4ml(graph, out_dir, target, options):
+    from .hls import export_hls
+
+    return export_hls(graph, out_dir, target, options)
 
 
-TARGETS: dict[str, Target] = {
-    "onnx": Target("onnx", "QONNX graph (qonnx executor, hls4ml input) and integer ONNX "
-                   "(ONNX Runtime)", _export_onnx),
+def _export_tvm(graph, out_dir, target, options):
+    from .tvm import export_tvm
+
+    return export_tvm(graph, out_dir, target, options)
+
+
+Exporter = Callable[[QGraph, Path, TargetSpec, ExportOptions], dict[str, str]]
+
+#: backend name (a target file's ``backend``) -> exporter
+BACKENDS: dict[str, Exporter] = {
+    "onnx": export_onnx,
+    "hls4ml": _export_hls4ml,
+    "tvm": _export_tvm,
 }
 
 
-def get_target(name: str) -> Target:
-    if name not in TARGETS:
-        raise QflowError(f"unknown target {name!r} (known: {', '.join(sorted(TARGETS))})")
-    return TARGETS[name]
+def export(graph: QGraph, out_dir: Path, target: TargetSpec,
+           options: ExportOptions | None = None) -> dict[str, str]:
+    """Write ``target``'s artifacts for ``graph`` into ``out_dir``; return them by kind."""
+    return BACKENDS[target.backend](graph, Path(out_dir), target, options or ExportOptions())

@@ -44,10 +44,30 @@ def _run_int_onnx(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
     return run_int_onnx(path, to_codes(x, graph.input_type))
 
 
-#: artifact kind -> runner(path, graph, real-valued input) -> output codes
+def _run_hls_csim(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
+    from qflow.export.hls import run_csim
+
+    return run_csim(path, graph, x)
+
+
+def _run_tvm(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
+    from qflow.export.tvm import run_tvm
+
+    return run_tvm(path, graph, x)
+
+
+class ArtifactNotRunnableError(QflowError):
+    """An artifact that cannot run on this machine (a CUDA build without a GPU, say);
+    verify reports the reason instead of a result."""
+
+
+#: artifact kind -> runner(path, graph, real-valued input) -> output codes; a runner
+#: raises ArtifactNotRunnableError when this machine cannot run the artifact
 RUNNERS: dict[str, Callable[[Path, QGraph, np.ndarray], np.ndarray]] = {
     "qonnx": _run_qonnx,
     "int_onnx": _run_int_onnx,
+    "hls_csim": _run_hls_csim,
+    "tvm": _run_tvm,
 }
 
 
@@ -85,18 +105,37 @@ def compare(reference: np.ndarray, codes: np.ndarray) -> tuple[int, int]:
     return int((per_sample > 0).sum()), int(per_sample.max()) if len(per_sample) else 0
 
 
-def verification_inputs(graph: QGraph, test_x: np.ndarray | None, samples: int,
-                        corners: int) -> tuple[np.ndarray, int]:
-    """Test data (at most ``samples``) followed by corner cases; returns (x, n_test)."""
+def verification_inputs(graph: QGraph, data, samples: int, corners: int,
+                        seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+    """Up to ``samples`` data-derived inputs, then ``corners`` corner cases.
+
+    The data-derived inputs are the test split, then (when it is shorter than
+    ``samples``) the training split, then test inputs moved by a few LSBs of the input
+    type. ``data`` is a data set with ``x_test`` (and ``x_train``) or None. Returns the
+    inputs and the count of each kind.
+    """
     shape = tuple(graph.tensors[graph.input].shape)
-    parts = []
-    n_test = 0
-    if test_x is not None:
-        parts.append(np.asarray(test_x[:samples], dtype=np.float64))
-        n_test = len(parts[0])
+    parts, counts = [], {"test": 0, "train": 0, "perturbed test": 0, "corner": 0}
+    if data is not None and samples:
+        test = np.asarray(data.x_test[:samples], dtype=np.float64)
+        parts.append(test)
+        counts["test"] = len(test)
+        train = getattr(data, "x_train", None)
+        if train is not None and counts["test"] < samples:
+            extra = np.asarray(train[:samples - counts["test"]], dtype=np.float64)
+            parts.append(extra)
+            counts["train"] = len(extra)
+        missing = samples - counts["test"] - counts["train"]
+        if missing > 0 and len(test):
+            rng = np.random.default_rng(seed)
+            picked = test[rng.integers(0, len(test), missing)]
+            lsb = graph.input_type.lsb
+            parts.append(picked + lsb * rng.integers(-4, 5, picked.shape) / 2)
+            counts["perturbed test"] = missing
     if corners:
         parts.append(corner_inputs(graph.input_type, shape, corners))
-    return np.concatenate(parts), n_test
+        counts["corner"] = len(parts[-1])
+    return np.concatenate(parts), counts
 
 
 def verify_directory(directory: Path, *, samples: int, corners: int,
@@ -106,13 +145,15 @@ def verify_directory(directory: Path, *, samples: int, corners: int,
     info = read_export(directory)
     graph = QGraph.load(directory / QGRAPH_FILE)
     run_dir = (directory / info["run"]).resolve() if info.get("run") else None
-    test_x = None
+    data = None
     if info.get("data"):
         from qflow.sources import resolve_data
 
-        test_x = resolve_data(info["data"]).x_test
-    x, n_test = verification_inputs(graph, test_x, samples, corners)
-    progress(f"{len(x)} samples: {n_test} test + {len(x) - n_test} corner cases")
+        data = resolve_data(info["data"])
+    x, counts = verification_inputs(graph, data, samples, corners)
+    n_test = len(x) - counts["corner"]
+    progress(f"{len(x)} samples: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()
+                                                if n))
 
     start = time.perf_counter()
     reference = Emulator(graph).run(x)
@@ -126,15 +167,21 @@ def verify_directory(directory: Path, *, samples: int, corners: int,
         if runner is None:
             raise QflowError(f"{directory / EXPORT_FILE}: unknown artifact kind {kind!r}")
         path = directory / filename
-        if not path.is_file():
-            raise QflowError(f"artifact file not found: {path}")
+        if not path.exists():
+            raise QflowError(f"artifact not found: {path}")
         progress(f"running {kind} ({filename})")
-        results.append(_timed(kind, reference, lambda r=runner, p=path: r(p, graph, x)))
+        try:
+            results.append(_timed(kind, reference,
+                                  lambda r=runner, p=path: r(p, graph, x)))
+        except ArtifactNotRunnableError as exc:
+            results.append(ArtifactResult(kind, 0, 0, 0, 0.0,
+                                          note=f"not run: {exc}"))
     report = {
         "directory": str(directory),
         "samples": len(x),
         "test_samples": n_test,
-        "corner_samples": len(x) - n_test,
+        "corner_samples": counts["corner"],
+        "sample_kinds": counts,
         "output_type": graph.output_type.to_ap(),
         "results": [asdict(r) for r in results],
         "mismatching_samples": sum(r.mismatching_samples for r in results),

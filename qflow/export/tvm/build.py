@@ -1,0 +1,199 @@
+"""Compile ``model.int.onnx`` with TVM (Relax) for a target and write the ``tvm/`` directory.
+
+``tvm/`` holds the compiled library (``model.so``), or, for a cross build without a
+cross linker, the object files; ``build.json`` (what was built, for which device, the
+input and output shapes and types) and ``run.py`` (the standalone runner, numpy + TVM
+runtime only).
+
+How a target is built, by its TVM target ``kind`` and architecture:
+
+- ``llvm`` for this machine (``targets/cpu.yaml``): no ``mcpu`` given means this
+  machine's CPU (LLVM's host CPU name), so the vector units are used; linked with the
+  host's C++ compiler;
+- ``llvm`` with another ``mtriple`` (``targets/arm64.yaml``): linked with the target's
+  ``cross_compiler`` when it is on PATH, otherwise the object files are written (one
+  ``lib0.o`` with the kernels, one ``devc.o`` with the VM bytecode and constants) with a
+  note on how to link them;
+- ``cuda``: host code for this machine, kernels compiled through nvcc; the module is
+  built without a GPU and runs only where one is present.
+
+Exactness: no fast-math is allowed in the target (:func:`tvm_target` refuses it), and
+the model passes :func:`qflow.export.tvm.frontend.check_exact` before import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tarfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from qflow.errors import QflowError
+from qflow.export.int_onnx import INPUT_NAME
+from qflow.graph.ir import QGraph
+from qflow.targets import TargetSpec
+
+from . import frontend, runner
+
+LIBRARY = "model.so"
+OBJECTS_ARCHIVE = "model.tar"
+RUNNER = "run.py"
+#: TVM target kind -> the device the compiled module runs on
+DEVICES = {"llvm": "cpu", "cuda": "cuda"}
+#: environment for TVM's CUDA compile callbacks: no fast math (nvcc and NVRTC default to
+#: --use_fast_math), so a float step of the graph (a double MaxPool) stays IEEE-exact
+EXACT_CUDA_ENVIRONMENT = {"TVM_CUDA_NVCC_NO_FAST_MATH": "1",
+                          "TVM_CUDA_NVRTC_EXTRA_OPTS": "--ftz=false --prec-div=true "
+                                                       "--prec-sqrt=true --fmad=false"}
+#: LLVM target options that allow inexact floating-point rewrites
+FAST_MATH_KEYS = ("fast-math", "fast-math-nnan", "fast-math-ninf", "fast-math-nsz",
+                  "fast-math-arcp", "fast-math-contract", "fast-math-reassoc")
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return runner.MACHINE_ARCH.get(machine, machine)
+
+
+def target_arch(tvm_target: dict) -> str:
+    """The CPU architecture the host code runs on: the mtriple's, else this machine's."""
+    triple = tvm_target.get("mtriple")
+    if not triple:
+        return host_arch()
+    machine = triple.split("-")[0]
+    return runner.MACHINE_ARCH.get(machine, machine)
+
+
+def tvm_target(spec: TargetSpec) -> dict:
+    """The TVM target JSON to compile with (this machine's CPU filled in for host builds)."""
+    config = dict(spec.tvm)
+    kind = config.get("kind")
+    if kind not in DEVICES:
+        raise QflowError(f"target {spec.name}: TVM target kind {kind!r} is not supported "
+                         f"(supported: {', '.join(DEVICES)})")
+    fast = [k for k in FAST_MATH_KEYS if config.get(k)]
+    if fast:
+        raise QflowError(f"target {spec.name}: {fast[0]} would let LLVM change float64 "
+                         "results; remove it from the target file")
+    if kind == "llvm" and "mtriple" not in config and "mcpu" not in config:
+        from tvm.target import codegen
+
+        config["mcpu"] = codegen.llvm_get_system_cpu()
+    return config
+
+
+def _target_object(config: dict):
+    import tvm
+
+    if config["kind"] == "llvm":
+        return tvm.target.Target(config)
+    return tvm.target.Target(config, host={"kind": "llvm"})
+
+
+def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
+              progress: Callable[[str], None]) -> dict:
+    """Compile ``int_onnx`` for ``spec`` into ``out_dir``; return the build description."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    config = tvm_target(spec)
+    model = onnx.load(int_onnx)
+    frontend.check_exact(model)
+    frontend.register_converters()
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():  # the batch size is symbolic on purpose
+            warnings.filterwarnings("ignore", message=".*unknown dimension")
+            module = from_onnx(model, dtype_dict={INPUT_NAME: "int64"})
+        with _environment(EXACT_CUDA_ENVIRONMENT if config["kind"] == "cuda" else {}):
+            executable = tvm.compile(module, target=_target_object(config))
+    except QflowError:
+        raise
+    except Exception as exc:  # TVM's errors are many-lined C++ traces
+        raise QflowError(f"TVM could not compile {int_onnx.name} for target {spec.name}: "
+                         f"{error_summary(exc)}") from None
+    seconds = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arch, device = target_arch(config), DEVICES[config["kind"]]
+    linked, note = _export(executable, out_dir, spec, arch)
+    if device != "cpu" and not tvm.runtime.enabled(device):
+        note += (f" (this TVM has no {device.upper()} runtime: the kernels are embedded as "
+                 f"{device.upper()} source; running needs a GPU and a {device.upper()}-enabled "
+                 "TVM runtime)")
+    shutil.copyfile(Path(runner.__file__), out_dir / RUNNER)
+    manifest = {
+        "format": runner.FORMAT,
+        "target": spec.name,
+        "tvm_target": config,
+        "device": device,
+        "arch": arch,
+        "library": LIBRARY if linked else None,
+        "objects": None if linked else sorted(p.name for p in out_dir.glob("*.o")),
+        "note": note,
+        "input": _tensor_spec(graph, graph.input),
+        "output": _tensor_spec(graph, graph.output),
+        "tvm_version": tvm.__version__,
+        "build_seconds": round(seconds, 2),
+    }
+    (out_dir / runner.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    progress(f"TVM {spec.name}: compiled in {seconds:.1f} s for {device} ({arch}); {note}")
+    return manifest
+
+
+@contextlib.contextmanager
+def _environment(settings: dict[str, str]):
+    """Set environment variables for the duration of a build, then restore them."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _export(executable, out_dir: Path, spec: TargetSpec, arch: str) -> tuple[bool, str]:
+    """Write the library (or the object files); return (linked, a one-line note)."""
+    if arch == host_arch():
+        executable.export_library(str(out_dir / LIBRARY))
+        return True, f"wrote {LIBRARY}"
+    linker = spec.cross_compiler
+    if linker and shutil.which(linker):
+        from tvm.support import cc
+
+        executable.export_library(str(out_dir / LIBRARY), fcompile=cc.cross_compiler(linker))
+        return True, f"wrote {LIBRARY} (linked with {linker})"
+    # no cross linker: TVM's tar "compiler" only archives the object files
+    archive = out_dir / OBJECTS_ARCHIVE
+    executable.export_library(str(archive))
+    with tarfile.open(archive) as tar:
+        tar.extractall(out_dir, filter="data")
+    archive.unlink()
+    objects = " ".join(sorted(p.name for p in out_dir.glob("*.o")))
+    return False, (f"{linker or 'no cross compiler named'} not found: wrote the {arch} object "
+                   f"files ({objects}); link them with `{linker or 'g++'} -shared -o "
+                   f"{LIBRARY} {objects}` (or install the cross toolchain and export again)")
+
+
+def _tensor_spec(graph: QGraph, tensor: str) -> dict:
+    t = graph.tensors[tensor].type
+    return {"shape": list(graph.tensors[tensor].shape), "type": t.to_ap(),
+            "fractional": t.fractional, "qmin": int(t.qmin), "qmax": int(t.qmax)}
+
+
+def error_summary(exc: BaseException) -> str:
+    """The last non-empty line of an error (TVM puts its message after the trace)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text[:300]

@@ -1,0 +1,147 @@
+"""Run a qflow model compiled by TVM: int64 input codes in, int64 output codes out.
+
+This file is copied into every TVM export as ``tvm/run.py``; it needs only numpy and the
+TVM runtime (``pip install apache-tvm``, or a runtime-only TVM build on a board), not
+qflow or torch. ``build.json`` beside it describes the build: library file, device,
+input and output shapes and fixed-point types.
+
+Command line (codes in a ``.npy`` file, shape ``[N, *input_shape]``, integers)::
+
+    python tvm/run.py input_codes.npy output_codes.npy
+
+From Python::
+
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("qflow_tvm_run", "export-cpu/tvm/run.py")
+    run = importlib.util.module_from_spec(spec); spec.loader.exec_module(run)
+    model = run.load()              # the build beside run.py; or run.load("path/to/tvm")
+    out_codes = model(in_codes)     # real value = code * 2**-fractional (see build.json)
+
+Input codes come from real values as ``round(x * 2**fractional)`` saturated to the input
+type's range (``build.json``: ``input.fractional``, ``input.qmin``, ``input.qmax``);
+codes outside that range are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "build.json"
+FORMAT = "qflow-tvm/1"
+RUN_CHUNK = 4096  # samples per call: bounds the intermediate buffers
+#: platform.machine() spellings -> the architecture names build.json uses
+MACHINE_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64",
+                "arm64": "aarch64"}
+
+
+class NotRunnableError(RuntimeError):
+    """This machine cannot run the build (other architecture, no GPU, not linked)."""
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The build description ``build.json`` of a TVM export directory."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable TVM build description ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a qflow TVM build (format {FORMAT!r} expected)")
+    return manifest
+
+
+def not_runnable_reason(directory: str | Path) -> str | None:
+    """Why this machine cannot run the build in ``directory``, or None if it can."""
+    manifest = read_manifest(directory)
+    arch = manifest["arch"]
+    machine = MACHINE_ARCH.get(platform.machine().lower(), platform.machine())
+    if manifest["device"] == "cpu" and arch != machine:
+        return (f"cross-compiled for {arch}, this machine is {machine}: copy the tvm/ "
+                "directory to the board and run run.py there")
+    if not manifest.get("library"):
+        return (f"object files only ({manifest.get('objects')}): no {arch} linker was found "
+                "at export; link them on the board or install the cross toolchain")
+    if not (Path(directory) / manifest["library"]).is_file():
+        return f"the library {manifest['library']} is missing from {directory}"
+    if manifest["device"] != "cpu":
+        import tvm
+
+        if not tvm.device(manifest["device"], 0).exist:
+            return (f"no GPU: the {manifest['device'].upper()} module was built but not run "
+                    f"(the TVM runtime finds no {manifest['device']} device)")
+    return None
+
+
+class TvmModel:
+    """A loaded build: call it with integer input codes to get int64 output codes."""
+
+    def __init__(self, directory: str | Path):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        reason = not_runnable_reason(self.directory)
+        if reason:
+            raise NotRunnableError(reason)
+        self.device = tvm.device(self.manifest["device"], 0)
+        library = tvm.runtime.load_module(str(self.directory / self.manifest["library"]))
+        self._tvm = tvm
+        self._vm = VirtualMachine(library, self.device)
+        self._main = self._vm["main"]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["input"]["shape"])
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["output"]["shape"])
+
+    def __call__(self, codes) -> np.ndarray:
+        """Output codes (int64, ``[N, *output_shape]``) for input codes ``[N, *input_shape]``."""
+        codes = np.asarray(codes)
+        spec = self.manifest["input"]
+        if codes.dtype.kind not in "iub":
+            raise ValueError(f"input codes must be integers, got dtype {codes.dtype}")
+        if codes.shape[1:] != self.input_shape or codes.ndim != 1 + len(self.input_shape):
+            raise ValueError(f"input has shape {codes.shape}, the model expects "
+                             f"(N, {', '.join(map(str, self.input_shape))})")
+        codes = np.ascontiguousarray(codes, dtype=np.int64)
+        if codes.size and (codes.min() < spec["qmin"] or codes.max() > spec["qmax"]):
+            raise ValueError(f"input codes span [{codes.min()}, {codes.max()}], outside the "
+                             f"range [{spec['qmin']}, {spec['qmax']}] of {spec['type']}")
+        outs = [np.empty((0, *self.output_shape), dtype=np.int64)]
+        for start in range(0, len(codes), RUN_CHUNK):
+            chunk = self._tvm.runtime.tensor(codes[start:start + RUN_CHUNK], self.device)
+            outs.append(self._main(chunk).numpy().astype(np.int64, copy=False))
+        return np.concatenate(outs)
+
+
+def load(directory: str | Path | None = None) -> TvmModel:
+    """The build in ``directory`` (default: the directory this file is in)."""
+    return TvmModel(Path(directory) if directory is not None else Path(__file__).parent)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python run.py INPUT_CODES.npy OUTPUT_CODES.npy", file=sys.stderr)
+        return 2
+    try:
+        model = load()
+        out = model(np.load(argv[0]))
+    except (NotRunnableError, ValueError, OSError) as exc:
+        print(f"run.py: {exc}", file=sys.stderr)
+        return 2
+    np.save(argv[1], out)
+    print(f"{len(out)} samples -> {argv[1]} (int64 codes of {model.manifest['output']['type']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
