@@ -35,15 +35,22 @@ from qflow.graph import Emulator
 from qflow.train import fit
 from qflow.zoo import DATASETS, MODELS
 
-CALLS = 5  # calls per measurement: steady state (warm buffers) for every variant alike
+CALLS = 5  # untimed calls first, then timed calls: steady state for every variant alike
+MIN_SECONDS = 0.25  # each measurement lasts at least this long
+SETTLE_SECONDS = 0.5
 
 
 def _rate(fn, n: int) -> float:
-    """Samples per second over ``CALLS`` back-to-back calls of ``fn`` (``n`` samples each)."""
-    start = time.perf_counter()
+    """Samples per second of ``fn`` (``n`` samples per call): ``CALLS`` untimed calls
+    (warm buffers, clock up after the pause), then at least ``CALLS`` timed calls and
+    ``MIN_SECONDS``."""
     for _ in range(CALLS):
         fn()
-    return CALLS * n / (time.perf_counter() - start)
+    calls, start = 0, time.perf_counter()
+    while calls < CALLS or time.perf_counter() - start < MIN_SECONDS:
+        fn()
+        calls += 1
+    return calls * n / (time.perf_counter() - start)
 
 
 def bench(model_name: str, samples: int, qonnx_samples: int, repeats: int, workdir: Path):
@@ -94,6 +101,10 @@ def bench(model_name: str, samples: int, qonnx_samples: int, repeats: int, workd
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, (fn, n) in variants.items():
+            # the thread pools of the previous variant (OpenMP, OpenBLAS, ONNX Runtime)
+            # spin-wait for a while after their last call: start each measurement on
+            # quiet cores, or whichever runs second pays for the other's spinning
+            time.sleep(SETTLE_SECONDS)
             with torch.no_grad():
                 rates[name].append(_rate(fn, n))
     return rates
