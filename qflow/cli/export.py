@@ -77,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
         }
         (tmp / EXPORT_FILE).write_text(json.dumps(export_info, indent=2) + "\n")
     for kind, name in artifacts.items():
-        console.print(f"  {kind:10s} {out / name}")
+        console.print(f"  {kind:11s} {out / name}")
     for extra in ("board", "report.json"):
         if (out / extra).exists():
-            console.print(f"  {extra:10s} {out / extra}")
+            console.print(f"  {extra:11s} {out / extra}")
     console.print(f"exported {args.run} for target {target.name} to {out}")
     console.print(f"check it with: qflow verify {out}")
     return 0
