@@ -195,10 +195,7 @@ def _build_plan(em: Emulator, keep: bool) -> _Plan:
     anyway is skipped, a fresh buffer read by one node only is overwritten in place, and
     a cast's power-of-two scaling is folded into the constants of the product before it."""
     graph = em.graph
-    consumers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
+    consumers = graph.consumers()
     skip = set() if keep or not em.float_mode else _relus_done_by_their_cast(graph)
     alias = {}  # skipped ReLU output -> the tensor it stands for
     slots = {graph.input: 0}
@@ -285,10 +282,7 @@ def _relus_done_by_their_cast(graph: QGraph) -> set[str]:
     """ReLU nodes whose only consumer is an in-place cast to an unsigned saturating type:
     the cast's clamp to [0, qmax] maps negative values to code 0, as ReLU first would, so
     the ReLU pass can be skipped (not when every tensor is kept)."""
-    consumers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
+    consumers = graph.consumers()
     skip = set()
     for node in graph.nodes:
         users = consumers.get(node.output, [])

@@ -182,6 +182,14 @@ class QGraph:
                               f"{exc})") from None
         return qgraph.validate(str(path))
 
+    def consumers(self) -> dict[str, list[Node]]:
+        """Tensor name -> the nodes that read it, in execution order."""
+        readers: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for name in node.inputs:
+                readers.setdefault(name, []).append(node)
+        return readers
+
     def summary(self) -> list[dict]:
         """One row per node: name, op, output type and shape (for printing)."""
         return [{"node": n.name, "op": n.op, "source": n.source,

@@ -475,10 +475,7 @@ ESTIMATORS = {
 
 def _fifo_tensors(graph: QGraph) -> set[str]:
     """Tensors that become an io_stream FIFO: layer outputs after their cast, not reshapes."""
-    consumers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            consumers.setdefault(name, []).append(node)
+    consumers = graph.consumers()
     keep = set()
     for node in graph.nodes:
         users = consumers.get(node.output, [])
