@@ -14,7 +14,7 @@ from qflow.errors import QflowError
 from qflow.graph.emulator import Emulator
 from qflow.graph.ir import QGraph
 from qflow.jsonfile import read_json
-from qflow.numerics import to_codes
+from qflow.numerics import FixedType, to_codes
 
 from .corners import corner_inputs
 
@@ -85,11 +85,13 @@ def qat_codes(run_dir: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
     model, _ = load_run(run_dir)
     with torch.no_grad():
         out = model(torch.as_tensor(x, dtype=torch.float32)).numpy().astype(np.float64)
-    return _values_to_codes(out, graph)
+    return values_to_codes(out, graph.output_type)
 
 
-def _values_to_codes(values: np.ndarray, graph: QGraph) -> np.ndarray:
-    scaled = np.ldexp(values, graph.output_type.fractional)
+def values_to_codes(values: np.ndarray, t: FixedType) -> np.ndarray:
+    """Real values on ``t``'s grid -> int64 codes; an off-grid value (or NaN) becomes a
+    code no type has, so it counts as a mismatch."""
+    scaled = np.ldexp(values, t.fractional)
     codes = np.rint(scaled)
     off_grid = ~(codes == scaled)
     # an off-grid value can never match: push it out of reach so it counts as a mismatch

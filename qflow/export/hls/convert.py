@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from qflow.graph.ir import QGraph
-from qflow.numerics import FixedType
+from qflow.verify.check import values_to_codes
 
 from . import custom
 from .onnx_graph import HlsExportError, hls_graph
@@ -202,11 +202,3 @@ def run_project(hls_dir: Path, graph: QGraph, x: np.ndarray, log: Path) -> np.nd
         c, h, w = out_shape
         y = y.reshape(len(x), h, w, c).transpose(0, 3, 1, 2)
     return values_to_codes(y.reshape(len(x), *out_shape), graph.output_type)
-
-
-def values_to_codes(values: np.ndarray, t: FixedType) -> np.ndarray:
-    """Real values on ``t``'s grid -> codes; an off-grid value can never match, so it
-    becomes a code no type has and counts as a mismatch."""
-    scaled = np.ldexp(values, t.fractional)
-    codes = np.rint(scaled)
-    return np.where(codes == scaled, codes, np.iinfo(np.int64).min // 2).astype(np.int64)
