@@ -29,7 +29,6 @@ if "--threads" in sys.argv[:-1]:  # TVM reads its thread count once, at start-up
     os.environ["TVM_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from bench_models import batch_of_test_inputs, quick_quantized
 
 import qflow
 from qflow.export import export_onnx
@@ -46,8 +46,7 @@ from qflow.export.tvm.build import build_tvm
 from qflow.export.tvm.runner import load
 from qflow.numerics import to_codes
 from qflow.targets import load_target
-from qflow.train import fit
-from qflow.zoo import DATASETS, MODELS
+from qflow.zoo import MODELS
 
 BATCHES = (1, 256)
 THREADS = 0  # threads per runtime; 0: each runtime's default (all cores)
@@ -69,14 +68,7 @@ def _per_call(fn, seconds: float) -> float:
 
 def prepare(model_name: str, workdir: Path):
     """(float model, QGraph, TVM model, ORT session) for one zoo model."""
-    zoo = MODELS[model_name]
-    data = DATASETS[zoo.data]()
-    torch.manual_seed(0)
-    float_model = zoo.factory()
-    fit(float_model, data.x_train, data.y_train, epochs=1, progress=False)
-    qmodel = qflow.quantize_(copy.deepcopy(float_model))
-    fit(qmodel, data.x_train[:512], data.y_train[:512], epochs=1, progress=False)
-    graph = qflow.freeze(qmodel, torch.as_tensor(data.x_test[:4]))
+    data, float_model, graph = quick_quantized(model_name)
     out = workdir / model_name
     out.mkdir()
     export_onnx(graph, out)
@@ -95,8 +87,7 @@ def bench(model_name: str, rounds: int, workdir: Path) -> list[dict]:
     float_model, graph, tvm_model, session, data, build_seconds = prepare(model_name, workdir)
     rows = []
     for batch in BATCHES:
-        reps = -(-batch // len(data.x_test))
-        x = np.concatenate([data.x_test] * reps)[:batch]
+        x = batch_of_test_inputs(data, batch)
         codes = to_codes(x.astype(np.float64), graph.input_type)
         xt = torch.as_tensor(x)
         tvm_out = tvm_model(codes)

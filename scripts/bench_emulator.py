@@ -20,7 +20,6 @@ jobs, one thread each gives far steadier ratios than two threads fighting for a 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time
@@ -28,12 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_models import batch_of_test_inputs, quick_quantized
 
-import qflow
 from qflow.export.qonnx import export_qonnx, run_qonnx
 from qflow.graph import Emulator
-from qflow.train import fit
-from qflow.zoo import DATASETS, MODELS
 
 CALLS = 5  # untimed calls first, then timed calls: steady state for every variant alike
 MIN_SECONDS = 0.25  # each measurement lasts at least this long
@@ -54,19 +51,11 @@ def _rate(fn, n: int) -> float:
 
 
 def bench(model_name: str, samples: int, qonnx_samples: int, repeats: int, workdir: Path):
-    zoo = MODELS[model_name]
-    data = DATASETS[zoo.data]()
-    torch.manual_seed(0)
-    float_model = zoo.factory()
-    fit(float_model, data.x_train, data.y_train, epochs=1, progress=False)
-    qmodel = qflow.quantize_(copy.deepcopy(float_model))
-    fit(qmodel, data.x_train[:512], data.y_train[:512], epochs=1, progress=False)
-    graph = qflow.freeze(qmodel, torch.as_tensor(data.x_test[:4]))
+    data, float_model, graph = quick_quantized(model_name)
     emulator = Emulator(graph)
     qonnx_path = export_qonnx(graph, workdir / f"{model_name}.qonnx.onnx")
 
-    reps = -(-samples // len(data.x_test))
-    x = np.concatenate([data.x_test] * reps)[:samples]
+    x = batch_of_test_inputs(data, samples)
     xt = torch.as_tensor(x)
     xq = x[:qonnx_samples]
     float_model.eval()
