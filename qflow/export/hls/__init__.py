@@ -43,10 +43,10 @@ TESTBENCH_SAMPLES = 64
 AUTO_REUSE = tuple(2**k for k in range(13))
 
 
-def _settings(graph: QGraph, target, options) -> dict:
-    """io type, reuse factor and strategy: the user's, else the target's; reuse ``auto``
-    is the smallest power of two whose estimate fits every budget (the largest tried,
-    with the estimate's warnings, when none does)."""
+def _settings(graph: QGraph, target, options):
+    """(settings, their resource estimate): io type, reuse factor and strategy are the
+    user's, else the target's; reuse ``auto`` is the smallest power of two whose estimate
+    fits every budget (the largest tried, with the estimate's warnings, when none does)."""
     from .estimate import estimate_resources
 
     defaults = target.defaults
@@ -55,13 +55,15 @@ def _settings(graph: QGraph, target, options) -> dict:
         "reuse_factor": options.reuse_factor or defaults["reuse_factor"],
         "strategy": options.strategy or defaults["strategy"],
     }
-    if settings["reuse_factor"] == "auto":
-        for reuse in AUTO_REUSE:
-            settings["reuse_factor"] = reuse
-            if not _over_budget(estimate_resources(graph, target, **settings)):
-                break
-        options.progress(f"reuse factor auto: {settings['reuse_factor']}")
-    return settings
+    if settings["reuse_factor"] != "auto":
+        return settings, estimate_resources(graph, target, **settings)
+    for reuse in AUTO_REUSE:
+        settings["reuse_factor"] = reuse
+        estimate = estimate_resources(graph, target, **settings)
+        if not _over_budget(estimate):
+            break
+    options.progress(f"reuse factor auto: {settings['reuse_factor']}")
+    return settings, estimate
 
 
 def _over_budget(estimate) -> bool:
@@ -79,10 +81,8 @@ def export_hls(graph: QGraph, out_dir: Path, target, options) -> dict[str, str]:
     """Write the ONNX files, the hls4ml project, board files and report.json."""
     from qflow.export import export_onnx
 
-    from .estimate import estimate_resources
-
     _require_hls4ml()
-    settings = _settings(graph, target, options)
+    settings, estimate = _settings(graph, target, options)
     artifacts = export_onnx(graph, out_dir)
     shape = tuple(graph.tensors[graph.input].shape)
     tb_x = corner_inputs(graph.input_type, shape, TESTBENCH_SAMPLES)
@@ -95,7 +95,6 @@ def export_hls(graph: QGraph, out_dir: Path, target, options) -> dict[str, str]:
                       log=out_dir / "hls4ml.log", testbench=(tb_x, tb_y), **settings)
     options.progress(f"hls4ml project written; {len(project.layers)} layers, every type "
                      "read back and equal to the QGraph's")
-    estimate = estimate_resources(graph, target, **settings)
     board_files = _write_board(graph, out_dir, target, project)
     report = {
         "target": target.name,
