@@ -85,6 +85,10 @@ def weight_type(codes: np.ndarray, frac: int) -> FixedType:
     return type_for_range(min(lo, 0), max(hi, 0), frac)
 
 
+#: the type of the all-zero bias hls4ml gives a Dense or Conv2D that has none
+ZERO_BIAS_TYPE = weight_type(np.zeros(1, np.int64), 0)
+
+
 def common_grid(codes: np.ndarray, fracs: np.ndarray) -> tuple[np.ndarray, int]:
     """Per-channel codes moved onto one binary point: the finest of the channels."""
     fracs = np.asarray(fracs, dtype=np.int64)
@@ -180,7 +184,7 @@ def _emit_dense(w: _Writer, node: Node) -> None:
                                                                      weight.T)],
                                     [product], name=node.name))
     w.layer(node.name, node.name, hls_name=f"Dense_{node.name}", weight=w_type,
-            bias=weight_type(np.zeros(1, np.int64), 0), accum=product_t, result=product_t)
+            bias=ZERO_BIAS_TYPE, accum=product_t, result=product_t)
     if bias is not None:
         add = f"{node.name}_bias"
         w.nodes.append(helper.make_node("Add", [product, w.init(f"{node.name}_b", bias)],
@@ -207,9 +211,8 @@ def _emit_conv2d(w: _Writer, node: Node) -> None:
         "Conv", inputs, [node.output], name=node.name, domain=CHANNELS_LAST,
         kernel_shape=list(node.consts["weight"].shape[2:]), strides=list(a["stride"]),
         pads=[ph, pw, ph, pw], dilations=[1, 1], group=1))
-    zero = weight_type(np.zeros(1, np.int64), 0)
     w.layer(node.name, node.name, hls_name=f"Conv2D_{node.name}", weight=w_type,
-            bias=b_type or zero, accum=out_t, result=out_t)
+            bias=b_type or ZERO_BIAS_TYPE, accum=out_t, result=out_t)
 
 
 def _emit_scale_shift(w: _Writer, node: Node) -> None:
