@@ -1,6 +1,6 @@
 """The cheaper training paths give the same values and gradients as the general ones:
 per-tensor casts with a Python-float scale (``qflow.ops.fixed._ScalarCast``), the
-error-corrected BatchNorm (two gradient sums equal up to float rounding) and
+training BatchNorm (autograd's gradients up to float rounding) and
 power-of-two average pooling."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from qflow.config import QFXConfig, QuantSpec
 from qflow.nn import QAvgPool2d, QBatchNorm2d
 from qflow.nn.elementwise import _reciprocal
-from qflow.nn.functional import batchnorm_scale_shift
+from qflow.nn.functional import batchnorm_scale_shift, channel_moments
 from qflow.numerics import Overflow, Rounding
 from qflow.ops import cast_trainable
 from qflow.ops import fixed as ops_fixed
@@ -95,21 +95,23 @@ def test_quantizer_uses_scalar_path_only_where_it_applies():
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_error_corrected_batchnorm_matches_autograd_expression(affine):
+def test_training_batchnorm_matches_autograd_expression(affine):
     torch.manual_seed(0)
     bn = QBatchNorm2d.from_float(torch.nn.BatchNorm2d(6, affine=affine), QFXConfig(), "bn")
     bn.train()
     x0 = torch.randn(32, 6, 5, 5) * 2 + 0.5
     g = torch.randn(32, 6, 5, 5)
+    bn(x0)  # picks the binary points; then one integer bit more so that nothing clips
+    with torch.no_grad():  # (a clipped scale passes no gradient through the statistics)
+        bn.scale_quant.integer_bits += 1
+        bn.shift_quant.integer_bits += 1
 
-    def reference(x):  # the expression the module computed before, through autograd
-        normalized, mean, invstd = torch.native_batch_norm(
-            x, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
-        mean, var = mean.detach(), (invstd.detach() ** -2 - bn.eps).clamp_min(0)
+    def reference(x):  # the documented expression, autograd through the batch statistics
+        mean, var = channel_moments(x)
         scale, shift = batchnorm_scale_shift(bn, mean, var, torch.float32)
-        se = bn.scale_quant(scale) - scale
-        sh = bn.shift_quant(shift) - shift
-        return bn.out_quant(normalized + x * se.reshape(1, -1, 1, 1) + sh.reshape(1, -1, 1, 1))
+        shape = (1, -1, 1, 1)
+        return bn.out_quant(x * bn.scale_quant(scale).reshape(shape)
+                            + bn.shift_quant(shift).reshape(shape))
 
     results = []
     for fn in (bn, reference):
@@ -120,18 +122,21 @@ def test_error_corrected_batchnorm_matches_autograd_expression(affine):
         grads = {k: p.grad.clone() for k, p in bn.named_parameters() if p.grad is not None}
         results.append((y.detach(), x.grad, grads))
     (y1, gx1, gp1), (y2, gx2, gp2) = results
-    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    assert torch.equal(y1, y2)
     names = ["scale_quant.integer_bits", "shift_quant.integer_bits", "out_quant.integer_bits"]
     assert sorted(gp1) == sorted(gp2) == sorted(names + (["weight", "bias"] if affine else []))
-    for name in ("weight", "bias", "out_quant.integer_bits"):
-        assert name not in gp1 or torch.equal(gp1[name], gp2[name])
-    # With a weight, the per-channel sums over the batch come from the fused backward:
-    # equal up to float rounding; without one they are computed directly, exactly.
-    for name in names[:2]:
-        if affine:
-            torch.testing.assert_close(gp1[name], gp2[name], rtol=1e-5, atol=0.0)
-        else:
-            assert torch.equal(gp1[name], gp2[name])
+    # The fused backward sums in another order: equal up to float rounding.
+    torch.testing.assert_close(gx1, gx2, rtol=1e-4, atol=1e-6)
+    for name in gp1:
+        torch.testing.assert_close(gp1[name], gp2[name], rtol=1e-4, atol=1e-6)
+
+
+def test_channel_moments_match_torch():
+    x = torch.randn(64, 5, 7, 3, dtype=torch.float64) * 3 + 100
+    mean, var = channel_moments(x)
+    var_ref, mean_ref = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(var, var_ref, rtol=1e-12, atol=0.0)
 
 
 @pytest.mark.parametrize("kernel", [2, 3])

@@ -19,6 +19,7 @@ from qflow.quantizers import FixedQuantizer
 from .functional import (
     batch_statistics,
     batchnorm_scale_shift,
+    channel_moments,
     exact_dtype,
     update_running_stats,
 )
@@ -69,65 +70,55 @@ class _QBatchNorm:
         if not self.training:
             scale, shift = self.quantized_scale_shift(x)
             return self.out_quant(x * scale.reshape(shape) + shift.reshape(shape))
-        # Training: x * Q(scale) + Q(shift) written as torch's fused BatchNorm plus the
-        # quantization errors x * (Q(scale) - scale) + (Q(shift) - shift). The value is
-        # the same up to float32 rounding (training need not be bit-exact; evaluation
-        # above is), the gradients are the same (two sums up to rounding: see
-        # _ErrorCorrectedBatchNorm), and the fused kernel's backward through the batch
-        # statistics is much cheaper than autograd's through mean and var.
-        with torch.no_grad():  # _ErrorCorrectedBatchNorm differentiates it
-            normalized, mean, invstd = torch.native_batch_norm(
-                x, self.weight, self.bias, None, None, True, 0.0, self.eps)
-        var = (invstd ** -2 - self.eps).clamp_min(0)
+        # Training: the same expression, with the gradient through the batch statistics
+        # taken from torch's fused BatchNorm backward (see _TrainingBatchNorm): far
+        # cheaper than autograd through the mean and variance.
+        with torch.no_grad():
+            mean, var = channel_moments(x)
         update_running_stats(self, mean, var, x.numel() // x.shape[1])
         scale, shift = batchnorm_scale_shift(self, mean, var, x.dtype)
-        scale_error = self.scale_quant(scale) - scale
-        shift_error = self.shift_quant(shift) - shift
-        return self.out_quant(_ErrorCorrectedBatchNorm.apply(
-            x, self.weight, self.bias, scale_error.reshape(shape), shift_error.reshape(shape),
-            (normalized, mean, invstd, self.eps)))
+        weight = None if self.weight is None else self.weight.detach()
+        return self.out_quant(_TrainingBatchNorm.apply(
+            x, self.scale_quant(scale).reshape(shape), self.shift_quant(shift).reshape(shape),
+            (scale.detach(), weight, mean, torch.rsqrt(var + self.eps), self.eps)))
 
 
-class _ErrorCorrectedBatchNorm(torch.autograd.Function):
-    """``normalized + x * scale_error + shift_error``, with ``normalized`` torch's fused
-    training BatchNorm of ``x`` (computed by the caller, passed in ``bn``).
+class _TrainingBatchNorm(torch.autograd.Function):
+    """``x * scale_q + shift_q`` for per-channel quantized ``scale_q = Q(scale)`` and
+    ``shift_q = Q(shift)`` made from the batch statistics of ``x`` (passed in ``bn``
+    as ``(scale, weight, mean, invstd, eps)``, without their gradient).
 
-    The values are those of that expression (the same operations in the same order), made
-    in place on ``normalized``. The gradients are those autograd would give, with the
-    per-channel sums over the batch taken from the fused BatchNorm backward, which makes
-    them anyway: ``sum(grad * x) = sum(grad * (x - mean)) + mean * sum(grad)``, which are
-    ``dL/dweight / invstd + mean * dL/dbias``. That saves two passes over the data and
-    changes the two sums (the gradients of the integer bits of the scale and shift
-    quantizers) only by float rounding, about 1e-6 relative.
+    The gradient is autograd's for that expression with the statistics as functions of
+    ``x`` and straight-through quantizers: ``dL/dscale_q = sum(g * x)`` and
+    ``dL/dshift_q = sum(g)`` per channel, and ``dL/dx`` is an ordinary BatchNorm's
+    (the path through the statistics included) plus ``g * (scale_q - scale)``. The
+    fused BatchNorm backward gives both: its weight and bias gradients are
+    ``sum(g * (x - mean)) * invstd`` and ``sum(g)``, so
+    ``sum(g * x) = dL/dweight / invstd + mean * dL/dbias``, equal to the direct sum up
+    to float rounding.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale_error, shift_error, bn):
-        normalized, mean, invstd, eps = bn
+    def forward(ctx, x, scale_q, shift_q, bn):
+        scale, weight, mean, invstd, eps = bn
+        if weight is None:  # the fused backward gives its sums only with a weight
+            weight = torch.ones_like(mean)
         ctx.eps = eps
-        ctx.save_for_backward(x, weight, mean, invstd, scale_error)
-        return normalized.add_(x * scale_error).add_(shift_error)
+        ctx.save_for_backward(x, scale_q, scale, weight, mean, invstd)
+        return torch.mul(x, scale_q).add_(shift_q)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, mean, invstd, scale_error = ctx.saved_tensors
+        x, scale_q, scale, weight, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        sums = weight is not None  # the fused backward gives the sums only with a weight
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, mean, invstd, True, ctx.eps,
-            [need[0], need[1] or sums, need[2] or sums])
-        shape = scale_error.shape
-        dims = [0, *range(2, x.dim())]  # every dimension but the channel's
-        grad_s = grad_t = None
-        if need[3]:
-            grad_s = (grad_w / invstd + mean * grad_b).reshape(shape) if sums else \
-                (grad * x).sum(dims, keepdim=True)
-        if need[4]:
-            grad_t = grad_b.reshape(shape) if sums else grad.sum(dims, keepdim=True)
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, [need[0], True, True])
+        shape = scale_q.shape
+        grad_scale = (grad_weight / invstd + mean * grad_bias).reshape(shape) if need[1] else None
+        grad_shift = grad_bias.reshape(shape) if need[2] else None
         if need[0]:
-            grad_x.add_(grad * scale_error)
-        return (grad_x, grad_w if need[1] else None, grad_b if need[2] else None, grad_s,
-                grad_t, None)
+            grad_x.add_(grad * (scale_q - scale.reshape(shape)))
+        return grad_x, grad_scale, grad_shift, None
 
 
 class QBatchNorm1d(_QBatchNorm, nn.BatchNorm1d):

@@ -42,12 +42,29 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean, var_biased, 
         bn.running_var.mul_(1 - momentum).add_(unbiased * momentum)
 
 
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of each channel (dimension 1) over all other dimensions.
+
+    Two passes (the mean, then the squares of the centred values), with autograd. On
+    the CPU this is several times faster than ``torch.var_mean`` or the statistics of
+    torch's training BatchNorm for small feature maps, and as accurate.
+
+    >>> import torch
+    >>> mean, var = channel_moments(torch.tensor([[[1.0, 3.0]], [[5.0, 7.0]]]))
+    >>> mean.tolist(), var.tolist()
+    ([4.0], [5.0])
+    """
+    n = x.numel() // x.shape[1]
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    mean = flat.sum(2).sum(0) / n
+    centered = flat - mean[:, None]
+    return mean, torch.linalg.vecdot(centered, centered).sum(0) / n
+
+
 def batch_statistics(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
     """Mean and (biased) variance per channel: from the batch in training, else running."""
     if bn.training or not bn.track_running_stats:
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims)
-        var = x.var(dim=dims, unbiased=False)
+        mean, var = channel_moments(x)
         if bn.training:
             update_running_stats(bn, mean, var, x.numel() // x.shape[1])
         return mean, var
