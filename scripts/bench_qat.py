@@ -44,6 +44,13 @@ How it measures
     qflow/float and qflow/brevitas. Everything runs eagerly in float32 on the CPU (no
     ``torch.compile`` for any variant). Only stdout is written.
 
+    The whole process, all variants alike, runs with
+    ``qflow.train.keep_freed_memory()``, as ``qflow.train.fit`` does: glibc then keeps
+    freed memory for the next step instead of returning it to the system and taking it
+    back one page fault at a time. Without it the page faults depend on the heap's
+    history: from none to thousands per step, which made one variant's step up to 40 %
+    slower from one run to the next here (``--trim-heap`` measures that way).
+
     One intra-op thread by default: on a machine that other jobs share, several OpenMP
     threads wait on each other at every parallel operation, and one preempted thread can
     make a step ten times slower, which swamps the comparison. ``--threads 2`` (or 0 for
@@ -70,6 +77,7 @@ import torch
 from torch import nn
 
 import qflow
+import qflow.train
 from qflow.zoo import models
 
 VARIANTS = ("float", "qflow", "brevitas")
@@ -273,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                              "runs more until its quantizers leave statistics collection)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
                         help="models to benchmark (default: all)")
+    parser.add_argument("--trim-heap", action="store_true",
+                        help="leave glibc's default heap trimming on (see 'How it measures')")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.batch_size < 1 or args.warmup < 1:
         parser.error("--steps, --repeats, --batch-size and --warmup must be positive")
@@ -280,10 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be 0 (torch's choice) or positive")
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap = "glibc's default heap trimming"
+    if not args.trim_heap and qflow.train.keep_freed_memory():
+        heap = "freed memory kept (qflow.train.keep_freed_memory, as fit does)"
 
     print(f"QAT training step (forward + loss + backward + Adam), batch {args.batch_size}, "
           f"{BITS}-bit, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"median of {args.repeats} interleaved rounds of {args.steps} steps")
+          f"median of {args.repeats} interleaved rounds of {args.steps} steps; {heap}")
     results: dict[str, dict[str, float]] = {}
     warmups: dict[str, dict[str, int]] = {}
     for name in args.models:

@@ -11,6 +11,8 @@ import torch
 from qflow.numerics import kernel
 from qflow.numerics.types import FixedType, Overflow, Rounding
 
+from . import native
+
 _LN2 = math.log(2.0)
 
 
@@ -231,12 +233,14 @@ class _ScalarCast(torch.autograd.Function):
       RND_CONV that is ``(c + C) - C`` with ``C = 1.5 * 2**(p - f)`` (``p`` the
       mantissa bits): ``c + C`` lies in one binade whose spacing is ``2**-f``, so the
       float addition itself rounds half to even, and ``C - C`` is +0.0, never -0.0.
-      Three passes over the data; other roundings take four.
+      Three passes over the data (one through the native loop of
+      :mod:`qflow.ops.native`, when it is built); other roundings take four.
     * backward: ``dL/dx = grad_y`` inside ``[lo, hi]``, else 0, and
       ``dL/di = ln2 * grad_scale * sum(grad_y * (y - x_in))`` with ``x_in = x`` inside
       and 0 outside. Both masks are one pass each: ``hardtanh_backward`` keeps values
       strictly between the float neighbours of ``lo`` and ``hi``, i.e. inside
-      ``[lo, hi]`` inclusive. Saving ``x`` and ``y`` (which the next layer holds anyway)
+      ``[lo, hi]`` inclusive (the native loop does all of it in one pass). Saving
+      ``x`` and ``y`` (which the next layer holds anyway)
       keeps no extra memory alive between the passes; as with torch's own functions
       that save their output, modifying ``y`` in place makes autograd refuse the
       backward pass.
@@ -252,7 +256,9 @@ class _ScalarCast(torch.autograd.Function):
         if rounding is Rounding.RND_CONV and width <= mantissa - 3:
             # |c| <= 2**(width - f) stays below 2**(p - 2 - f): c + C keeps C's binade
             magic = 1.5 * 2.0 ** (mantissa - 1) / scale
-            y = torch.clamp(x, lo, hi).add_(magic).sub_(magic)
+            y = native.cast_forward(x, lo, hi, magic)
+            if y is None:
+                y = torch.clamp(x, lo, hi).add_(magic).sub_(magic)
         else:
             y = _values_(_round_((x * scale).clamp_(low, high), rounding), scale)
         ctx.save_for_backward(x, y)
@@ -274,6 +280,13 @@ class _ScalarCast(torch.autograd.Function):
             grad_x = mask.mul_(grad_y) if ctx.needs_input_grad[0] else None
             return grad_x, grad_i, None, None, None, None, None, None
         below, above = _next_float(lo, x.dtype, False), _next_float(hi, x.dtype, True)
+        fused = native.cast_backward(grad_y, x, y, below, above, ctx.needs_input_grad[0])
+        if fused is not None:
+            grad_x, total = fused
+            grad_i = None
+            if ctx.needs_input_grad[1]:
+                grad_i = torch.tensor(total * (_LN2 * grad_scale), dtype=y.dtype)
+            return grad_x, grad_i, None, None, None, None, None, None
         keep = torch.ops.aten.hardtanh_backward  # (g, x, a, b): g where a < x < b, else 0
         grad_i = grad_x = None
         if ctx.needs_input_grad[1]:
@@ -285,6 +298,70 @@ class _ScalarCast(torch.autograd.Function):
         else:
             grad_x = None
         return grad_x, grad_i, None, None, None, None, None, None
+
+
+def _channel_bounds(x, integer_bits, width, signed, rounding, overflow, khot):
+    """Per-channel bounds for :class:`_ChannelCast`, or None where it does not apply.
+
+    It applies to the native loops' case: a saturating RND_CONV type, integer bits per
+    channel along ``x``'s first dimension, ``f >= 0`` in every channel (as for
+    :class:`_ScalarCast`), a contiguous float CPU tensor.
+    """
+    if khot or rounding is not Rounding.RND_CONV or not native.available():
+        return None
+    low = _saturating_low(width, signed, overflow)
+    if low is None or x.dtype not in _MANTISSA or width > _MANTISSA[x.dtype] - 3 \
+            or x.dim() == 0 or x.device.type != "cpu" or not x.is_contiguous() \
+            or integer_bits.shape != (x.shape[0],) + (1,) * (x.dim() - 1):
+        return None
+    rounded = np.round(integer_bits.detach().cpu().numpy())
+    return _bounds_for(rounded.tobytes(), rounded.dtype.str, width - int(signed), low,
+                       kernel.code_range(width, signed)[1], x.dtype)
+
+
+_MANTISSA = {torch.float32: 24, torch.float64: 53}
+
+
+@functools.lru_cache(maxsize=1024)
+def _bounds_for(rounded_integer_bits: bytes, bits_dtype: str, magnitude_bits: int, low: int,
+                high: int, dtype) -> native.ChannelBounds | None:
+    """``lo = low * 2**-f``, ``hi = high * 2**-f`` and the magic numbers per channel, for
+    ``f = magnitude_bits - integer_bits`` (exact: integers times powers of two); None
+    unless ``0 <= f <= 100`` everywhere. Cached: the rounded integer bits change rarely."""
+    f = magnitude_bits - np.frombuffer(rounded_integer_bits, dtype=bits_dtype)
+    if not (np.isfinite(f).all() and (f >= 0).all() and (f <= _MAX_SCALAR_FRACTIONAL).all()):
+        return None
+    scale = np.ldexp(1.0, f.astype(np.int64))
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    return native.ChannelBounds(*(np.ascontiguousarray(v / scale, dtype=np_dtype)
+                                  for v in (low, high, 1.5 * 2.0 ** (_MANTISSA[dtype] - 1))))
+
+
+class _ChannelCast(torch.autograd.Function):
+    """:class:`_ScalarCast` per channel, through the native loops (RND_CONV only).
+
+    Channel ``c`` (``x[c]``) is clamped to ``[lo[c], hi[c]]`` and rounded with its own
+    magic number; the backward pass gives :class:`_TrainableCast`'s gradients, with
+    ``dL/di[c] = ln2 * grad_scale * sum(grad_y * (y - x_in))`` over the channel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, integer_bits, bounds, grad_scale):
+        y = native.channel_cast_forward(x, bounds)
+        ctx.meta = (bounds, grad_scale, integer_bits.shape)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        bounds, grad_scale, i_shape = ctx.meta
+        x, y = ctx.saved_tensors
+        grad_x, sums = native.channel_cast_backward(grad_y.contiguous(), x, y, bounds,
+                                                    ctx.needs_input_grad[0])
+        grad_i = None
+        if ctx.needs_input_grad[1]:
+            grad_i = sums.mul_(_LN2 * grad_scale).to(y.dtype).view(i_shape)
+        return grad_x, grad_i, None, None
 
 
 def cast_trainable(
@@ -318,6 +395,10 @@ def cast_trainable(
                 and _saturating_low(width, signed, overflow) is not None):
             return _ScalarCast.apply(x, integer_bits, scale, width, signed, rounding, overflow,
                                     grad_scale)
+        bounds = None if scale is not None else \
+            _channel_bounds(x, integer_bits, width, signed, rounding, overflow, khot)
+        if bounds is not None:
+            return _ChannelCast.apply(x, integer_bits, bounds, grad_scale)
         return _TrainableCast.apply(x, integer_bits, scale, width, signed, rounding,
                                     overflow, khot, grad_scale)
     if scale is None:
