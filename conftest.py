@@ -7,6 +7,6 @@ import pytest
 
 @pytest.fixture(autouse=True, scope="session")
 def _native_cache(tmp_path_factory):
-    """Build qflow's native training loops into this session's temporary directory."""
+    """Build qflow's native training loops into this test run's temporary directory."""
     os.environ["QFLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("qflow-cache"))
     yield
