@@ -19,9 +19,8 @@ from qflow.quantizers import FixedQuantizer
 from .functional import (
     batch_statistics,
     batchnorm_scale_shift,
-    channel_moments,
     exact_dtype,
-    update_running_stats,
+    scale_shift_from_invstd,
 )
 
 _CLAMPS = (Overflow.SAT, Overflow.SAT_SYM, Overflow.SAT_ZERO)
@@ -74,13 +73,13 @@ class _QBatchNorm:
         # taken from torch's fused BatchNorm backward (see _TrainingBatchNorm): far
         # cheaper than autograd through the mean and variance.
         with torch.no_grad():
-            mean, var = channel_moments(x)
-        update_running_stats(self, mean, var, x.numel() // x.shape[1])
-        scale, shift = batchnorm_scale_shift(self, mean, var, x.dtype)
+            mean, var = batch_statistics(self, x)
+        invstd = torch.rsqrt(var + self.eps)
+        scale, shift = scale_shift_from_invstd(self, mean, invstd, x.dtype)
         weight = None if self.weight is None else self.weight.detach()
         return self.out_quant(_TrainingBatchNorm.apply(
             x, self.scale_quant(scale).reshape(shape), self.shift_quant(shift).reshape(shape),
-            (scale.detach(), weight, mean, torch.rsqrt(var + self.eps), self.eps)))
+            (scale.detach(), weight, mean, invstd, self.eps)))
 
 
 class _TrainingBatchNorm(torch.autograd.Function):

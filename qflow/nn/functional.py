@@ -73,11 +73,15 @@ def batch_statistics(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
 
 def batchnorm_scale_shift(bn: nn.modules.batchnorm._BatchNorm, mean, var, dtype):
     """Per-channel ``scale, shift`` with ``bn(x) == x * scale + shift``."""
-    mean, var = mean.to(dtype), var.to(dtype)
-    inv = torch.rsqrt(var + bn.eps)
+    return scale_shift_from_invstd(bn, mean, torch.rsqrt(var.to(dtype) + bn.eps), dtype)
+
+
+def scale_shift_from_invstd(bn: nn.modules.batchnorm._BatchNorm, mean, invstd, dtype):
+    """:func:`batchnorm_scale_shift` given ``invstd = 1 / sqrt(var + eps)`` in ``dtype``."""
+    mean = mean.to(dtype)
     if bn.affine:
-        scale = bn.weight.to(dtype) * inv
+        scale = bn.weight.to(dtype) * invstd
         shift = bn.bias.to(dtype) - mean * scale
     else:
-        scale, shift = inv, -mean * inv
+        scale, shift = invstd, -mean * invstd
     return scale, shift
