@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qflow.config import QFXConfig
+from qflow.config import ROLES, QFXConfig
 from qflow.errors import ConfigError, QflowError
 from qflow.nn import (
     Add,
@@ -62,8 +61,9 @@ def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
     Supported modules are listed in :mod:`qflow.nn`; the model input is cast by a
     ``qflow_input`` module, run from a forward pre-hook (or, in a plain ``nn.Sequential``,
     inserted as its first element). Per-layer settings come from
-    ``config.overrides``. Modules that stay float are reported with a warning: they
-    cannot be deployed.
+    ``config.overrides``; an override whose pattern reaches no quantized tensor of its
+    role raises :class:`ConfigError`, as does a module that qflow cannot make exact
+    (it would stay float and could not be deployed), naming it.
 
     >>> import torch
     >>> from torch import nn
@@ -83,30 +83,62 @@ def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
     if type(model) in SWAPS or isinstance(model, QUANTIZED_TYPES):
         raise QflowError(f"quantize_ swaps the modules inside a model; wrap the single "
                          f"{type(model).__name__} in a container, e.g. nn.Sequential(layer)")
+    originals = list(model.named_modules())
+    float_left = [f"{name} ({type(module).__name__})" for name, module in originals
+                  if name and type(module) not in SWAPS and not isinstance(
+                      module, PASSTHROUGH_TYPES) and not list(module.children())]
+    if float_left:
+        raise ConfigError("quantize_: no exact fixed-point form for "
+                          + ", ".join(float_left) + "; supported layers: "
+                          + ", ".join(sorted(t.__name__ for t in SWAPS)))
     folds = _batchnorm_folds(model) if config.fold_batchnorm else {}
     folded_bns = set(folds.values())
-    float_left = []
-    originals = list(model.named_modules())
     by_name = dict(originals)
+    recorder = _SpecRecorder(config)
+    swaps = []
     for name, module in originals:
-        if not name:
-            continue
-        make = SWAPS.get(type(module))
+        make = SWAPS.get(type(module)) if name else None
         if name in folded_bns:
-            _replace(model, name, nn.Identity())
+            swaps.append((name, nn.Identity()))
         elif make is not None:
-            quantized = make(module, config, name)
+            quantized = make(module, recorder, name)
             if name in folds:
                 quantized.fold_batchnorm(by_name[folds[name]])
-            _replace(model, name, quantized)
-        elif not isinstance(module, PASSTHROUGH_TYPES) and not list(module.children()):
-            float_left.append(f"{name} ({type(module).__name__})")
-    if float_left:
-        warnings.warn("quantize_: these modules stay float and cannot be deployed: "
-                      + ", ".join(float_left), stacklevel=2)
-    _attach_input_quantizer(model, QInput(config))
+            swaps.append((name, quantized))
+    input_quant = QInput(recorder)
+    recorder.check_overrides()
+    for name, new in swaps:  # only now, so that an error above leaves the model untouched
+        _replace(model, name, new)
+    _attach_input_quantizer(model, input_quant)
     model.qflow_config = config
     return model
+
+
+class _SpecRecorder:
+    """Hands a config to the layer constructors and records which (layer, role) pairs
+    they asked for, so that overrides reaching nothing are caught."""
+
+    def __init__(self, config: QFXConfig):
+        self._config = config
+        self.asked: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._config, name)
+
+    def spec_for(self, layer: str, role: str):
+        self.asked.append((layer, role))
+        return self._config.spec_for(layer, role)
+
+    def check_overrides(self) -> None:
+        for override in self._config.overrides:
+            for role in ROLES:
+                if getattr(override, role) is None:
+                    continue
+                layers = sorted({layer for layer, r in self.asked if r == role})
+                if not any(override.matches(layer) for layer in layers):
+                    raise ConfigError(
+                        f"override pattern {override.pattern!r} sets {role} but matches no "
+                        f"layer with a {role} tensor (those are: {', '.join(layers) or 'none'})")
 
 
 def _attach_input_quantizer(model: nn.Module, quant: QInput) -> None:

@@ -25,6 +25,7 @@ import yaml
 
 from qflow.errors import ConfigError
 from qflow.numerics.types import Overflow, Rounding, parse_overflow, parse_rounding
+from qflow.yamlfile import load_json_text, load_yaml
 
 CONFIG_VERSION = 1
 MIN_BITS, MAX_BITS = 1, 32
@@ -118,11 +119,17 @@ class LayerOverride:
     norm_scale: SpecOverride | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str):
+            raise ConfigError(f"override pattern must be a string, not "
+                              f"{type(self.pattern).__name__}")
         try:
             re.compile(self.pattern)
         except re.error as exc:
             raise ConfigError(
                 f"override pattern {self.pattern!r} is not a valid regex: {exc}") from None
+        except (RecursionError, OverflowError):
+            raise ConfigError(f"override pattern {self.pattern[:40]!r}... is too complex a "
+                              "regex") from None
 
     def matches(self, name: str) -> bool:
         return name == self.pattern or re.fullmatch(self.pattern, name) is not None
@@ -229,25 +236,34 @@ class QFXConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> QFXConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"malformed JSON config: {exc}") from None
-        return cls.from_dict(data)
+    def from_json(cls, text: str | bytes) -> QFXConfig:
+        """Parse a JSON config; malformed, deep or duplicate-keyed JSON is a one-line
+        :class:`ConfigError` (see :func:`qflow.yamlfile.load_json_text`).
+
+        >>> QFXConfig.from_json('{"weight": {"bits": 4}}').weight.bits
+        4
+        >>> QFXConfig.from_json('{"weight": {"bits": 4, "bits": 6}}')
+        Traceback (most recent call last):
+        qflow.errors.ConfigError: duplicate key 'bits'
+        """
+        return cls.from_dict(load_json_text(text, error=ConfigError))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str) -> QFXConfig:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            line = f" at line {where.line + 1}" if where is not None else ""
-            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
-            raise ConfigError(f"malformed YAML{line}: {problem}") from None
+    def from_yaml(cls, text: str | bytes) -> QFXConfig:
+        """Parse a YAML recipe (an empty document is the default config). Malformed YAML,
+        a duplicate key, non-string keys and nesting deeper than 100 levels are one-line
+        :class:`ConfigError` s (see :func:`qflow.yamlfile.load_yaml`).
+
+        >>> QFXConfig.from_yaml("weight: {bits: 4}\\nfold_batchnorm: true").weight.bits
+        4
+        >>> QFXConfig.from_yaml("weight:\\n  bits: 4\\n  bits: 6\\n")
+        Traceback (most recent call last):
+        qflow.errors.ConfigError: duplicate key 'bits' at line 3
+        """
+        data = load_yaml(text, error=ConfigError)
         return cls.from_dict({} if data is None else data)
 
 

@@ -7,3 +7,8 @@ class QflowError(Exception):
 
 class ConfigError(QflowError, ValueError):
     """An invalid configuration: unknown key, impossible bit width, bad mode name."""
+
+
+class ArtifactNotRunnableError(QflowError):
+    """An exported artifact that this machine cannot run (a CUDA build without a GPU, a
+    cross-compiled library); ``qflow verify`` reports the reason as that artifact's row."""

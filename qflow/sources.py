@@ -1,9 +1,17 @@
-"""Resolve ``--model`` and ``--data`` arguments: zoo names, files and ``module:function``."""
+"""Resolve ``--model`` and ``--data`` arguments: zoo names, files and ``module:function``.
+
+A model file (``path/file.py:factory``) and a ``module:function`` data source are Python
+code that qflow runs: only name files you trust. Runs record their sources in a
+self-contained form (:func:`absolute_spec`, :func:`file_sha256`, :func:`dataset_sha256`)
+so that later commands work from any directory and notice a changed source.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +38,12 @@ def resolve_model(spec: str) -> Callable[[], object]:
     def build():
         from torch import nn
 
-        model = factory()
+        try:
+            model = factory()
+        except QflowError:
+            raise
+        except Exception as exc:
+            raise QflowError(f"model factory {spec} raised {_describe(exc)}") from None
         if not isinstance(model, nn.Module):
             raise QflowError(f"model factory {spec} returned {type(model).__name__}, "
                              "not a torch.nn.Module")
@@ -51,28 +64,47 @@ def _load_file_attr(path: Path, attr: str, what: str):
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise QflowError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+        raise QflowError(f"importing {path} failed: {_describe(exc)}") from None
     if not hasattr(module, attr):
         raise QflowError(f"{path} has no function {attr!r}")
     return getattr(module, attr)
 
 
-def resolve_data(spec: str) -> Dataset:
+def resolve_data(spec: str, search_path: list[str] | None = None) -> Dataset:
     """A zoo name (``digits``), an ``.npz`` with x_train/y_train/x_test/y_test, or
-    ``module:function`` returning such a mapping (or a 4-tuple)."""
+    ``module:function`` returning such a mapping (or a 4-tuple).
+
+    ``module`` is imported with ``search_path`` (default: the current directory) in front
+    of ``sys.path``; :func:`module_search_path` gives the entry a run records.
+    """
     if spec in DATASETS:
         return DATASETS[spec]()
     if spec.endswith(".npz"):
         return _load_npz(Path(spec))
     if ":" in spec:
         module_name, func = spec.split(":", 1)
+        saved = list(sys.path)
+        sys.path[:0] = search_path if search_path is not None else [os.getcwd()]
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise QflowError(f"data {spec}: cannot import module {module_name!r}: {exc}") from None
+        except Exception as exc:
+            raise QflowError(f"data {spec}: importing {module_name!r} raised "
+                             f"{_describe(exc)}") from None
+        finally:
+            sys.path[:] = saved
         if not hasattr(module, func):
             raise QflowError(f"data {spec}: module {module_name!r} has no function {func!r}")
-        result = getattr(module, func)()
+        function = getattr(module, func)
+        if not callable(function):
+            raise QflowError(f"data {spec}: {func!r} is not a function")
+        try:
+            result = function()
+        except QflowError:
+            raise
+        except Exception as exc:
+            raise QflowError(f"data {spec}: calling {func}() raised {_describe(exc)}") from None
         if isinstance(result, dict):
             missing = [k for k in _NPZ_KEYS if k not in result]
             if missing:
@@ -99,3 +131,70 @@ def _load_npz(path: Path) -> Dataset:
     except Exception as exc:
         raise QflowError(f"data file {path} is not a readable .npz: {exc}") from None
     return Dataset.checked(str(path), *arrays)
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` (a user's exception may span many lines)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its file path made absolute (zoo names and ``module:function`` as
+    given), so that a run can be used from any directory.
+
+    >>> absolute_spec("digits-mlp")
+    'digits-mlp'
+    >>> absolute_spec("models/net.py:build") == os.path.abspath("models/net.py") + ":build"
+    True
+    """
+    if spec in MODELS or spec in DATASETS:
+        return spec
+    if spec.endswith(".npz"):
+        return os.path.abspath(spec)
+    path, sep, func = spec.rpartition(":")
+    if sep and path.endswith(".py"):
+        return f"{os.path.abspath(path)}:{func}"
+    return spec
+
+
+def source_file(spec: str) -> Path | None:
+    """The file a model or data spec reads (a model file, an .npz), or None."""
+    if spec in MODELS or spec in DATASETS:
+        return None
+    if spec.endswith(".npz"):
+        return Path(spec)
+    path, sep, _ = spec.rpartition(":")
+    return Path(path) if sep and path.endswith(".py") else None
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_sha256(data: Dataset) -> str:
+    """The sha256 of a data set's arrays (shapes, dtypes and values, in order)."""
+    digest = hashlib.sha256()
+    for array in (data.x_train, data.y_train, data.x_test, data.y_test):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def module_search_path(spec: str) -> list[str] | None:
+    """For a ``module:function`` data spec already resolved: the ``sys.path`` entry its
+    module was found in (so a run can import it again from another directory)."""
+    if ":" not in spec or spec.endswith(".npz") or spec in DATASETS:
+        return None
+    module = sys.modules.get(spec.split(":", 1)[0])
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    depth = spec.split(":", 1)[0].count(".") + 1 + (Path(file).name == "__init__.py")
+    return [str(Path(file).resolve().parents[depth - 1])]

@@ -5,12 +5,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
+
+from qflow.errors import QflowError
 
 
 def seed_everything(seed: int) -> None:
@@ -64,10 +68,30 @@ def evaluate(model: nn.Module, x, y, *, batch_size: int = 1024) -> float:
 
 def calibrate(model: nn.Module, x) -> None:
     """Run one eval-mode forward pass on (training) data ``x`` so that every quantizer
-    starts from it, without touching BatchNorm statistics."""
+    starts from it, without touching BatchNorm statistics.
+
+    The model is left in the mode it was in (training or eval), module by module: a
+    training loop that follows keeps training with batch statistics and the fast
+    training path.
+
+    >>> import torch, qflow
+    >>> model = qflow.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    >>> calibrate(model.train(), torch.rand(16, 4))
+    >>> model.training, model.qflow_input.quant.is_initialized
+    (True, True)
+    """
+    modes = {module: module.training for module in model.modules()}
     model.eval()
-    with torch.no_grad():
-        model(torch.as_tensor(x, dtype=torch.float32))
+    try:
+        with torch.no_grad():
+            model(torch.as_tensor(x, dtype=torch.float32))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+class TrainingDivergedError(QflowError, FloatingPointError):
+    """The training loss became NaN or infinite (the data's scale or the learning rate)."""
 
 
 def fit(
@@ -84,11 +108,20 @@ def fit(
     y_val=None,
     progress: bool = True,
     description: str = "train",
+    checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> list[dict]:
     """Train ``model`` (float or QFX) with Adam and cross-entropy; one dict per epoch.
 
     The learning rate follows a cosine schedule to zero. Shuffling is seeded by ``seed``.
     Calls :func:`keep_freed_memory` first (steadier and faster steps on the CPU).
+
+    ``checkpoint``, when given, is called after every epoch with the complete training
+    state (a dict of tensors and plain values: epoch, history, model, optimizer,
+    scheduler, shuffling generator and torch's random state; save it with ``torch.save``,
+    it loads with ``weights_only=True``). Passing such a dict back as ``resume`` continues
+    from that epoch: the result equals an uninterrupted run's, tensor for tensor.
+    A NaN or infinite loss raises :class:`TrainingDivergedError`.
 
     >>> import torch
     >>> from torch import nn
@@ -109,12 +142,16 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch or 1)
     loss_fn = nn.CrossEntropyLoss()
     history: list[dict] = []
+    start_epoch = 0
+    if resume is not None:
+        start_epoch, history = _restore(resume, model, optimizer, schedule, gen)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, console=None, transient=False,
                   redirect_stdout=False) as bar:
-        task = bar.add_task(description, total=epochs, loss=float("nan"))
-        for epoch in range(epochs):
+        task = bar.add_task(description, total=epochs, completed=start_epoch,
+                            loss=history[-1]["loss"] if history else float("nan"))
+        for epoch in range(start_epoch, epochs):
             model.train()
             order = torch.randperm(len(x_t), generator=gen)
             total, count = 0.0, 0
@@ -127,11 +164,32 @@ def fit(
                 schedule.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
+            if not math.isfinite(total):
+                raise TrainingDivergedError(
+                    f"{description} training diverged: the loss is {total / count} in epoch "
+                    f"{epoch + 1} (check the data's scale and the learning rate {lr:g})")
             record = {"epoch": epoch + 1, "loss": total / count, "lr": schedule.get_last_lr()[0]}
             if x_val is not None:
                 record["val_accuracy"] = evaluate(model, x_val, y_val)
             history.append(record)
             bar.update(task, advance=1, loss=record["loss"])
+            if checkpoint is not None:
+                checkpoint({
+                    "epoch": epoch + 1, "history": [dict(r) for r in history],
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": schedule.state_dict(), "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                })
     if progress:
         sys.stderr.flush()
     return history
+
+
+def _restore(state: dict, model: nn.Module, optimizer, schedule, gen) -> tuple[int, list]:
+    """Load a state given to ``fit``'s checkpoint callback; (epochs done, history)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]), [dict(r) for r in state["history"]]

@@ -11,6 +11,7 @@ scripts/setup.sh hls
 . .venv/bin/activate
 
 run=runs/demo-digits-mlp
-qflow quantize --out "$run" "$@"
-qflow export "$run" --target ultra96
+# --force: the demo may run again; it replaces only what an earlier demo wrote
+qflow quantize --out "$run" --force "$@"
+qflow export "$run" --target ultra96 --force
 qflow verify "$run/export-ultra96"

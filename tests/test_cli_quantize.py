@@ -157,8 +157,8 @@ def test_acceptance_4_bit_within_three_points_of_float(tmp_path):
 def test_same_seed_gives_identical_runs(tmp_path):
     run = tmp_path / "runs" / "digits-mlp-w8a8-seed3"
     results = []
-    for _ in range(2):  # the second run replaces the first directory
-        code, _, err = _run_in(tmp_path, ["quantize", *TINY, "--seed", "3"])
+    for force in ([], ["--force"]):  # the second run replaces the first directory
+        code, _, err = _run_in(tmp_path, ["quantize", *TINY, "--seed", "3", *force])
         assert code == 0, err
         results.append(_read_run(run))
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run.name]  # no leftovers

@@ -11,8 +11,8 @@ from qflow.graph import Emulator
 from qflow.graph.emulator import FLOAT_FORMATS
 from qflow.graph.infer import float_bounds
 from qflow.numerics import to_codes
+from qflow.numerics.corners import corner_inputs
 from qflow.verify.check import compare
-from qflow.verify.corners import corner_inputs
 
 CELLS = [(m, c) for m in MODEL_NAMES for c in CONFIGS]
 

@@ -10,7 +10,7 @@ from qflow.graph import Emulator, Node, QGraph, QGraphError, TensorInfo
 from qflow.graph.emulator import FLOAT_FORMATS
 from qflow.graph.infer import aligned_bias, float_bounds, infer_weighted
 from qflow.numerics import FixedType, to_codes
-from qflow.verify.corners import corner_inputs
+from qflow.numerics.corners import corner_inputs
 
 FLOAT32 = FLOAT_FORMATS[0]
 CELLS = [(m, c) for m in MODEL_NAMES for c in CONFIGS]

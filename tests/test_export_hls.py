@@ -15,9 +15,9 @@ from qflow.export.hls.convert import check_layer_types
 from qflow.export.hls.onnx_graph import hls_graph
 from qflow.graph import Emulator
 from qflow.graph.ir import Node, QGraph
+from qflow.numerics.corners import corner_inputs
 from qflow.targets import load_target
 from qflow.verify.check import compare
-from qflow.verify.corners import corner_inputs
 
 pytest.importorskip("hls4ml")
 

@@ -17,7 +17,7 @@ from qflow.graph import infer
 from qflow.graph.emulator import Emulator
 from qflow.graph.ir import Node, QGraph, TensorInfo
 from qflow.numerics import FixedType, Overflow, Rounding, requantize, to_codes
-from qflow.verify.corners import corner_inputs
+from qflow.numerics.corners import corner_inputs
 
 CELLS = [(m, c) for m in MODEL_NAMES for c in CONFIGS]
 

@@ -24,7 +24,7 @@ from qflow.graph import infer  # noqa: E402
 from qflow.graph.emulator import Emulator  # noqa: E402
 from qflow.graph.ir import Node, QGraph, TensorInfo  # noqa: E402
 from qflow.numerics import FixedType, Overflow, Rounding, requantize, to_codes  # noqa: E402
-from qflow.verify.corners import corner_inputs  # noqa: E402
+from qflow.numerics.corners import corner_inputs  # noqa: E402
 
 #: model -> (test samples, corner samples) per cell
 SAMPLES = {"digits-cnn": (2000, 1024)}

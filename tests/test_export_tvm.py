@@ -17,11 +17,12 @@ from zoo_fixtures import MODEL_NAMES, frozen
 pytest.importorskip("tvm", reason="TVM is not installed (pip install qflow[tvm])")
 
 from qflow.errors import QflowError
-from qflow.export import ExportOptions, export
+from qflow.export import EXPORT_FILE, QGRAPH_FILE, ExportOptions, export
+from qflow.export.manifest import digest_files
 from qflow.export.tvm import frontend, run_tvm
 from qflow.export.tvm.build import tvm_target
 from qflow.targets import load_target
-from qflow.verify.check import EXPORT_FILE, QGRAPH_FILE, verify_directory
+from qflow.verify.check import verify_directory
 from qflow.zoo import MODELS
 
 ELF_MACHINES = {0x3E: "x86-64", 0xB7: "ARM aarch64"}  # ELF e_machine -> `file`'s wording
@@ -37,7 +38,7 @@ def _export_dir(root, model_name: str, target, messages: list | None = None):
     progress = messages.append if messages is not None else (lambda msg: None)
     artifacts = export(graph, out, target, ExportOptions(progress=progress))
     info = {"target": target.name, "data": MODELS[model_name].data, "qgraph": QGRAPH_FILE,
-            "artifacts": artifacts}
+            "artifacts": artifacts, "files": digest_files(out)}
     (out / EXPORT_FILE).write_text(json.dumps(info))
     return out
 

@@ -31,8 +31,8 @@ from qflow.export.hls.board import (
 )
 from qflow.graph import Emulator
 from qflow.numerics import FixedType, Overflow, Rounding, to_codes
+from qflow.numerics.corners import corner_inputs
 from qflow.targets import all_targets, load_target
-from qflow.verify.corners import corner_inputs
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 

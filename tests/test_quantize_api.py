@@ -138,14 +138,14 @@ def test_nested_modules_are_swapped_by_dotted_name():
     assert model.head.weight_quant.spec.bits == 8
 
 
-def test_subclasses_are_not_swapped_and_are_reported():
+def test_subclasses_are_not_swapped_and_are_refused():
     class MyLinear(nn.Linear):
         pass
 
     model = nn.Sequential(nn.Linear(3, 3), MyLinear(3, 2))
-    with pytest.warns(UserWarning, match=r"1 \(MyLinear\)"):
+    with pytest.raises(ConfigError, match=r"1 \(MyLinear\)"):
         quantize_(model, QFXConfig())
-    assert type(model[2]) is MyLinear
+    assert type(model[0]) is nn.Linear and type(model[1]) is MyLinear  # left untouched
 
 
 # -- input quantizer ----------------------------------------------------------------------------
@@ -219,17 +219,18 @@ def test_residual_model_adds_the_quantized_input():
 # -- warnings and errors ------------------------------------------------------------------------
 
 
-def test_unsupported_modules_warn_with_their_names():
+def test_unsupported_modules_are_refused_with_their_names():
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2), nn.Sigmoid())
-    with pytest.warns(UserWarning) as record:
+    with pytest.raises(ConfigError) as info:
         quantize_(model, QFXConfig())
-    message = " ".join(str(w.message) for w in record)
+    message = str(info.value)
+    assert "\n" not in message
     assert "1 (Tanh)" in message and "3 (Sigmoid)" in message
-    assert "Linear" not in message
-    assert isinstance(model[2], nn.Tanh)  # left float
+    assert "0 (Linear)" not in message and "2 (Linear)" not in message
+    assert type(model[0]) is nn.Linear and not hasattr(model, "qflow_input")  # untouched
 
 
-def test_unsupported_module_in_custom_model_warns():
+def test_unsupported_module_in_custom_model_is_refused():
     class WithTanh(nn.Module):
         def __init__(self):
             super().__init__()
@@ -239,7 +240,7 @@ def test_unsupported_module_in_custom_model_warns():
         def forward(self, x):
             return self.squash(self.fc(x))
 
-    with pytest.warns(UserWarning, match=r"squash \(Tanh\)"):
+    with pytest.raises(ConfigError, match=r"squash \(Tanh\)"):
         quantize_(WithTanh(), QFXConfig())
 
 
@@ -401,6 +402,24 @@ def test_per_layer_overrides_reach_the_right_layers():
     assert all(on_grid(row, t) for row, t in zip(w2, types2, strict=True))
     assert not all(on_grid(row, t.replace(fractional=t.fractional - 4))
                    for row, t in zip(w2, types2, strict=True))
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    (LayerOverride(pattern="fc9", weight=SpecOverride(bits=4)),
+     ["'fc9'", "weight", "fc1, fc2, fc3"]),
+    # the name exists, but a ReLU has no weight: the override would do nothing
+    (LayerOverride(pattern="relu1", weight=SpecOverride(bits=4)),
+     ["'relu1'", "weight", "fc1, fc2, fc3"]),
+    (LayerOverride(pattern="fc[12]", activation=SpecOverride(bits=4)),
+     ["'fc[12]'", "activation", "relu1, relu2"]),
+])
+def test_override_reaching_no_layer_is_refused(override, words):
+    model = _mlp()
+    with pytest.raises(ConfigError) as info:
+        quantize_(model, QFXConfig(overrides=(override,)))
+    for word in words:
+        assert word in str(info.value)
+    assert type(model.fc1) is nn.Linear and not hasattr(model, "qflow_input")  # untouched
 
 
 # -- describe -----------------------------------------------------------------------------------

@@ -11,23 +11,32 @@ from rich.table import Table
 
 import qflow
 from qflow.errors import QflowError
-from qflow.export import ExportOptions, export
-from qflow.runs import atomic_directory
-from qflow.targets import IO_TYPES, STRATEGIES, load_target
-from qflow.verify.check import EXPORT_FILE, QGRAPH_FILE
+from qflow.export import EXPORT_FILE, QGRAPH_FILE, ExportOptions, export
+from qflow.export.manifest import digest_files
+from qflow.outdir import OutputDirectory
+from qflow.targets import IO_TYPES, STRATEGIES, load_target, load_target_file
 
 from .console import make_console
 
 HELP = "freeze a run and export it for a target (see `qflow targets`)"
+#: command-line options that only FPGA targets take
+FPGA_OPTIONS = ("io_type", "reuse", "strategy")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run directory written by `qflow quantize`")
-    p.add_argument("--target", required=True,
-                   help="deployment target: a board or device name from `qflow targets` "
-                        "(onnx, cpu, arm64, cuda, ultra96, pynq-z2, zcu104, kv260)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--target",
+                       help="deployment target: a board or device name from `qflow targets` "
+                            "(onnx, cpu, arm64, cuda, ultra96, pynq-z2, zcu104, kv260)")
+    which.add_argument("--target-file", type=Path, metavar="PATH",
+                       help="a board file of your own, in the format of targets/*.yaml")
     p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default RUN/export-<target>)")
+                   help="output directory (default RUN/export-<target>); an existing one is "
+                        "replaced only with --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out, if it is an export qflow wrote (never "
+                        "anything else)")
     p.add_argument("--io-type", choices=[t.removeprefix("io_") for t in IO_TYPES],
                    default=None, help="FPGA targets: hls4ml io type (default: the target's)")
     p.add_argument("--reuse", default=None, metavar="N|auto",
@@ -37,52 +46,65 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="FPGA targets: hls4ml strategy (default: the target's)")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from qflow.graph.from_torch import freeze
-    from qflow.runs import load_run
-
-    console = make_console()
-    target = load_target(args.target)
+def _options(args: argparse.Namespace, target, console) -> ExportOptions:
+    given = [f"--{name.replace('_', '-')}" for name in FPGA_OPTIONS
+             if getattr(args, name) is not None]
+    if given and target.kind != "fpga":
+        raise QflowError(f"{', '.join(given)} only apply to FPGA targets; {target.name} is a "
+                         f"{target.kind} target")
     reuse = args.reuse
     if reuse is not None and reuse != "auto":
         if not reuse.isdigit() or int(reuse) < 1:
             raise QflowError(f"--reuse must be an integer >= 1 or auto, not {reuse!r}")
         reuse = int(reuse)
-    options = ExportOptions(
+    return ExportOptions(
         io_type=f"io_{args.io_type}" if args.io_type else None,
         reuse_factor=reuse, strategy=args.strategy,
         progress=lambda msg: console.print(msg))
-    model, info = load_run(args.run)
-    shape = info.get("input_shape")
-    if not shape:
-        raise QflowError(f"{args.run / 'run.json'} lacks input_shape")
-    graph = freeze(model, torch.zeros((2, *shape)))
-    graph.meta.update({"model": info.get("model"), "run": str(args.run)})
-    out = args.out or args.run / f"export-{target.name}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from qflow.runs import freeze_run, load_run_data
+
+    console = make_console()
+    target = load_target_file(args.target_file) if args.target_file else load_target(args.target)
+    options = _options(args, target, console)
+    run_dir = Path(args.run)
+    out = OutputDirectory(args.out or run_dir / f"export-{target.name}", kind="export",
+                          force=args.force, protect=[run_dir] if run_dir.is_dir() else [],
+                          report=lambda message: console.print(f"[yellow]{message}[/]"))
+    out.check()
+    graph, info = freeze_run(run_dir)
+    load_run_data(run_dir, info)  # the data verify will use must be the data it trained on
     console.print(_graph_table(graph))
-    with atomic_directory(out) as tmp:
-        graph.save(tmp / QGRAPH_FILE)
-        artifacts = export(graph, tmp, target, options)
+    with out.open() as stage:
+        graph.save(stage / QGRAPH_FILE)
+        artifacts = export(graph, stage, target, options)
         export_info = {
             "target": target.name,
-            "run": os.path.relpath(args.run.resolve(), out.resolve()),
-            "data": info.get("data"),
+            "run": os.path.relpath(run_dir.resolve(), out.final.resolve()),
+            "run_absolute": str(run_dir.resolve()),
+            "run_checkpoint_sha256": info["files"]["checkpoint.pt"],
+            "data": info["sources"]["data"]["spec"],
+            "data_sha256": info["sources"]["data"]["sha256"],
             "qgraph": QGRAPH_FILE,
             "artifacts": artifacts,
             "input_type": graph.input_type.to_ap(),
             "output_type": graph.output_type.to_ap(),
             "qflow": qflow.__version__,
         }
-        (tmp / EXPORT_FILE).write_text(json.dumps(export_info, indent=2) + "\n")
+        if info["sources"]["data"].get("search_path"):
+            export_info["data_search_path"] = info["sources"]["data"]["search_path"]
+        export_info["files"] = digest_files(stage)
+        (stage / EXPORT_FILE).write_text(json.dumps(export_info, indent=2) + "\n")
+        out.commit()
     for kind, name in artifacts.items():
-        console.print(f"  {kind:11s} {out / name}")
+        console.print(f"  {kind:11s} {out.given / name}")
     for extra in ("board", "report.json"):
-        if (out / extra).exists():
-            console.print(f"  {extra:11s} {out / extra}")
-    console.print(f"exported {args.run} for target {target.name} to {out}")
-    console.print(f"check it with: qflow verify {out}")
+        if (out.final / extra).exists():
+            console.print(f"  {extra:11s} {out.given / extra}")
+    console.print(f"exported {args.run} for target {target.name} to {out.given}")
+    console.print(f"check it with: qflow verify {out.given}")
     return 0
 
 

@@ -1,13 +1,22 @@
-"""``qflow quantize``: train a float model, quantize it with QFX, fine-tune, write a run."""
+"""``qflow quantize``: train a float model, quantize it with QFX, fine-tune, write a run.
+
+Everything the command is given is checked before anything is written: options, recipe,
+data, the model (built once, fed two samples, quantized on a copy) and the output
+directory (:mod:`qflow.outdir`). Training then saves its complete state after every epoch
+into the output's staging directory, so a killed run continues with ``--resume``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.table import Table
 
@@ -15,44 +24,84 @@ import qflow
 from qflow.api import describe, quantize_
 from qflow.config import QFXConfig
 from qflow.errors import ConfigError, QflowError
-from qflow.runs import save_run
-from qflow.sources import resolve_data, resolve_model
+from qflow.outdir import OutputDirectory, read_marker
+from qflow.runs import data_source, model_source, write_run_files
+from qflow.sources import absolute_spec, module_search_path, resolve_data, resolve_model
 from qflow.train import calibrate, evaluate, fit, seed_everything
-from qflow.zoo import MODELS
+from qflow.zoo import MODELS, Dataset
 
 from .console import make_console
 
 HELP = "train and quantize a model with QFX fixed point (default: digits-mlp, 8-bit)"
 DEFAULT_MODEL = "digits-mlp"
+DEFAULT_BATCH_SIZE = 64
+MAX_SEED = 2**31 - 1
+PROGRESS_FILE = "progress.pt"
+PROGRESS_FORMAT = 1
+#: options that --resume takes from the interrupted run when they are not given again
+RESUMED_OPTIONS = ("model", "data", "epochs", "qat_epochs", "lr", "batch_size", "seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=None,
                    help=f"zoo name ({', '.join(sorted(MODELS))}) or path/file.py:factory "
-                        f"(default {DEFAULT_MODEL})")
+                        f"(default {DEFAULT_MODEL}); a model file is Python code that qflow "
+                        "runs")
     p.add_argument("--data", default=None,
                    help="zoo name (digits, jets), file.npz with x_train/y_train/x_test/y_test, "
                         "or module:function (default: the model's own data set)")
     p.add_argument("--recipe", type=Path, default=None,
                    help="YAML file holding a QFX config (the fields of qflow.QFXConfig)")
     p.add_argument("--bits", type=int, default=None,
-                   help="word length of weights, activations and input (default 8)")
-    p.add_argument("--weight-bits", type=int, default=None, help="word length of weights")
+                   help="word length of weights, activations and input (default 8); "
+                        "replaces a recipe's base widths, its per-layer overrides still apply")
+    p.add_argument("--weight-bits", type=int, default=None,
+                   help="word length of weights (replaces --bits and the recipe's)")
     p.add_argument("--act-bits", type=int, default=None,
-                   help="word length of activations and input")
+                   help="word length of activations and input (replaces --bits and the "
+                        "recipe's)")
     p.add_argument("--epochs", type=int, default=None,
                    help="float training epochs (default: the zoo model's, else 20)")
     p.add_argument("--qat-epochs", type=int, default=None,
                    help="QAT fine-tuning epochs (default: half of --epochs, at least 3)")
     p.add_argument("--lr", type=float, default=None, help="float learning rate (QAT uses a third)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"training batch size (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--out", type=Path, default=None,
-                   help="run directory (default runs/<model>-w<W>a<A>-seed<S>)")
+                   help="run directory (default runs/<model>-w<W>a<A>-seed<S>); an existing "
+                        "one is replaced only with --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out, if it is a run qflow wrote (never "
+                        "anything else)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last saved epoch "
+                        "(options not given again are the interrupted run's); start it "
+                        "when there is none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_config(args: argparse.Namespace) -> QFXConfig:
+@dataclass(frozen=True)
+class Settings:
+    """What a run is made of, resolved and checked; ``plain()`` is what --resume compares."""
+
+    model: str
+    data: str
+    config: QFXConfig
+    epochs: int
+    qat_epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+
+    def plain(self) -> dict:
+        return {"model": self.model, "data": self.data, "config": self.config.to_dict(),
+                "epochs": self.epochs, "qat_epochs": self.qat_epochs, "lr": self.lr,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+
+def build_config(args: argparse.Namespace, note=lambda message: None) -> QFXConfig:
+    """The recipe (or the default config) with the word lengths given on the command line."""
     if args.recipe is not None:
         if not args.recipe.is_file():
             raise QflowError(f"recipe file not found: {args.recipe}")
@@ -67,53 +116,161 @@ def build_config(args: argparse.Namespace) -> QFXConfig:
             raise QflowError(f"cannot read recipe {args.recipe}: {exc.strerror}") from None
     else:
         config = QFXConfig()
-    return config.replace_bits(args.bits, weight_bits=args.weight_bits, act_bits=args.act_bits)
+    changed = config.replace_bits(args.bits, weight_bits=args.weight_bits,
+                                  act_bits=args.act_bits)
+    if args.recipe is not None and changed != config:
+        note(f"the command line's word lengths replace the recipe's: weights "
+             f"{config.weight.bits} -> {changed.weight.bits}, activations and input "
+             f"{config.activation.bits} -> {changed.activation.bits} bits (the recipe's "
+             "per-layer overrides still apply)")
+    return changed
 
 
-def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise QflowError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+def _check_options(args: argparse.Namespace) -> None:
+    for name in ("epochs", "qat_epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise QflowError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise QflowError(f"--batch-size must be > 0, got {args.batch_size}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise QflowError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise QflowError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    if args.resume and args.force:
+        raise QflowError("--resume and --force exclude each other: --resume continues the "
+                         "interrupted run, --force starts over")
+
+
+def _settings(args: argparse.Namespace, note) -> Settings:
+    config = build_config(args, note)
+    model = args.model or DEFAULT_MODEL
+    zoo = MODELS.get(model)
+    epochs = args.epochs if args.epochs is not None else (zoo.epochs if zoo else 20)
+    return Settings(
+        model=model, data=args.data or (zoo.data if zoo else "digits"), config=config,
+        epochs=epochs,
+        qat_epochs=args.qat_epochs if args.qat_epochs is not None else max(3, epochs // 2),
+        lr=args.lr if args.lr is not None else (zoo.lr if zoo else 3e-3),
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+        seed=args.seed if args.seed is not None else 0)
+
+
+def _default_out(settings: Settings) -> Path:
+    name = settings.model if settings.model in MODELS else Path(
+        settings.model.split(":")[0]).stem
+    return Path("runs") / (f"{name}-w{settings.config.weight.bits}"
+                           f"a{settings.config.activation.bits}-seed{settings.seed}")
 
 
 def run(args: argparse.Namespace) -> int:
     console = make_console()
-    _check_positive("epochs", args.epochs, allow_zero=True)
-    _check_positive("qat-epochs", args.qat_epochs, allow_zero=True)
-    _check_positive("batch-size", args.batch_size)
-    config = build_config(args)
-    build_model = resolve_model(args.model)
-    zoo = MODELS.get(args.model)
-    data = resolve_data(args.data or (zoo.data if zoo else "digits"))
-    epochs = args.epochs if args.epochs is not None else (zoo.epochs if zoo else 20)
-    qat_epochs = args.qat_epochs if args.qat_epochs is not None else max(3, epochs // 2)
-    lr = args.lr if args.lr is not None else (zoo.lr if zoo else 3e-3)
-    out = args.out or Path("runs") / (
-        f"{args.model if zoo else Path(args.model.split(':')[0]).stem}"
-        f"-w{config.weight.bits}a{config.activation.bits}-seed{args.seed}")
 
+    def note(message: str) -> None:
+        console.print(f"[yellow]note:[/] {message}")
+
+    _check_options(args)
+    settings = _settings(args, note)
+    out = OutputDirectory(args.out or _default_out(settings), kind="run", force=args.force,
+                          report=lambda message: console.print(f"[yellow]{message}[/]"))
+    saved = None
+    if args.resume:
+        marker = read_marker(out.final)
+        if out.staged_progress() is None and marker and marker.get("complete"):
+            console.print(f"run {out.given} is already complete; nothing to resume")
+            return 0
+        saved = _load_progress(out)
+    if saved is not None:
+        settings = _resumed_settings(args, settings, saved)
+        model_spec, data_spec = (saved["sources"][k]["spec"] for k in ("model", "data"))
+        search_path = saved["sources"]["data"].get("search_path")
+    else:
+        model_spec, data_spec, search_path = settings.model, settings.data, None
+    build_model = resolve_model(model_spec)
+    data = resolve_data(data_spec, search_path)
+    sources = {"model": model_source(model_spec),
+               "data": data_source(data_spec, data, search_path or
+                                   module_search_path(data_spec))}
+    if saved is not None:
+        _check_same_sources(saved["sources"], sources)
+    out.check()
+    _check_model(build_model, data, settings.config)
+
+    with out.open(resume=saved is not None,
+                  keep_progress_on=(KeyboardInterrupt, OSError)) as stage:
+        if saved is not None:
+            note(f"resuming {out.given}: {out.staged_progress()}")
+        elif args.resume:
+            note(f"no interrupted run in {out.given}: starting it")
+        try:
+            result = _train(settings, data, build_model, console, quiet=args.quiet,
+                            out=out, stage=stage, saved=saved, sources=sources)
+        except KeyboardInterrupt:
+            saved_at = out.staged_progress()
+            if saved_at:
+                console.print(f"[yellow]progress saved ({saved_at}); continue with the same "
+                              "command and --resume[/]")
+            raise
+        (stage / PROGRESS_FILE).unlink(missing_ok=True)
+        out.commit()
+    rows, float_acc, quant_acc, elapsed = result
+    console.print(_format_table(rows))
+    console.print(f"float accuracy      {float_acc:6.2f} %")
+    console.print(f"quantized accuracy  {quant_acc:6.2f} %  "
+                  f"(QFX, weights {settings.config.weight.bits}-bit, activations "
+                  f"{settings.config.activation.bits}-bit; drop {float_acc - quant_acc:+.2f} "
+                  "points)")
+    console.print(f"run written to {out.given}  ({elapsed:.1f} s)")
+    return 0
+
+
+def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bool,
+           out: OutputDirectory, stage: Path, saved: dict | None, sources: dict):
+    """Float training, quantization, QAT, the run files; per-epoch progress in ``stage``."""
     started = time.perf_counter()
-    seed_everything(args.seed)
+    before = saved["seconds"] if saved else 0.0
+    s = settings
+    seed_everything(s.seed)
     float_model = build_model()
-    console.print(f"[bold]qflow quantize[/] model={args.model} data={data.name} "
-                  f"train={len(data.x_train)} test={len(data.x_test)} seed={args.seed}")
-    _check_model_fits(float_model, data)
-    progress = not args.quiet
-    float_history = fit(float_model, data.x_train, data.y_train, epochs=epochs, lr=lr,
-                        batch_size=args.batch_size, seed=args.seed, progress=progress,
-                        description="float")
+    console.print(f"[bold]qflow quantize[/] model={s.model} data={data.name} "
+                  f"train={len(data.x_train)} test={len(data.x_test)} seed={s.seed}")
+
+    def save(phase: str, state: dict, epochs: int, **extra) -> None:
+        progress = {"format": PROGRESS_FORMAT, "settings": s.plain(), "sources": sources,
+                    "phase": phase, phase: state,
+                    "seconds": before + time.perf_counter() - started, **extra}
+        tmp = stage / f"{PROGRESS_FILE}.tmp"
+        torch.save(progress, tmp)
+        tmp.replace(stage / PROGRESS_FILE)
+        label = "float training" if phase == "float" else "QAT"
+        out.mark_progress(f"saved after epoch {state['epoch']} of {epochs} of {label}")
+
+    progress = not quiet
+    if saved and saved["phase"] == "qat":
+        float_model.load_state_dict(saved["float_model"])
+        float_history = saved["float_history"]
+    else:
+        float_history = fit(float_model, data.x_train, data.y_train, epochs=s.epochs, lr=s.lr,
+                            batch_size=s.batch_size, seed=s.seed, progress=progress,
+                            description="float", resume=saved and saved["float"],
+                            checkpoint=lambda state: save("float", state, s.epochs))
     float_acc = evaluate(float_model, data.x_test, data.y_test)
+    _warn_if_not_learning(console, float_acc, data)
 
     qat_model = copy.deepcopy(float_model)
-    quantize_(qat_model, config)
-    calibrate(qat_model, data.x_train[: args.batch_size * 4])
+    quantize_(qat_model, s.config)
+    calibrate(qat_model, data.x_train[: s.batch_size * 4])
     ptq_acc = evaluate(qat_model, data.x_test, data.y_test)
-    qat_history = fit(qat_model, data.x_train, data.y_train, epochs=qat_epochs, lr=lr / 3,
-                      batch_size=args.batch_size, seed=args.seed + 1, progress=progress,
-                      description="QAT")
+    float_state = float_model.state_dict()
+    qat_history = fit(qat_model, data.x_train, data.y_train, epochs=s.qat_epochs, lr=s.lr / 3,
+                      batch_size=s.batch_size, seed=s.seed + 1, progress=progress,
+                      description="QAT", resume=saved and saved.get("qat"),
+                      checkpoint=lambda state: save("qat", state, s.qat_epochs,
+                                                    float_model=float_state,
+                                                    float_history=float_history))
     quant_acc = evaluate(qat_model, data.x_test, data.y_test)
     rows = describe(qat_model)
-    elapsed = time.perf_counter() - started
-
+    elapsed = before + time.perf_counter() - started
     metrics = {
         "float_accuracy": float_acc,
         "quantized_accuracy": quant_acc,
@@ -125,41 +282,107 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(elapsed, 2),
     }
     run_info = {
-        "model": args.model,
-        "data": args.data or data.name,
-        "seed": args.seed,
-        "epochs": epochs,
-        "qat_epochs": qat_epochs,
-        "lr": lr,
-        "batch_size": args.batch_size,
+        "model": s.model,
+        "data": s.data,
+        "sources": sources,
+        "seed": s.seed,
+        "epochs": s.epochs,
+        "qat_epochs": s.qat_epochs,
+        "lr": s.lr,
+        "batch_size": s.batch_size,
         "input_shape": list(data.x_train.shape[1:]),
         "qflow": qflow.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    save_run(out, qat_model=qat_model, float_model=float_model, config=config,
-             run_info=run_info, metrics=metrics)
-
-    console.print(_format_table(rows))
-    console.print(f"float accuracy      {float_acc:6.2f} %")
-    console.print(f"quantized accuracy  {quant_acc:6.2f} %  "
-                  f"(QFX, weights {config.weight.bits}-bit, activations "
-                  f"{config.activation.bits}-bit; drop {float_acc - quant_acc:+.2f} points)")
-    console.print(f"run written to {out}  ({elapsed:.1f} s)")
-    return 0
+    write_run_files(stage, qat_model=qat_model, float_model=float_model, config=s.config,
+                    run_info=run_info, metrics=metrics)
+    return rows, float_acc, quant_acc, elapsed
 
 
-def _check_model_fits(model: torch.nn.Module, data) -> None:
+def _load_progress(out: OutputDirectory) -> dict | None:
+    """The progress an interrupted run saved in ``out``'s staging directory, or None."""
+    if out.staged_progress() is None:
+        return None
+    path = out.stage / PROGRESS_FILE
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise QflowError(f"cannot resume from {path}: {type(exc).__name__}; start over with "
+                         "--force") from None
+    if not isinstance(saved, dict) or saved.get("format") != PROGRESS_FORMAT:
+        raise QflowError(f"cannot resume from {path}: written by another qflow version; "
+                         "start over with --force")
+    return saved
+
+
+def _resumed_settings(args: argparse.Namespace, given: Settings, saved: dict) -> Settings:
+    """The interrupted run's settings; an option given again must agree with them."""
+    stored = saved["settings"]
+    for name in RESUMED_OPTIONS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in ("model", "data"):
+            mine, theirs = absolute_spec(value), saved["sources"][name]["spec"]
+        else:
+            mine, theirs = value, stored[name]
+        if mine != theirs:
+            raise QflowError(f"--{name.replace('_', '-')} {value} differs from the interrupted "
+                             f"run's ({stored[name]}); resume with the same options or start "
+                             "over with --force")
+    config = QFXConfig.from_dict(stored["config"])
+    config_given = args.recipe is not None or any(
+        v is not None for v in (args.bits, args.weight_bits, args.act_bits))
+    if config_given and given.config != config:
+        raise QflowError("the recipe and bit widths differ from the interrupted run's config; "
+                         "resume with the same options or start over with --force")
+    return Settings(model=stored["model"], data=stored["data"], config=config,
+                    **{k: stored[k] for k in ("epochs", "qat_epochs", "lr", "batch_size",
+                                              "seed")})
+
+
+def _check_same_sources(stored: dict, current: dict) -> None:
+    for key, what in (("model", "model file"), ("data", "data")):
+        if stored.get(key, {}).get("sha256") != current[key].get("sha256"):
+            raise QflowError(f"{what} {current[key]['spec']} changed since the interrupted run "
+                             "started (sha256 differs); restore it or start over with --force")
+
+
+def _check_model(build_model, data: Dataset, config: QFXConfig) -> None:
+    """Build the model once and check it against the data and the config, so that a
+    mismatch stops the command before any training or writing."""
+    model = build_model()
     sample = torch.as_tensor(data.x_train[:2])
     try:
         with torch.no_grad():
             logits = model.eval()(sample)
     except Exception as exc:
+        reason = str(exc).strip().splitlines()
         raise QflowError(f"model does not accept the data's input shape "
-                         f"{tuple(sample.shape[1:])}: {exc}") from None
-    if logits.dim() != 2 or logits.shape[1] < data.num_classes:
-        raise QflowError(f"model outputs shape {tuple(logits.shape[1:])} but the data has "
-                         f"{data.num_classes} classes")
+                         f"{tuple(sample.shape[1:])}: {reason[0] if reason else exc!r}") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise QflowError(f"model output must be (batch, classes) logits, got {shape}")
+    outputs = logits.shape[1]
+    for split in ("train", "test"):
+        labels = getattr(data, f"y_{split}")
+        top = int(labels.max())
+        if top >= outputs:
+            raise QflowError(f"y_{split} has label {top} but the model has {outputs} outputs "
+                             f"(labels must be 0..{outputs - 1})")
+    quantize_(copy.deepcopy(model), config)  # unsupported layers, overrides matching nothing
+
+
+def _warn_if_not_learning(console, float_acc: float, data: Dataset) -> None:
+    """Say so when the float model does no better than guessing the commonest class."""
+    counts = np.bincount(data.y_test)
+    guess = 100.0 * counts.max() / len(data.y_test)
+    if float_acc <= guess + 5.0:
+        peak = float(np.abs(data.x_train).max())
+        console.print(f"[yellow]warning:[/] the float model reaches {float_acc:.2f} %, no better "
+                      f"than always guessing the commonest class ({guess:.2f} %): check the "
+                      f"data's scale (inputs reach {peak:.3g}), --lr and --epochs")
 
 
 def _format_table(rows) -> Table:
@@ -170,3 +393,4 @@ def _format_table(rows) -> Table:
         kind = ("ap_fixed" if r.signed else "ap_ufixed") + (f" {r.khot}-hot" if r.khot else "")
         table.add_row(r.layer, r.tensor, kind, str(r.width), r.int_width, r.rounding, r.overflow)
     return table
+

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 from qflow.errors import QflowError
-from qflow.verify.check import verify_directory
+from qflow.verify.check import REPORT_FILE, verify_directory
+from qflow.verify.report import COLUMNS, table_rows
 
 from .console import make_console
 
 HELP = "check every exported artifact against the bit-exact emulator"
+
+EPILOG = """\
+exit codes:
+  0  every artifact ran and every output code equals the emulator's
+  1  not verified: a mismatching sample; an artifact that did not or could not run
+     here (compile error, crash, a CUDA or cross-compiled build); a file changed or
+     missing since the export; or no artifact at all
+  2  bad input: no or malformed export.json, unknown artifact kind, a path outside
+     the export directory, a missing QGraph, no file digests (export again)
+
+The report is written to DIR/verify.json (the old one is deleted first). Verifying
+runs the export's compiled code: verify only folders you trust."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the training split, then test inputs moved by a few LSBs")
     p.add_argument("--corners", type=int, default=256,
                    help="generated corner-case inputs added to the test samples (default 256)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report (verify.json's contents) as JSON on stdout; "
+                        "progress and the table go to stderr")
+
+
+def _stderr_console() -> Console:
+    """Like make_console, on stderr: with --json, stdout carries the report only."""
+    console = Console(highlight=False, stderr=True)
+    return console if console.is_terminal else Console(highlight=False, stderr=True,
+                                                       width=120)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,23 +55,20 @@ def run(args: argparse.Namespace) -> int:
         raise QflowError("--samples and --corners must be >= 0")
     if args.samples + args.corners == 0:
         raise QflowError("nothing to verify: --samples and --corners are both 0")
-    console = make_console()
+    console = _stderr_console() if args.json else make_console()
     report = verify_directory(args.directory, samples=args.samples, corners=args.corners,
                               progress=lambda msg: console.print(f"[dim]{msg}[/]"))
     kinds = ", ".join(f"{n} {kind}" for kind, n in report["sample_kinds"].items() if n)
     table = Table(title=f"Bit-exactness vs the emulator ({kinds} samples; output "
                   f"{report['output_type']})")
-    for col in ("artifact", "samples", "mismatching samples", "max diff (LSB)", "seconds"):
-        table.add_column(col, justify="left" if col == "artifact" else "right")
-    for r in report["results"]:
-        if r["note"]:
-            table.add_row(r["artifact"], r["note"], "", "", "", style="yellow")
-            continue
-        style = "red" if r["mismatching_samples"] else None
-        table.add_row(r["artifact"], str(r["samples"]), str(r["mismatching_samples"]),
-                      str(r["max_diff_lsb"]), f"{r['seconds']:.2f}", style=style)
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in (COLUMNS[0], COLUMNS[-1]) else "right")
+    styles = {"ok": None, "mismatch": "red", "failed": "red", "not run": "yellow"}
+    for r, cells in zip(report["results"], table_rows(report), strict=True):
+        table.add_row(*cells, style=styles[r["status"]])
     console.print(table)
-    bad = report["mismatching_samples"]
-    console.print(f"{'FAIL' if bad else 'OK'}: {bad} mismatching samples; "
-                  f"report in {args.directory / 'verify.json'}")
-    return 1 if bad else 0
+    console.print(f"[{'green' if report['passed'] else 'red'}]{report['summary']}[/]; "
+                  f"report in {args.directory / REPORT_FILE}", soft_wrap=True)
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0 if report["passed"] else 1

@@ -3,9 +3,10 @@
 A target is a data file under ``targets/`` (see :mod:`qflow.targets`); its ``backend``
 picks the exporter from :data:`BACKENDS`. Every exporter has the signature
 ``export(graph, out_dir, target, options) -> dict[str, str]`` and returns the artifacts
-it wrote (artifact kind -> path relative to ``out_dir``); ``qflow.verify`` knows how to
-run each kind. Exporters write into a fresh temporary directory that the caller renames
-when the export is complete.
+it wrote (artifact kind -> path relative to ``out_dir``); :data:`qflow.export.runners.RUNNERS`
+knows how to run each kind and :func:`qflow.export.manifest.digest_files` records what was
+written. Exporters write into a fresh temporary directory that the caller renames when
+the export is complete.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from pathlib import Path
 
 from qflow.graph.ir import QGraph
 from qflow.targets import TargetSpec
+
+#: what ``qflow export`` writes beside the artifacts: the export's description
+#: (target, run, data, artifacts, file digests) and the frozen graph
+EXPORT_FILE = "export.json"
+QGRAPH_FILE = "model.qgraph"
 
 
 def _no_progress(message: str) -> None:

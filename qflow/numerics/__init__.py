@@ -5,7 +5,8 @@
 [0.25, -2.0]
 """
 
-from .convert import cast, from_codes, khot_codes, requantize, to_codes
+from .convert import cast, from_codes, khot_codes, requantize, to_codes, values_to_codes
+from .corners import corner_inputs
 from .types import MAX_WIDTH, FixedType, Overflow, Rounding, parse_overflow, parse_rounding
 
 __all__ = [
@@ -14,10 +15,12 @@ __all__ = [
     "Overflow",
     "Rounding",
     "cast",
+    "corner_inputs",
     "from_codes",
     "khot_codes",
     "parse_overflow",
     "parse_rounding",
     "requantize",
     "to_codes",
+    "values_to_codes",
 ]

@@ -22,6 +22,8 @@ def _as_float64(x) -> np.ndarray:
 
 
 FLOAT_EXACT_WIDTH = 53
+#: the code :func:`values_to_codes` gives a value that is not on the grid (or NaN)
+OFF_GRID_CODE = np.iinfo(np.int64).min // 2
 
 
 def _check_float_width(t: FixedType) -> None:
@@ -60,6 +62,25 @@ def from_codes(q, t: FixedType) -> np.ndarray:
 def cast(x, t: FixedType) -> np.ndarray:
     """Cast to ``t`` and return the real values as float64."""
     return from_codes(to_codes(x, t), t)
+
+
+def values_to_codes(values, t: FixedType) -> np.ndarray:
+    """Real values on ``t``'s grid -> int64 codes, for comparing a deployed artifact's
+    real-valued outputs with the emulator's codes.
+
+    Nothing is rounded: a value off ``t``'s grid (or NaN) becomes -2**62, a code no
+    type of at most 53 bits has, so it always counts as a mismatch.
+
+    >>> from qflow.numerics import FixedType
+    >>> t = FixedType(signed=True, integer=1, fractional=2)
+    >>> values_to_codes([0.25, -1.5, 0.3], t).tolist()
+    [1, -6, -4611686018427387904]
+    """
+    scaled = np.ldexp(np.asarray(values, dtype=np.float64), t.fractional)
+    codes = np.rint(scaled)
+    off_grid = ~(codes == scaled)
+    # an off-grid value can never match: push it out of reach so it counts as a mismatch
+    return np.where(off_grid, OFF_GRID_CODE, codes).astype(np.int64)
 
 
 def khot_codes(x, t: FixedType, k: int) -> np.ndarray:

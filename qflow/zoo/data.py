@@ -8,6 +8,10 @@ import numpy as np
 
 from qflow.errors import QflowError
 
+#: inputs must stay below this magnitude: a fixed-point type has at most 64 integer bits
+#: (the config's bound), and float32 (training) ends at 3.4e38
+MAX_MAGNITUDE = 2.0**64
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -37,9 +41,18 @@ class Dataset:
             arrays[key] = arr
         for split in ("train", "test"):
             x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-            if not np.isfinite(x.astype(np.float64)).all():
-                bad = int((~np.isfinite(x.astype(np.float64))).sum())
+            if x.ndim < 2:
+                raise QflowError(f"data {name}: x_{split} must hold one sample per row (at least "
+                                 f"2-D), got shape {x.shape}")
+            x64 = x.astype(np.float64)
+            if not np.isfinite(x64).all():
+                bad = int((~np.isfinite(x64)).sum())
                 raise QflowError(f"data {name}: x_{split} has {bad} non-finite values (NaN or inf)")
+            peak = float(np.abs(x64).max())
+            if peak >= MAX_MAGNITUDE:
+                raise QflowError(f"data {name}: x_{split} reaches {peak:.3g} in magnitude, beyond "
+                                 "qflow's fixed-point range (|x| < 2^64, at most 64 integer "
+                                 "bits); scale the data")
             if y.ndim != 1 or len(y) != len(x):
                 raise QflowError(f"data {name}: y_{split} must be 1-D with one label per row "
                                  f"of x_{split} ({len(x)}), got shape {y.shape}")

@@ -13,7 +13,7 @@
   (:mod:`.estimate`).
 
 ``run_csim(hls_dir, graph, x)`` compiles the project with g++ and returns the output
-codes of its C simulation; ``qflow verify`` compares them with the emulator.
+codes of its C simulation; the verify command compares them with the emulator.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from qflow.errors import QflowError
 from qflow.graph.emulator import Emulator
 from qflow.graph.ir import QGraph
-from qflow.verify.corners import corner_inputs
+from qflow.numerics.corners import corner_inputs
 
 from .convert import HLS_ONNX_FILE, PROJECT_NAME, Project, convert, run_project
 from .onnx_graph import HlsExportError

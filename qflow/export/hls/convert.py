@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from qflow.errors import QflowError
 from qflow.graph.ir import QGraph
-from qflow.verify.check import values_to_codes
+from qflow.numerics import values_to_codes
 
 from . import custom
 from .onnx_graph import HlsExportError, hls_graph
@@ -186,19 +189,51 @@ def to_hls_layout(x: np.ndarray) -> np.ndarray:
 
 def run_project(hls_dir: Path, graph: QGraph, x: np.ndarray, log: Path) -> np.ndarray:
     """Compile the project with g++ (hls4ml's ``compile()``) and run real-valued ``x``
-    through its C simulation; return the output codes in the QGraph's layout."""
+    through its C simulation; return the output codes in the QGraph's layout.
+
+    The project is copied to a fresh temporary folder and built there, every time.
+    hls4ml's ``build_lib.sh`` always recompiles, but the library it loads has a fixed
+    name (``firmware/<project>-<stamp>.so``) and loading a path that this process has
+    loaded before returns the old library: a second check in one process would run the
+    first build. A fresh folder gives a new path, leaves any build product lying in the
+    export (``*.so``, ``*.o``) unused, and writes nothing into the export but ``log``.
+    A compile failure raises QflowError with the first compiler error line.
+    """
     import hls4ml
 
     out_shape = graph.tensors[graph.output].shape
-    with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(
-            io.StringIO()):
-        model = hls4ml.converters.link_existing_project(str(hls_dir))
-        model.config.config["OutputDir"] = str(hls_dir.resolve())
-        model.compile()
-        # float64 in and out: exact for every type up to 53 significant bits
-        y = np.asarray(model.predict(to_hls_layout(x)), dtype=np.float64)
+    with tempfile.TemporaryDirectory(prefix="qflow-csim-") as tmp:
+        build = Path(tmp) / "hls"
+        shutil.copytree(hls_dir, build, symlinks=False,
+                        ignore=shutil.ignore_patterns("*.so", "*.o", "__pycache__"))
+        script = build / "build_lib.sh"
+        if script.is_file():  # an export copied without permissions still builds
+            script.chmod(script.stat().st_mode | 0o100)
+        with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(
+                io.StringIO()):
+            model = hls4ml.converters.link_existing_project(str(build))
+            model.config.config["OutputDir"] = str(build)
+            try:
+                model.compile()
+            except Exception:
+                failed = True
+            else:
+                failed = False
+                # float64 in and out: exact for every type up to 53 significant bits
+                y = np.asarray(model.predict(to_hls_layout(x)), dtype=np.float64)
+    if failed:
+        raise QflowError(f"C simulation did not compile: {_first_error(log)}")
     y = y.reshape(len(x), -1)
     if len(out_shape) == 3:
         c, h, w = out_shape
         y = y.reshape(len(x), h, w, c).transpose(0, 3, 1, 2)
     return values_to_codes(y.reshape(len(x), *out_shape), graph.output_type)
+
+
+def _first_error(log: Path) -> str:
+    """The first compiler error line in the build log (paths relative to the project)."""
+    lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines()]
+    for line in lines:
+        if "error" in line.lower():
+            return line[:300]
+    return f"see {log}"

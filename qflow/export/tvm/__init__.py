@@ -5,8 +5,8 @@ NVIDIA GPU.
 :func:`export_tvm` writes the two ONNX files, then compiles ``model.int.onnx`` (integer
 codes in and out) into ``tvm/``: the library, ``build.json`` and ``run.py``, a runner
 that needs only numpy and the TVM runtime (see :mod:`qflow.export.tvm.runner`).
-:func:`run_tvm` is ``qflow verify``'s runner for the artifact kind ``tvm``; it raises
-:class:`qflow.verify.check.ArtifactNotRunnableError` for a build this machine cannot run
+:func:`run_tvm` is the verify command's runner for the artifact kind ``tvm``; it raises
+:class:`qflow.errors.ArtifactNotRunnableError` for a build this machine cannot run
 (cross-compiled, or CUDA without a GPU).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qflow.errors import QflowError
+from qflow.errors import ArtifactNotRunnableError, QflowError
 from qflow.graph.ir import QGraph
 from qflow.numerics import to_codes
 from qflow.targets import TargetSpec
@@ -55,11 +55,9 @@ def run_tvm(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
     """Output codes of the TVM build in ``path`` (an export's ``tvm/``) for real input ``x``.
 
     Runs the build through its own ``run.py``, the file users run. Raises
-    :class:`~qflow.verify.check.ArtifactNotRunnableError` when this machine cannot run the
+    :class:`~qflow.errors.ArtifactNotRunnableError` when this machine cannot run the
     build, :class:`QflowError` for a missing or broken build.
     """
-    from qflow.verify.check import ArtifactNotRunnableError
-
     from .build import error_summary
 
     require_tvm()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qflow.numerics import FixedType
+from .types import FixedType
 
 
 def corner_inputs(input_type: FixedType, shape: tuple[int, ...], count: int = 256,
