@@ -38,12 +38,7 @@ def resolve_model(spec: str) -> Callable[[], object]:
     def build():
         from torch import nn
 
-        try:
-            model = factory()
-        except QflowError:
-            raise
-        except Exception as exc:
-            raise QflowError(f"model factory {spec} raised {_describe(exc)}") from None
+        model = _call_user_code(factory, f"model factory {spec}")
         if not isinstance(model, nn.Module):
             raise QflowError(f"model factory {spec} returned {type(model).__name__}, "
                              "not a torch.nn.Module")
@@ -99,12 +94,7 @@ def resolve_data(spec: str, search_path: list[str] | None = None) -> Dataset:
         function = getattr(module, func)
         if not callable(function):
             raise QflowError(f"data {spec}: {func!r} is not a function")
-        try:
-            result = function()
-        except QflowError:
-            raise
-        except Exception as exc:
-            raise QflowError(f"data {spec}: calling {func}() raised {_describe(exc)}") from None
+        result = _call_user_code(function, f"data {spec}: calling {func}()")
         if isinstance(result, dict):
             missing = [k for k in _NPZ_KEYS if k not in result]
             if missing:
@@ -131,6 +121,16 @@ def _load_npz(path: Path) -> Dataset:
     except Exception as exc:
         raise QflowError(f"data file {path} is not a readable .npz: {exc}") from None
     return Dataset.checked(str(path), *arrays)
+
+
+def _call_user_code(function: Callable[[], object], what: str):
+    """``function()``; an exception of the user's code becomes one line naming ``what``."""
+    try:
+        return function()
+    except QflowError:
+        raise
+    except Exception as exc:
+        raise QflowError(f"{what} raised {_describe(exc)}") from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -182,6 +182,16 @@ def type_name(value) -> str:
     return type(value).__name__
 
 
+def _decode(text: str | bytes, prefix: str, error: type[QflowError]) -> str:
+    """``text`` as str; bytes that are not UTF-8 are a one-line error."""
+    if not isinstance(text, bytes):
+        return text
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{prefix}not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def _prefix(where: str) -> str:
     return f"{where}: " if where else ""
 
@@ -223,11 +233,7 @@ def load_yaml(text: str | bytes, where: str = "", *, error: type[QflowError] = Q
 constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'
     """
     prefix = _prefix(where)
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise error(f"{prefix}not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = _decode(text, prefix, error)
     loader = None
     try:
         loader = _StrictLoader(text)  # the reader checks every character here
@@ -281,11 +287,7 @@ def load_json_text(text: str | bytes, where: str = "", *,
     qflow.errors.QflowError: deep.json: JSON nested too deeply
     """
     prefix = _prefix(where)
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise error(f"{prefix}not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = _decode(text, prefix, error)
     try:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
