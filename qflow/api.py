@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qflow import fxconvert
 from qflow.config import ROLES, QFXConfig
 from qflow.errors import ConfigError, QflowError
 from qflow.nn import (
@@ -17,6 +18,7 @@ from qflow.nn import (
     QAvgPool2d,
     QBatchNorm1d,
     QBatchNorm2d,
+    QCat,
     QConv2d,
     QInput,
     QLinear,
@@ -39,11 +41,17 @@ SWAPS = {
     nn.MaxPool2d: QMaxPool2d.from_float,
 }
 QUANTIZED_TYPES = (QLinear, QConv2d, QBatchNorm1d, QBatchNorm2d, QReLU, QAdd, QAvgPool2d,
-                   QAdaptiveAvgPool2d, QMaxPool2d, QInput)
+                   QAdaptiveAvgPool2d, QMaxPool2d, QInput, QCat)
 #: modules that do no arithmetic on values, or only hold other modules.
 PASSTHROUGH_TYPES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList,
                      nn.ModuleDict)
 _FOLDABLE = (nn.Conv2d, nn.Linear)
+_KEPT_LEAVES = (nn.Flatten, nn.Identity, nn.Dropout)
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    """Swapped, already quantized or kept as it is: its forward is not traced."""
+    return type(module) in SWAPS or isinstance(module, QUANTIZED_TYPES + _KEPT_LEAVES)
 
 
 def _quantize_input(module: nn.Module, args: tuple, kwargs: dict):
@@ -58,12 +66,14 @@ def _quantize_input(module: nn.Module, args: tuple, kwargs: dict):
 def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
     """Swap the supported modules of ``model`` for QFX fixed-point modules, in place.
 
-    Supported modules are listed in :mod:`qflow.nn`; the model input is cast by a
+    Supported modules are listed in :mod:`qflow.nn`; functional ops in a ``forward``
+    (``F.relu``, ``a + b``, ``torch.cat``, ...) become such modules too, named after
+    where they are (:mod:`qflow.fxconvert`). The model input is cast by a
     ``qflow_input`` module, run from a forward pre-hook (or, in a plain ``nn.Sequential``,
     inserted as its first element). Per-layer settings come from
     ``config.overrides``; an override whose pattern reaches no quantized tensor of its
-    role raises :class:`ConfigError`, as does a module that qflow cannot make exact
-    (it would stay float and could not be deployed), naming it.
+    role raises :class:`ConfigError`, as does a module or functional op that qflow
+    cannot make exact (it would stay float and could not be deployed), naming it.
 
     >>> import torch
     >>> from torch import nn
@@ -84,9 +94,11 @@ def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
         raise QflowError(f"quantize_ swaps the modules inside a model; wrap the single "
                          f"{type(model).__name__} in a container, e.g. nn.Sequential(layer)")
     originals = list(model.named_modules())
+    traced = fxconvert.trace_reachable(model, _is_leaf)
     float_left = [f"{name} ({type(module).__name__})" for name, module in originals
                   if name and type(module) not in SWAPS and not isinstance(
-                      module, PASSTHROUGH_TYPES) and not list(module.children())]
+                      module, PASSTHROUGH_TYPES) and not list(module.children())
+                  and id(module) not in traced.ids]  # a forward of the user's own, traced
     if float_left:
         raise ConfigError("quantize_: no exact fixed-point form for "
                           + ", ".join(float_left) + "; supported layers: "
@@ -105,10 +117,13 @@ def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
             if name in folds:
                 quantized.fold_batchnorm(by_name[folds[name]])
             swaps.append((name, quantized))
+    functional = fxconvert.plan(model, traced, recorder)
     input_quant = QInput(recorder)
     recorder.check_overrides()
     for name, new in swaps:  # only now, so that an error above leaves the model untouched
         _replace(model, name, new)
+    functional.apply()
+    functional.warn_untraced()
     _attach_input_quantizer(model, input_quant)
     model.qflow_config = config
     return model

@@ -7,6 +7,8 @@ scripts/setup.sh dev
 . .venv/bin/activate
 
 echo "test: ruff"
-ruff check qflow tests scripts examples
+ruff check qflow tests scripts examples docs/examples
 echo "test: pytest"
-python -m pytest -q --doctest-modules qflow tests "$@"
+# One worker per core; each test file stays on one worker, so its module fixtures (trained
+# models, exported projects) are built once.
+python -m pytest -q -n auto --dist loadfile --doctest-modules qflow tests "$@"

@@ -6,6 +6,7 @@ import json
 import subprocess
 
 import numpy as np
+import onnx
 import pytest
 from zoo_fixtures import CONFIGS, MODEL_NAMES, frozen, test_inputs
 
@@ -87,13 +88,13 @@ def test_read_back_refuses_a_changed_type():
         check_layer_types(model, form)
 
 
-def _with_pool(graph: QGraph, kernel: int) -> QGraph:
+def _with_pool(graph: QGraph, kernel: int, reciprocal_frac: int = 18) -> QGraph:
     """A copy of the CNN whose 2×2 average pool is replaced by a 3×3 one (1/9 is not a
     power of two: hls4ml divides, qflow multiplies by a rounded reciprocal)."""
     nodes = []
     for node in graph.nodes:
         if node.op == "avgpool2d":
-            attrs = dict(node.attrs, kernel=[kernel, kernel])
+            attrs = dict(node.attrs, kernel=[kernel, kernel], reciprocal_frac=reciprocal_frac)
             node = Node(node.op, node.name, node.inputs, node.output, attrs,
                         {"reciprocal": np.array(round(2**18 / kernel**2), np.int64)},
                         node.source)
@@ -101,10 +102,21 @@ def _with_pool(graph: QGraph, kernel: int) -> QGraph:
     return QGraph(graph.input, graph.output, graph.tensors, nodes, graph.meta)
 
 
-def test_inexact_pooling_is_refused():
+def test_inexact_pooling_goes_to_qflows_layer():
+    """hls4ml's division by 9 is not qflow's multiplication by round(2^18/9)·2^-18: the
+    3×3 pool becomes FixedAvgPool (its C simulation: tests/test_hls_user_models.py)."""
     _, graph = frozen("digits-cnn", "8bit")
-    with pytest.raises(HlsExportError, match="power-of-two"):
-        hls_graph(_with_pool(graph, 3))
+    form = hls_graph(_with_pool(graph, 3))
+    pool = next(n for n in form.model.graph.node if n.op_type == "FixedAvgPool")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}
+    assert attrs["reciprocal"] == 29127 and list(attrs["kernel_shape"]) == [3, 3]
+    assert form.precisions[pool.name]["scale"] == "ufixed<15,-3,TRN,WRAP>"
+    assert set(form.precisions[pool.name]) == {"accum", "scale", "result"}
+    # the 2×2 one stays hls4ml's (exact: 1/4 is a power of two)
+    assert "FixedAvgPool" not in {n.op_type for n in hls_graph(graph).model.graph.node}
+    # a reciprocal whose fraction does not match the output type is refused
+    with pytest.raises(HlsExportError, match=r"\(avgpool2d\): output fraction"):
+        hls_graph(_with_pool(graph, 3, reciprocal_frac=17))
 
 
 def test_project_testbench_compiles_with_gpp_and_runs(tmp_path):

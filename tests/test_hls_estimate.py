@@ -183,3 +183,53 @@ def test_khot_digits_cnn_saves_dsps():
     # io_stream: BatchNorm handles one pixel at a time, the conv products dominate
     base, new = estimate(ordinary, io_type="io_stream"), estimate(khot, io_type="io_stream")
     assert _dsp(new) <= 0.2 * _dsp(base)
+
+
+def pool_graph(op: str, count_hw: tuple[int, int], channels: int = 4, kernel=None,
+               stride=None) -> QGraph:
+    """x (C, H, W) ufixed<8,0> -> average pool -> y, the reciprocal as freeze rounds it."""
+    from qflow.graph.infer import infer_pool_sum
+    from qflow.nn.elementwise import RECIPROCAL_TYPE
+    from qflow.numerics import cast
+
+    h, w = count_hw
+    window = h * w if kernel is None else kernel[0] * kernel[1]
+    recip = int(np.ldexp(float(cast(1.0 / window, RECIPROCAL_TYPE)[()]), 18))
+    attrs = {"reciprocal_frac": 18}
+    out_shape = (channels, 1, 1)
+    if op == "avgpool2d":
+        attrs |= {"kernel": list(kernel), "stride": list(stride)}
+        out_shape = (channels, (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1)
+    node = Node(op, "pool", ["x"], "y", attrs, {"reciprocal": np.array(recip, np.int64)})
+    tensors = {"x": TensorInfo("x", (channels, h, w), U8),
+               "y": TensorInfo("y", out_shape, infer_pool_sum(U8, window, recip, 18))}
+    return QGraph("x", "y", tensors, [node]).validate()
+
+
+def test_average_pool_reciprocal_multipliers():
+    """A global average over 6×6 (1/36 is not a power of two: qflow's FixedAvgPool) gets
+    one reciprocal multiplier per output of a pass; over 4×4 the reciprocal is a shift."""
+    graph = pool_graph("global_avgpool2d", (6, 6))
+    recip = int(graph.nodes[0].consts["reciprocal"])
+    assert recip == 7282  # round(2^18 / 36), 13 bits
+    par = estimate(graph).layers[0]
+    # the window sum of 36 values up to 255/256: 255 · 36 = 9180 needs 14 bits
+    assert (par.activation_width, par.weight_width) == (14, 13)
+    assert par.products == par.multipliers == 4  # io_parallel: every output at once
+    assert par.multiplier_kind == "dsp" and par.dsp == 4  # 15 × 14 signed bits: one DSP48E2
+    assert par.ii == 1
+    assert par.latency_cycles == 1 + 1 + math.ceil(6 / 2) + MULTIPLIER_STAGES["dsp"]
+    stream = estimate(graph, io_type="io_stream").layers[0]
+    assert stream.multipliers == 4 and stream.dsp == 4  # one pixel (4 channels) per step
+    assert stream.ii == 36
+    assert stream.latency_cycles == 36 + 1 + math.ceil(6 / 2) + MULTIPLIER_STAGES["dsp"]
+    assert stream.ff >= 4 * 14  # the four running sums
+    # 3×3 windows at stride 1 on 6×6: 4 · 4 · 4 outputs in io_parallel, 4 per pixel in
+    # io_stream, which keeps the last 3 rows (3 · 6 · 4 values of 8 bits) in registers
+    win = pool_graph("avgpool2d", (6, 6), kernel=(3, 3), stride=(1, 1))
+    par, stream = (estimate(win, io_type=io).layers[0] for io in ("io_parallel", "io_stream"))
+    assert (par.multipliers, par.dsp, stream.multipliers, stream.dsp) == (64, 64, 4, 4)
+    assert stream.ff >= 3 * 6 * 4 * 8
+    # a power-of-two window: hls4ml's Pooling2D, the reciprocal a shift, no DSP
+    shift = estimate(pool_graph("global_avgpool2d", (4, 4))).layers[0]
+    assert shift.multiplier_kind == "shift-add" and shift.dsp == 0 and shift.lut == 4 * 15 * 12

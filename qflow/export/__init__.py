@@ -41,12 +41,21 @@ class ExportOptions:
 
 def export_onnx(graph: QGraph, out_dir: Path, target: TargetSpec | None = None,
                 options: ExportOptions | None = None) -> dict[str, str]:
-    """The two ONNX files every target starts from."""
+    """The two ONNX files every target starts from, and ``codec.py`` beside them.
+
+    ``codec.py`` (:mod:`qflow.export.codec`) converts real inputs to the input codes the
+    artifacts take and their output codes back to real values, with numpy only. It is a
+    plain file, not an artifact (nothing to run against the emulator); the export's file
+    digests cover it like every other file.
+    """
+    from .codec import write_codec
     from .int_onnx import export_int_onnx
     from .qonnx import export_qonnx
 
+    out_dir = Path(out_dir)
     export_qonnx(graph, out_dir / "model.qonnx.onnx")
     export_int_onnx(graph, out_dir / "model.int.onnx")
+    write_codec(graph, out_dir)
     return {"qonnx": "model.qonnx.onnx", "int_onnx": "model.int.onnx"}
 
 

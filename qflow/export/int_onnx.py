@@ -44,6 +44,8 @@ is exact:
   the input (stride == kernel), else as a sum of one strided ``Slice`` per kernel tap;
   ``global_avgpool2d``: ``ReduceSum`` over H, W. Both then ``Mul`` by the reciprocal code.
 - ``reshape``: ``Reshape`` to ``[0, *shape]`` (0 keeps the batch size).
+- ``concat``: each input ``Mul`` by 2**k (aligned to the output's fraction, when it
+  differs), then ``Concat`` on int64.
 
 Every arithmetic result fits int64 because its QGraph type (at most 62 bits) holds every
 value the input types allow; the export re-derives those types (``qflow.graph.infer``)
@@ -194,6 +196,8 @@ def _needed_type(graph: QGraph, node: Node, ins: list[FixedType]) -> FixedType |
         return infer.infer_scale_shift(node, ins[0])
     if node.op == "add":
         return infer.infer_add(*ins)
+    if node.op == "concat":
+        return infer.infer_concat(ins)
     if node.op == "relu":
         return infer.infer_relu(ins[0])
     if node.op in ("avgpool2d", "global_avgpool2d"):

@@ -384,6 +384,18 @@ def emit_add(b: Builder, g: QGraph, node: Node, xa: str, xb: str) -> tuple[str, 
     return b.op("Add", terms), "Add(int64)"
 
 
+def emit_concat(b: Builder, g: QGraph, node: Node, *xs: str) -> tuple[str, str]:
+    """Each input aligned to the output's fraction (int64 ``Mul`` by 2**k), then ``Concat``."""
+    frac = g.tensors[node.output].type.fractional
+    parts = []
+    for value, name in zip(xs, node.inputs, strict=True):
+        shift = frac - g.tensors[name].type.fractional
+        if not 0 <= shift <= 62:
+            _fail(node, f"alignment shift {shift} of input {name!r} is out of range")
+        parts.append(b.op("Mul", [value, b.const(1 << shift)], "align") if shift else value)
+    return b.op("Concat", parts, "concat", axis=1 + int(node.attrs["axis"])), "Concat(int64)"
+
+
 def emit_relu(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
     return b.op("Max", [x, b.const(0)], "relu"), "Max(int64)"
 
@@ -455,5 +467,6 @@ EMITTERS = {
     "avgpool2d": emit_avgpool2d,
     "global_avgpool2d": emit_global_avgpool2d,
     "reshape": emit_reshape,
+    "concat": emit_concat,
     "cast": emit_cast,
 }

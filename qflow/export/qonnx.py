@@ -20,6 +20,7 @@ maxpool2d            MaxPool (ONNX pads with -inf: padding never wins)
 avgpool2d            exact window sums (Reshape + ReduceSum, or strided Slices) · 1/n
 global_avgpool2d     ReduceSum over H, W · 1/n
 reshape              Reshape to [0, *shape]
+concat               Concat (axis + 1: the batch comes first)
 cast                 the cast route: Quant with the output type
 =================== ===============================================================
 
@@ -41,7 +42,7 @@ otherwise it refuses, naming node and op:
 
 - dense/conv2d: per output channel Σ|w| · max|x| + |bias| (aligned to the accumulator
   LSB) < 2^p; scale_shift: max|scale| · max|x| < 2^p; pooling: n · max|x| < 2^p; add,
-  relu, reshape, max pooling: the result type (≤ p bits) holds every value.
+  relu, reshape, concat, max pooling: the result type (≤ p bits) holds every value.
 - ONNX Runtime has no float64 Conv, so convolutions always run in float32 (the input type
   must have ≤ 24 bits). When a channel sum can reach 2^24, a float64 model writes the
   weight codes in base 2^k digits (w = Σ_j d_j 2^(jk), k as large as allows each digit

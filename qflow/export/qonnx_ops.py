@@ -442,6 +442,9 @@ def emit_simple(b: Builder, node: Node) -> None:
         shape = b.const(f"{node.name}/shape", [0, *a["shape"]], np.int64)
         b.emit("Reshape", [node.inputs[0], shape], node.output, out_shape, b.dtype,
                name=node.name)
+    elif node.op == "concat":  # real values: moved, never changed
+        b.emit("Concat", node.inputs, node.output, out_shape, b.dtype, name=node.name,
+               axis=1 + int(a["axis"]))
 
 
 def emit_cast_node(b: Builder, node: Node) -> None:
@@ -453,5 +456,6 @@ def emit_cast_node(b: Builder, node: Node) -> None:
 EMITTERS = {
     "dense": emit_dense, "conv2d": emit_conv2d, "scale_shift": emit_scale_shift,
     "relu": emit_simple, "add": emit_simple, "maxpool2d": emit_simple, "reshape": emit_simple,
+    "concat": emit_simple,
     "avgpool2d": emit_pool_sum, "global_avgpool2d": emit_pool_sum, "cast": emit_cast_node,
 }

@@ -438,6 +438,18 @@ def _build_add(em: Emulator, node: Node, in_place: bool, fold: float):
     return lambda a, b: a * ka + b * kb
 
 
+def _build_concat(em: Emulator, node: Node, in_place: bool, fold: float):
+    frac = em._type(node.output).fractional
+    scales = [em.dtype(1 << (frac - em._type(name).fractional)) for name in node.inputs]
+    axis = 1 + int(node.attrs["axis"])  # the attribute excludes the batch dim
+
+    def concat(*xs: np.ndarray) -> np.ndarray:
+        return np.concatenate([x if k == 1 else x * k for x, k in zip(xs, scales, strict=True)],
+                              axis=axis)
+
+    return concat
+
+
 def _build_maxpool2d(em: Emulator, node: Node, in_place: bool, fold: float):
     a = node.attrs
     if a["ceil_mode"]:
@@ -501,5 +513,6 @@ _BUILD = {
     "avgpool2d": _build_avgpool2d,
     "global_avgpool2d": _build_global_avgpool2d,
     "reshape": _build_reshape,
+    "concat": _build_concat,
     "cast": _build_cast,
 }

@@ -18,6 +18,7 @@ from qflow.nn import (
     QAvgPool2d,
     QBatchNorm1d,
     QBatchNorm2d,
+    QCat,
     QConv2d,
     QInput,
     QLinear,
@@ -153,6 +154,17 @@ def _freeze_add(b: _Builder, name, module, srcs, shape):
     return b.cast(name, out, module.out_quant, name) if module is not None else out
 
 
+def _freeze_concat(b: _Builder, name, module: QCat, srcs, shape):
+    """Every input cast to the layer's type (unless it has it already), then concatenated."""
+    module.channel_dim(len(shape) + 1)
+    t = module.out_quant.fixed_type()
+    inputs = [src if b.type_of(src) == t else b.add(
+        "cast", f"{name}_cast{i}", [src], b.shape_of(src), t, source=name)
+        for i, src in enumerate(srcs)]
+    out_type = infer.infer_concat([b.type_of(s) for s in inputs])
+    return b.add("concat", name, inputs, shape, out_type, attrs={"axis": 0}, source=name)
+
+
 def _reciprocal_code(count: int) -> int:
     return int(math.ldexp(_reciprocal(count), RECIPROCAL_TYPE.fractional))
 
@@ -209,6 +221,11 @@ MODULE_FREEZERS = {
 _ALIASES = (nn.Identity, nn.Dropout)
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_ALIAS_METHODS = {"contiguous"}
+#: size arithmetic (``x.view(x.size(0), -1)``): no tensor, nothing to freeze
+_META_METHODS = {"size", "dim", "numel"}
+_META_ATTRS = {"shape", "ndim", "dtype", "device"}
+_META = object()
 _ADD_FUNCTIONS = {operator.add, torch.add}
 _RELU_FUNCTIONS = {torch.relu, nn.functional.relu}
 
@@ -267,8 +284,15 @@ def freeze(model: nn.Module, example_input: torch.Tensor) -> QGraph:
                 raise FreezeError(f"{label}: the input quantizer must take the model input")
             env[node] = _declare_input(b, modules[node.target], input_shape)
             continue
+        if _is_meta(node, env):
+            env[node] = _META
+            continue
         if any(env.get(a) is _RAW for a in tensor_args):
             raise FreezeError(f"{label}: uses the model input before the input quantizer")
+        if node.op == "call_module" and isinstance(modules[node.target], QCat):
+            tensors = node.args[0] if len(node.args) == 1 and isinstance(
+                node.args[0], list | tuple) else node.args
+            args = [env.get(a) for a in tensors]
         env[node] = _freeze_node(b, node, modules, args, label)
     if not isinstance(output, str) or b.input is None:
         raise FreezeError("the model output is not a single quantized tensor")
@@ -282,6 +306,21 @@ def _declare_input(b: _Builder, quant: QInput, shape) -> str:
     return name
 
 
+def _is_meta(node: fx.Node, env) -> bool:
+    """A size value (``x.size(0)``, ``x.shape[1]``, arithmetic on them), not a tensor."""
+    if node.op == "call_method" and node.target in _META_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _META_ATTRS
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    if not found or any(env.get(a) is not _META for a in found):
+        return False
+    return node.op == "call_method" or (node.op == "call_function" and (
+        getattr(node.target, "__module__", None) in ("_operator", "operator")
+        or node.target in (len, int, tuple, list)))
+
+
 def _freeze_node(b: _Builder, node: fx.Node, modules, args, label: str) -> str:
     shape = _per_sample_shape(node)
     if node.op == "call_module":
@@ -290,6 +329,8 @@ def _freeze_node(b: _Builder, node: fx.Node, modules, args, label: str) -> str:
             return args[0]
         if isinstance(module, QAdd):
             return _freeze_add(b, node.target, module, args[:2], shape)
+        if isinstance(module, QCat):
+            return _freeze_concat(b, node.target, module, args, shape)
         freezer = MODULE_FREEZERS.get(type(module))
         if freezer is None:
             raise FreezeError(f"{label}: module {type(module).__name__} has no integer form "
@@ -299,6 +340,8 @@ def _freeze_node(b: _Builder, node: fx.Node, modules, args, label: str) -> str:
         return _freeze_reshape(b, node.name, None, args[0], shape)
     if node.op == "call_method" and node.target in _RESHAPE_METHODS:
         return _freeze_reshape(b, node.name, None, args[0], shape)
+    if node.op == "call_method" and node.target in _ALIAS_METHODS:
+        return args[0]
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
         return _freeze_add(b, node.name, None, args[:2], shape)
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:

@@ -101,6 +101,18 @@ def infer_add(a: FixedType, b: FixedType) -> FixedType:
     return type_for_range(lo, hi, frac)
 
 
+def infer_concat(types: list[FixedType]) -> FixedType:
+    """The type of a concatenation: its inputs' type when they all have one; otherwise
+    the narrowest type holding every input's values (the finest fraction of any input,
+    codes aligned to it), as for ``add``."""
+    if all(t == types[0] for t in types):
+        return types[0]
+    frac = max(t.fractional for t in types)
+    lo = min(t.qmin * 2 ** (frac - t.fractional) for t in types)
+    hi = max(t.qmax * 2 ** (frac - t.fractional) for t in types)
+    return type_for_range(lo, hi, frac)
+
+
 def infer_relu(t: FixedType) -> FixedType:
     return type_for_range(0, max(t.qmax, 0), t.fractional)
 
@@ -149,8 +161,8 @@ def float_bounds(graph) -> FloatBounds:
     From the exact types: every tensor's codes lie in its type; a dense/conv2d partial
     sum (any subset of products, in any order, as BLAS may add them) is at most
     max_c sum_j |w_cj| * max|x|, and adding the bias gives the accumulator, which is in
-    its type; a scale_shift product is at most max|scale| * max|x|; an add term is
-    max|a| * 2**k; a pooling sum is count * max|x|, times the reciprocal. Casts scale by
+    its type; a scale_shift product is at most max|scale| * max|x|; an add or concat
+    term is max|a| * 2**k; a pooling sum is count * max|x|, times the reciprocal. Casts scale by
     2**(f_out - f_in), the input cast by 2**f_in.
     """
     tensors = graph.tensors
@@ -170,7 +182,7 @@ def float_bounds(graph) -> FloatBounds:
             scale = aligned_weights(c["scale"], c["scale_frac"], in_t.fractional,
                                     out_t.fractional)
             peak = max(peak, int(np.abs(scale).max(initial=0)) * _max_abs(in_t))
-        elif node.op == "add":
+        elif node.op in ("add", "concat"):
             for name in node.inputs:
                 t = tensors[name].type
                 peak = max(peak, _max_abs(t) << (out_t.fractional - t.fractional))

@@ -20,8 +20,9 @@ from qflow.numerics import FixedType
 
 FORMAT_VERSION = 1
 
-#: op name -> (number of inputs, required constants, required attributes)
-OP_SPECS: dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]] = {
+#: op name -> (number of inputs, required constants, required attributes); ``None``
+#: inputs: any number from one up
+OP_SPECS: dict[str, tuple[int | None, tuple[str, ...], tuple[str, ...]]] = {
     "dense": (1, ("weight", "weight_frac"), ()),
     "conv2d": (1, ("weight", "weight_frac"), ("stride", "padding", "dilation", "groups")),
     "scale_shift": (1, ("scale", "scale_frac", "shift", "shift_frac"), ()),
@@ -31,6 +32,7 @@ OP_SPECS: dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]] = {
     "avgpool2d": (1, ("reciprocal",), ("kernel", "stride", "reciprocal_frac")),
     "global_avgpool2d": (1, ("reciprocal",), ("reciprocal_frac",)),
     "reshape": (1, (), ("shape",)),
+    "concat": (None, (), ("axis",)),
     "cast": (1, (), ()),
 }
 
@@ -103,7 +105,9 @@ class QGraph:
                 raise QGraphError(f"{label}: duplicate node name")
             names.add(node.name)
             n_in, consts, attrs = OP_SPECS[node.op]
-            if len(node.inputs) != n_in:
+            if n_in is None and not node.inputs:
+                raise QGraphError(f"{label}: expects at least one input, has none")
+            if n_in is not None and len(node.inputs) != n_in:
                 raise QGraphError(f"{label}: expects {n_in} inputs, has {len(node.inputs)}")
             for name in node.inputs:
                 if name not in known:

@@ -13,9 +13,15 @@ qflow.nn.Add           QAdd                     output (``intermediate``)
 nn.AvgPool2d           QAvgPool2d               output (``activation``)
 nn.AdaptiveAvgPool2d   QAdaptiveAvgPool2d       output (``activation``), global pooling only
 nn.MaxPool2d           QMaxPool2d               exact, keeps the input type
+torch.cat (dim 1)      QCat                     output (``activation``): every input cast
+                                                to one type, then concatenated
 =====================  =======================  ==========================================
+
+Functional ops in a ``forward`` (``F.relu``, ``+``, ``torch.cat``, ``F.max_pool2d``,
+...) become these modules too: see ``qflow.fxconvert``.
 """
 
+from .concat import QCat
 from .elementwise import (
     QAdaptiveAvgPool2d,
     QAdd,
@@ -36,6 +42,7 @@ __all__ = [
     "QAvgPool2d",
     "QBatchNorm1d",
     "QBatchNorm2d",
+    "QCat",
     "QConv2d",
     "QInput",
     "QLinear",

@@ -8,10 +8,22 @@ import torch
 from torch import nn
 
 from qflow.config import QuantSpec
-from qflow.numerics.types import FixedType
+from qflow.numerics import kernel
+from qflow.numerics.types import FixedType, Overflow, Rounding
 from qflow.ops import cast_trainable
 
 _INIT_CANDIDATES = 4  # integer-bit choices tried below the one that holds the maximum
+#: integer bits tried, relative to ceil(log2(peak)), when the start must hold every value
+_COVER_SPAN = tuple(range(-2, 3))
+#: overflow modes that do not clip an out-of-range value but wrap or zero it
+_DESTRUCTIVE = (Overflow.WRAP, Overflow.SAT_ZERO)
+
+
+def _round_code(v: torch.Tensor, fractional: torch.Tensor, rounding: Rounding) -> torch.Tensor:
+    """``v * 2**fractional`` rounded by ``rounding``, before any overflow (float64, exact:
+    the same kernel as every cast; a nonzero value scaled to 0 keeps its sign)."""
+    scaled = kernel.undo_underflow(v, torch.ldexp(v, fractional), torch)
+    return kernel.round_scaled(scaled, rounding, torch)
 
 
 class FixedQuantizer(nn.Module):
@@ -19,10 +31,13 @@ class FixedQuantizer(nn.Module):
 
     The integer bits live in the parameter ``integer_bits`` (one value, or one per
     output channel with ``per_channel``); the forward pass rounds them to an integer.
-    When ``spec.integer_bits`` is ``None`` they start at the value (among the one that
-    holds the largest magnitude and the few below it) with the least squared error on
-    the first tensor seen: the weight at creation, the first training batch for
-    activations. The gradient is described in :func:`qflow.ops.cast_trainable`.
+    When ``spec.integer_bits`` is ``None`` they start from the first tensor seen (the
+    weight at creation, the first training batch or calibration pass for activations
+    and the input): at the fewest integer bits under which no value of it overflows
+    when :attr:`covers_range` (WRAP, SAT_ZERO, or a binary point that is not trained,
+    as the input's), otherwise at the value with the least squared error among
+    ``ceil(log2(max |x|))`` and the three below it. The gradient is described in
+    :func:`qflow.ops.cast_trainable`.
 
     >>> import torch
     >>> from qflow.config import QuantSpec
@@ -107,6 +122,22 @@ class FixedQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._sync_flags()
 
+    @property
+    def covers_range(self) -> bool:
+        """Whether the starting integer bits must hold every value of the first tensor.
+
+        True when a value outside the range would be wrapped or zeroed (``WRAP``,
+        ``SAT_ZERO``), and when the binary point is not trained (the model input by
+        default), whose calibration is final: under every overflow mode no value seen
+        then may overflow. Otherwise (a trained binary point under ``SAT``/``SAT_SYM``)
+        clipping the largest values can be the better start. K-hot codes always
+        saturate, so they never need it.
+        """
+        spec = self.spec
+        if spec.khot:
+            return False
+        return spec.overflow in _DESTRUCTIVE or not spec.trainable
+
     def _best_integer_bits(self, x: torch.Tensor) -> torch.Tensor:
         shape = self.integer_bits.shape
         if self.per_channel:
@@ -116,7 +147,9 @@ class FixedQuantizer(nn.Module):
             flat = x.reshape(1, -1)
             reduce_dims = tuple(range(x.dim()))
         peak = flat.abs().amax(dim=1).clamp_min(2.0**-24)
-        top = torch.ceil(torch.log2(peak))  # integer bits that hold the peak
+        top = torch.ceil(torch.log2(peak))  # integer bits of the largest magnitude
+        if self.covers_range:
+            return self._covering_integer_bits(flat, top).reshape(shape)
         best, best_err = top.clone(), None
         for drop in range(_INIT_CANDIDATES):
             bits = (top - drop).reshape(shape)
@@ -133,6 +166,36 @@ class FixedQuantizer(nn.Module):
             best = torch.where(better, top - drop, best)
             best_err = torch.where(better, err, best_err)
         return best.reshape(shape)
+
+    def _covering_integer_bits(self, flat: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Per row of ``flat``, the fewest integer bits under which neither the row's
+        maximum nor its minimum overflows once rounded (by the type's rounding mode,
+        so ``1 - lsb/2`` rounding up to 1.0 counts).
+
+        Rounding is monotone, so the extremes decide for every value, and more integer
+        bits never make a value overflow that fitted before: the fewest of ``top - 2``
+        (a margin for ``log2``'s rounding) to ``top + 2`` that fit are taken, and
+        ``top + 2`` always fits (``|code| <= 2**(W - signed - 2)``, in range for W >= 2;
+        a 1-bit signed type's 0 or -1 too). An unsigned type holds no negative
+        value at any integer bits (they become code 0 under SAT, SAT_SYM and SAT_ZERO
+        and wrap under WRAP): only its maximum decides.
+        """
+        spec, signed = self.spec, self.is_signed
+        qmin, qmax = kernel.code_range(spec.bits, signed)
+        if spec.overflow is Overflow.SAT_SYM:
+            qmin = kernel.sat_sym_low(spec.bits, signed)
+        hi = flat.amax(dim=1).to(torch.float64)
+        lo = flat.amin(dim=1).to(torch.float64)
+        if not signed:
+            lo = lo.clamp_min(0.0)
+        chosen = top + _COVER_SPAN[-1]
+        for step in reversed(_COVER_SPAN):  # downwards, so the fewest that fit wins
+            bits = top + step
+            fractional = (spec.bits - int(signed) - bits).to(torch.float64)
+            fits = ((_round_code(hi, fractional, spec.rounding) <= qmax)
+                    & (_round_code(lo, fractional, spec.rounding) >= qmin))
+            chosen = torch.where(fits, bits, chosen)
+        return chosen
 
     def fixed_types(self) -> list[FixedType]:
         """The current type of each channel (one entry when per tensor)."""

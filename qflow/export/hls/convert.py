@@ -136,7 +136,7 @@ def convert(graph: QGraph, hls_dir: Path, *, part: str, clock_mhz: float, io_typ
     import hls4ml
 
     custom.register()
-    form = hls_graph(graph)
+    form = hls_graph(graph, io_type, strategy)
     hls_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = hls_dir.parent / HLS_ONNX_FILE
     onnx.save(form.model, onnx_path)

@@ -319,6 +319,8 @@ def _weighted(ctx: _Context, node: Node) -> LayerEstimate:
     weight = np.asarray(node.consts["weight"], dtype=np.int64)
     codes = aligned_codes(weight, node.consts["weight_frac"])
     n_out = weight.shape[0]
+    # per output: (C_in / groups)·kh·kw products; a depthwise convolution (hls4ml's
+    # DepthwiseConv2D) has one per channel per kernel tap, kh·kw·C in all
     n_in = int(np.prod(weight.shape[1:]))
     if node.op == "conv2d":
         out_pixels = int(np.prod(out_shape[1:]))
@@ -430,30 +432,99 @@ def _reshape(ctx: _Context, node: Node) -> LayerEstimate:
     return LayerEstimate(node.name, node.op)
 
 
+def _concat(ctx: _Context, node: Node) -> LayerEstimate:
+    """Concatenation joins wires (the inputs are already in the result type)."""
+    est = LayerEstimate(node.name, node.op)
+    _, passes = _elements_per_pass(ctx, node.output)
+    est.ii = passes
+    est.latency_cycles = passes + 1 if ctx.stream else 0
+    return est
+
+
+def window_sum_type(in_t: FixedType, window: int) -> FixedType:
+    """The exact type of a sum of ``window`` values of type ``in_t`` (the exporter's
+    ``accum_t`` of an average pool)."""
+    return type_for_range(min(in_t.qmin, 0) * window, max(in_t.qmax, 0) * window,
+                          in_t.fractional)
+
+
 def _pool(ctx: _Context, node: Node) -> LayerEstimate:
-    """Window reductions: comparators (max) or adders (average), then a constant reciprocal."""
+    """Window reductions: comparators (max) or adders (average), then a constant reciprocal.
+
+    Average pools whose reciprocal is an exact power of two are hls4ml's Pooling2D (the
+    division is a shift); any other is qflow's FixedAvgPool: one reciprocal multiplier
+    per output of a pass, the window sum times the reciprocal code."""
     est = LayerEstimate(node.name, node.op)
     in_shape = ctx.shape_of(node.inputs[0])
+    in_t = ctx.type_of(node.inputs[0])
     window = (in_shape[1] * in_shape[2] if node.op == "global_avgpool2d"
               else int(np.prod(node.attrs["kernel"])))
     out_per_pass, _ = _elements_per_pass(ctx, node.output)
     width = ctx.type_of(node.output).width
-    est.lut = out_per_pass * (window - 1) * width
     if "reciprocal" in node.consts:
         recip = np.asarray(node.consts["reciprocal"]).reshape(-1)
-        est.products = out_per_pass
-        est.multipliers = out_per_pass
+        sum_t = window_sum_type(in_t, window)
+        est.lut = out_per_pass * (window - 1) * sum_t.width  # the window adders
+        est.products = est.multipliers = out_per_pass
         est.reuse = 1
-        # the window sum grows by log2(window) bits before the reciprocal
-        est.activation_width = ctx.type_of(node.inputs[0]).width + math.ceil(math.log2(window))
+        est.activation_width = sum_t.width
         est.weight_width = code_width(recip)
         kind, terms = _choose_multiplier(recip, est, constants_in_fabric=True)
-        _multiplier_cost(ctx, est, kind, terms, ctx.type_of(node.inputs[0]), False, width)
+        _multiplier_cost(ctx, est, kind, terms, sum_t, False, width)
+        exact_shift = int(recip[0]) * window == 2 ** int(node.attrs["reciprocal_frac"])
+        if kind != "shift-add":
+            est.ff += est.multipliers * width  # one pipeline register per product
+        if ctx.stream and not exact_shift:
+            # FixedAvgPool in io_stream: the last pool_height rows in registers, or one
+            # running sum per channel for a whole-plane window
+            rows = (0 if node.op == "global_avgpool2d" or window == in_shape[1] * in_shape[2]
+                    else node.attrs["kernel"][0])
+            est.ff += (rows * in_shape[2] * in_shape[0] * in_t.width if rows
+                       else in_shape[0] * sum_t.width)
+    else:
+        est.lut = out_per_pass * (window - 1) * width  # the window comparators
     _output_registers(ctx, est, node.output)
     passes = int(np.prod(in_shape[1:])) if ctx.stream else 1
     est.ii = passes
     est.latency_cycles = passes + 1 + _adder_depth(window) + MULTIPLIER_STAGES[
         est.multiplier_kind]
+    return est
+
+
+def covered(size: int, kernel: int, stride: int, pad: int, out: int) -> np.ndarray:
+    """How many input rows (or columns) each output row's window covers inside the image.
+
+    >>> covered(8, 3, 2, 1, 4).tolist()
+    [2, 3, 3, 3]
+    """
+    starts = np.arange(out) * stride - pad
+    return np.minimum(starts + kernel, size) - np.maximum(starts, 0)
+
+
+def _maxpool(ctx: _Context, node: Node) -> LayerEstimate:
+    """Unpadded: hls4ml's Pooling2D (as any pool). Padded: qflow's FixedMaxPool, whose
+    comparators see only the values a window covers inside the image; in io_stream it
+    keeps the last pool_height rows in registers and writes the output rows that the
+    bottom edge cuts after the last input pixel, one pixel per cycle."""
+    est = _pool(ctx, node)
+    ph, pw = node.attrs["padding"]
+    if not (ph or pw):
+        return est
+    chans, height, width_in = ctx.shape_of(node.inputs[0])
+    _, out_h, out_w = ctx.shape_of(node.output)
+    (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
+    width = ctx.type_of(node.output).width
+    if ctx.stream:
+        # one output pixel's comparators, sized for a whole window
+        est.lut = chans * (kh * kw - 1) * width
+        est.ff += kh * width_in * chans * ctx.type_of(node.inputs[0]).width
+        last_rows = np.minimum(np.arange(out_h) * sh - ph + kh - 1, height - 1)
+        tail = max(int((last_rows == height - 1).sum()) - 1, 0)
+        est.ii = height * width_in + tail * out_w
+        est.latency_cycles = est.ii + 1 + _adder_depth(kh * kw)
+    else:
+        values = np.outer(covered(height, kh, sh, ph, out_h), covered(width_in, kw, sw, pw, out_w))
+        est.lut = chans * int((values - 1).sum()) * width
     return est
 
 
@@ -465,9 +536,10 @@ ESTIMATORS = {
     "add": _add,
     "cast": _cast,
     "reshape": _reshape,
-    "maxpool2d": _pool,
+    "maxpool2d": _maxpool,
     "avgpool2d": _pool,
     "global_avgpool2d": _pool,
+    "concat": _concat,
 }
 
 

@@ -53,6 +53,7 @@ EXACT_OPS: dict[str, tuple[frozenset | None, str]] = {
     "Not": (ANY_TYPE, "boolean logic"),
     "Where": (ANY_TYPE, "selection"),
     "Reshape": (ANY_TYPE, "data movement"),
+    "Concat": (ANY_TYPE, "data movement"),
     "Slice": (ANY_TYPE, "data movement"),
     "Identity": (ANY_TYPE, "data movement"),
 }

@@ -5,21 +5,35 @@ TVM runtime (``pip install apache-tvm``, or a runtime-only TVM build on a board)
 qflow or torch. ``build.json`` beside it describes the build: library file, device,
 input and output shapes and fixed-point types.
 
+Input codes are the input type's own cast of the real values (``build.json``:
+``input.type``): t = x * 2**fractional, rounded to an integer by the type's rounding mode
+(TRN floors, RND_CONV rounds ties to even, ...), then its overflow mode applied to that
+integer (SAT clamps to ``[qmin, qmax]``, SAT_ZERO gives 0 outside it, WRAP keeps the low
+W bits). That is ``round(x * 2**fractional)`` saturated only for an RND_CONV/SAT input
+type. ``codec.py``, which every export writes beside ``tvm/`` (numpy only; copy it with
+``tvm/``), computes them exactly; output codes stand for ``code * 2**-fractional``.
+Codes outside ``[qmin, qmax]`` are refused.
+
 Command line (codes in a ``.npy`` file, shape ``[N, *input_shape]``, integers)::
 
+    python codec.py to-codes inputs.npy input_codes.npy      # real values -> input codes
     python tvm/run.py input_codes.npy output_codes.npy
+    python codec.py from-codes output_codes.npy outputs.npy  # output codes -> real values
 
 From Python::
 
     import importlib.util
-    spec = importlib.util.spec_from_file_location("qflow_tvm_run", "export-cpu/tvm/run.py")
-    run = importlib.util.module_from_spec(spec); spec.loader.exec_module(run)
-    model = run.load()              # the build beside run.py; or run.load("path/to/tvm")
-    out_codes = model(in_codes)     # real value = code * 2**-fractional (see build.json)
 
-Input codes come from real values as ``round(x * 2**fractional)`` saturated to the input
-type's range (``build.json``: ``input.fractional``, ``input.qmin``, ``input.qmax``);
-codes outside that range are refused.
+    def load_file(name, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+        return module
+
+    codec = load_file("codec", "export-cpu/codec.py")
+    run = load_file("qflow_tvm_run", "export-cpu/tvm/run.py")
+    model = run.load()                    # the build beside run.py; or run.load("path/to/tvm")
+    out_codes = model(codec.to_codes(x))  # x: real inputs [N, *input_shape]
+    y = codec.from_codes(out_codes)       # real outputs (float64, exact)
 """
 
 from __future__ import annotations
@@ -130,7 +144,9 @@ def load(directory: str | Path | None = None) -> TvmModel:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python run.py INPUT_CODES.npy OUTPUT_CODES.npy", file=sys.stderr)
+        print("usage: python run.py INPUT_CODES.npy OUTPUT_CODES.npy (integer codes of the "
+              "input type: python codec.py to-codes INPUTS.npy INPUT_CODES.npy makes them)",
+              file=sys.stderr)
         return 2
     try:
         model = load()
