@@ -11,6 +11,7 @@ from torch import nn
 from qflow import fxconvert
 from qflow.config import ROLES, QFXConfig
 from qflow.errors import ConfigError, QflowError
+from qflow.methods import Method, Phase, method_of, register_method
 from qflow.nn import (
     Add,
     QAdaptiveAvgPool2d,
@@ -63,17 +64,13 @@ def _quantize_input(module: nn.Module, args: tuple, kwargs: dict):
     return args, {**kwargs, name: module.qflow_input(kwargs[name])}
 
 
-def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
-    """Swap the supported modules of ``model`` for QFX fixed-point modules, in place.
+def quantize_(model: nn.Module, config=None) -> nn.Module:
+    """Swap the supported modules of ``model`` for the QAT modules of ``config``'s method,
+    in place; returns ``model``.
 
-    Supported modules are listed in :mod:`qflow.nn`; functional ops in a ``forward``
-    (``F.relu``, ``a + b``, ``torch.cat``, ...) become such modules too, named after
-    where they are (:mod:`qflow.fxconvert`). The model input is cast by a
-    ``qflow_input`` module, run from a forward pre-hook (or, in a plain ``nn.Sequential``,
-    inserted as its first element). Per-layer settings come from
-    ``config.overrides``; an override whose pattern reaches no quantized tensor of its
-    role raises :class:`ConfigError`, as does a module or functional op that qflow
-    cannot make exact (it would stay float and could not be deployed), naming it.
+    The method is looked up by the config's type in :data:`qflow.methods.METHODS`
+    (``QFXConfig`` -> QFX; an unknown type is a one-line ConfigError listing the
+    registered methods). The default config is ``QFXConfig()``.
 
     >>> import torch
     >>> from torch import nn
@@ -84,15 +81,34 @@ def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
     ['QInput', 'QLinear', 'QReLU', 'QLinear']
     >>> model(torch.rand(5, 4)).shape
     torch.Size([5, 2])
+    >>> qflow.quantize_(nn.Sequential(nn.Linear(4, 2)), {"bits": 4})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    qflow.errors.ConfigError: quantize_ expects a method config, got dict; registered methods: ...
     """
     config = config if config is not None else QFXConfig()
-    if not isinstance(config, QFXConfig):
-        raise ConfigError(f"quantize_ expects a QFXConfig, got {type(config).__name__}")
+    method = method_of(config)
     if hasattr(model, "qflow_input"):
         raise QflowError("model is already quantized (it has a qflow_input module)")
     if type(model) in SWAPS or isinstance(model, QUANTIZED_TYPES):
         raise QflowError(f"quantize_ swaps the modules inside a model; wrap the single "
                          f"{type(model).__name__} in a container, e.g. nn.Sequential(layer)")
+    return method.quantize(model, config)
+
+
+def quantize_qfx(model: nn.Module, config: QFXConfig) -> nn.Module:
+    """QFX's handler (what :func:`quantize_` runs for a ``QFXConfig``): swap the supported
+    modules of ``model`` for QFX fixed-point modules, in place.
+
+    Supported modules are listed in :mod:`qflow.nn`; functional ops in a ``forward``
+    (``F.relu``, ``a + b``, ``torch.cat``, ...) become such modules too, named after
+    where they are (:mod:`qflow.fxconvert`). The model input is cast by a
+    ``qflow_input`` module, run from a forward pre-hook (or, in a plain ``nn.Sequential``,
+    inserted as its first element). Per-layer settings come from
+    ``config.overrides``; an override whose pattern reaches no quantized tensor of its
+    role raises :class:`ConfigError`, as does a module or functional op that qflow
+    cannot make exact (it would stay float and could not be deployed), naming it.
+
+    """
     originals = list(model.named_modules())
     traced = fxconvert.trace_reachable(model, _is_leaf)
     float_left = [f"{name} ({type(module).__name__})" for name, module in originals
@@ -127,6 +143,14 @@ def quantize_(model: nn.Module, config: QFXConfig | None = None) -> nn.Module:
     _attach_input_quantizer(model, input_quant)
     model.qflow_config = config
     return model
+
+
+register_method(Method(
+    name="qfx", config_type=QFXConfig, quantize=quantize_qfx,
+    phases=lambda config, epochs: [Phase("QAT", epochs, lr_scale=1 / 3)],
+    tag=lambda c: f"w{c.weight.bits}a{c.activation.bits}",
+    describe=lambda c: f"QFX, weights {c.weight.bits}-bit, activations "
+                       f"{c.activation.bits}-bit"))
 
 
 class _SpecRecorder:

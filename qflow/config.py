@@ -20,6 +20,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import yaml
 
@@ -135,6 +136,18 @@ class LayerOverride:
         return name == self.pattern or re.fullmatch(self.pattern, name) is not None
 
 
+def method_key_checked(data, method: str) -> dict:
+    """A copy of the config mapping ``data`` without its ``method`` key, which must name
+    ``method`` when present (a recipe of another method read as this one)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+    data = dict(data)
+    given = data.pop("method", method)
+    if given != method:
+        raise ConfigError(f"config.method: this is a {method} config, not {given!r}")
+    return data
+
+
 @dataclass(frozen=True, kw_only=True)
 class QFXConfig:
     """QFX trainable fixed-point quantization of a whole model.
@@ -160,6 +173,8 @@ class QFXConfig:
     )
     fold_batchnorm: bool = False
     overrides: tuple[LayerOverride, ...] = ()
+    #: the method name in recipes and registries (qflow.methods)
+    METHOD: ClassVar[str] = "qfx"
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:
@@ -210,16 +225,16 @@ class QFXConfig:
 
     # -- serialization -------------------------------------------------------------
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        """Plain data, led by ``method: qfx`` (the key recipes name their method with)."""
+        return {"method": self.METHOD, **_to_plain(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> QFXConfig:
         """Build from plain data; a role given in part (``weight: {bits: 4}``) keeps the
-        defaults of that role for the fields it leaves out."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+        defaults of that role for the fields it leaves out. A ``method`` key, when
+        present, must say ``qfx``."""
+        data = method_key_checked(data, cls.METHOD)
         defaults = cls()
-        data = dict(data)
         partial = {}
         for role in ROLES:
             if role in data:

@@ -2,9 +2,9 @@
 
 A run directory holds ``checkpoint.pt`` (the QAT model's state dict, loadable with
 ``torch.load(..., weights_only=True)``), ``float.pt`` (the float model before QAT),
-``config.json`` (the QFX config), ``run.json`` (model, data, seed, epochs, versions)
-and ``metrics.json``. It is written through :class:`qflow.outdir.OutputDirectory`, so a
-failed run leaves nothing half-written.
+``config.json`` (the method's config, with its ``method`` key), ``run.json`` (method,
+model, data, seed, epochs, versions) and ``metrics.json``. It is written through
+:class:`qflow.outdir.OutputDirectory`, so a failed run leaves nothing half-written.
 
 A run is self-contained: ``run.json`` records its model and data sources with absolute
 paths, the sha256 of the model file, of the data set's arrays, and of the checkpoint,
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from qflow.api import quantize_
-from qflow.config import QFXConfig
 from qflow.errors import QflowError
 from qflow.jsonfile import read_json, write_json
+from qflow.methods import config_from_json
 from qflow.outdir import OutputDirectory
 from qflow.sources import (
     absolute_spec,
@@ -59,7 +59,7 @@ def data_source(spec: str, data: Dataset, search_path: list[str] | None = None) 
 
 
 def write_run_files(directory: Path, *, qat_model: nn.Module, float_model: nn.Module,
-                    config: QFXConfig, run_info: dict, metrics: dict) -> None:
+                    config, run_info: dict, metrics: dict) -> None:
     """Write the run files into ``directory`` (an output's staging directory), with the
     sha256 of the checkpoint, float weights and config recorded in run.json."""
     directory = Path(directory)
@@ -72,7 +72,7 @@ def write_run_files(directory: Path, *, qat_model: nn.Module, float_model: nn.Mo
 
 
 def save_run(directory: str | Path, *, qat_model: nn.Module, float_model: nn.Module,
-             config: QFXConfig, run_info: dict, metrics: dict, force: bool = False) -> Path:
+             config, run_info: dict, metrics: dict, force: bool = False) -> Path:
     """Write a complete run directory; return its path.
 
     ``run_info`` should hold ``model`` and ``input_shape`` and, for :func:`load_run` to
@@ -162,7 +162,7 @@ def load_run(directory: str | Path) -> tuple[nn.Module, dict]:
     directory = Path(directory)
     info = read_run_info(directory)
     spec = check_model_source(info, directory)
-    config = QFXConfig.from_json((directory / CONFIG).read_text(encoding="utf-8"))
+    config = config_from_json((directory / CONFIG).read_bytes(), str(directory / CONFIG))
     model = resolve_model(spec)()
     quantize_(model, config)
     checkpoint = directory / CHECKPOINT

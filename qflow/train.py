@@ -110,6 +110,7 @@ def fit(
     description: str = "train",
     checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> list[dict]:
     """Train ``model`` (float or QFX) with Adam and cross-entropy; one dict per epoch.
 
@@ -121,7 +122,8 @@ def fit(
     scheduler, shuffling generator and torch's random state; save it with ``torch.save``,
     it loads with ``weights_only=True``). Passing such a dict back as ``resume`` continues
     from that epoch: the result equals an uninterrupted run's, tensor for tensor.
-    A NaN or infinite loss raises :class:`TrainingDivergedError`.
+    A NaN or infinite loss raises :class:`TrainingDivergedError`. ``regularizer(model)``,
+    when given, is added to every step's loss (and to the loss recorded).
 
     >>> import torch
     >>> from torch import nn
@@ -159,6 +161,8 @@ def fit(
                 idx = order[start:start + batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x_t[idx]), y_t[idx])
+                if regularizer is not None:
+                    loss = loss + regularizer(model)
                 loss.backward()
                 optimizer.step()
                 schedule.step()

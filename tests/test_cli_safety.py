@@ -261,7 +261,8 @@ def test_bits_beside_a_recipe_says_which_wins(user_dir):
     code, out, err = _main(user_dir, ["quantize", *TINY, "--recipe", "r4.yaml", "--bits", "8",
                                       "--out", "r8"])
     assert code == 0, err
-    assert "replace the recipe's: weights 4 -> 8" in " ".join(out.split())
+    assert ("replace the recipe's: QFX, weights 4-bit, activations 4-bit -> QFX, weights 8-bit, "
+            "activations 8-bit") in " ".join(out.split())
     config = json.loads((user_dir / "r8" / "config.json").read_text())
     assert config["weight"]["bits"] == 8 and config["activation"]["bits"] == 8
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import platform
 import time
@@ -22,8 +23,8 @@ from rich.table import Table
 
 import qflow
 from qflow.api import describe, quantize_
-from qflow.config import QFXConfig
 from qflow.errors import ConfigError, QflowError
+from qflow.methods import METHODS, config_from_dict, config_from_yaml, method_named, method_of
 from qflow.outdir import OutputDirectory, read_marker
 from qflow.runs import data_source, model_source, write_run_files
 from qflow.sources import absolute_spec, module_search_path, resolve_data, resolve_model
@@ -32,17 +33,21 @@ from qflow.zoo import MODELS, Dataset
 
 from .console import make_console
 
-HELP = "train and quantize a model with QFX fixed point (default: digits-mlp, 8-bit)"
+HELP = ("train a model and quantize it with a QAT method (default: digits-mlp, QFX "
+        "8-bit)")
 DEFAULT_MODEL = "digits-mlp"
+DEFAULT_METHOD = "qfx"
 DEFAULT_BATCH_SIZE = 64
 MAX_SEED = 2**31 - 1
 PROGRESS_FILE = "progress.pt"
-PROGRESS_FORMAT = 1
+PROGRESS_FORMAT = 2
 #: options that --resume takes from the interrupted run when they are not given again
 RESUMED_OPTIONS = ("model", "data", "epochs", "qat_epochs", "lr", "batch_size", "seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default=None, choices=sorted(METHODS),
+                   help=f"QAT method (default: the recipe's, else {DEFAULT_METHOD})")
     p.add_argument("--model", default=None,
                    help=f"zoo name ({', '.join(sorted(MODELS))}) or path/file.py:factory "
                         f"(default {DEFAULT_MODEL}); a model file is Python code that qflow "
@@ -51,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="zoo name (digits, jets), file.npz with x_train/y_train/x_test/y_test, "
                         "or module:function (default: the model's own data set)")
     p.add_argument("--recipe", type=Path, default=None,
-                   help="YAML file holding a QFX config (the fields of qflow.QFXConfig)")
+                   help="YAML file holding a method's config (its `method:` key names the "
+                        "method; the other keys are the fields of its config class, e.g. "
+                        "qflow.QFXConfig)")
     p.add_argument("--bits", type=int, default=None,
                    help="word length of weights, activations and input (default 8); "
                         "replaces a recipe's base widths, its per-layer overrides still apply")
@@ -63,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None,
                    help="float training epochs (default: the zoo model's, else 20)")
     p.add_argument("--qat-epochs", type=int, default=None,
-                   help="QAT fine-tuning epochs (default: half of --epochs, at least 3)")
+                   help="epochs of each QAT phase (default: half of --epochs, at least 3)")
     p.add_argument("--lr", type=float, default=None, help="float learning rate (QAT uses a third)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"training batch size (default {DEFAULT_BATCH_SIZE})")
@@ -87,7 +94,7 @@ class Settings:
 
     model: str
     data: str
-    config: QFXConfig
+    config: object  # a registered method's config (qflow.methods)
     epochs: int
     qat_epochs: int
     lr: float
@@ -100,29 +107,31 @@ class Settings:
                 "batch_size": self.batch_size, "seed": self.seed}
 
 
-def build_config(args: argparse.Namespace, note=lambda message: None) -> QFXConfig:
-    """The recipe (or the default config) with the word lengths given on the command line."""
+def build_config(args: argparse.Namespace, note=lambda message: None):
+    """The recipe (or the method's default config) with the word lengths given on the
+    command line. The method is ``--method``, else the recipe's ``method:``, else qfx."""
     if args.recipe is not None:
         if not args.recipe.is_file():
             raise QflowError(f"recipe file not found: {args.recipe}")
         try:
-            config = QFXConfig.from_yaml(args.recipe.read_text(encoding="utf-8"))
-        except ConfigError as exc:
-            raise ConfigError(f"{args.recipe}: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{args.recipe}: not UTF-8 text ({exc.reason} at byte "
-                              f"{exc.start})") from None
+            text = args.recipe.read_bytes()
         except OSError as exc:
             raise QflowError(f"cannot read recipe {args.recipe}: {exc.strerror}") from None
+        try:
+            config = config_from_yaml(text, default=args.method or DEFAULT_METHOD)
+        except ConfigError as exc:
+            raise ConfigError(f"{args.recipe}: {exc}") from None
+        if args.method is not None and method_of(config).name != args.method:
+            raise ConfigError(f"--method {args.method} but {args.recipe} is a "
+                              f"{method_of(config).name} recipe")
     else:
-        config = QFXConfig()
+        config = method_named(args.method or DEFAULT_METHOD).config_type()
     changed = config.replace_bits(args.bits, weight_bits=args.weight_bits,
                                   act_bits=args.act_bits)
     if args.recipe is not None and changed != config:
-        note(f"the command line's word lengths replace the recipe's: weights "
-             f"{config.weight.bits} -> {changed.weight.bits}, activations and input "
-             f"{config.activation.bits} -> {changed.activation.bits} bits (the recipe's "
-             "per-layer overrides still apply)")
+        describe = method_of(config).describe
+        note(f"the command line's word lengths replace the recipe's: {describe(config)} -> "
+             f"{describe(changed)} (the recipe's per-layer overrides still apply)")
     return changed
 
 
@@ -159,8 +168,10 @@ def _settings(args: argparse.Namespace, note) -> Settings:
 def _default_out(settings: Settings) -> Path:
     name = settings.model if settings.model in MODELS else Path(
         settings.model.split(":")[0]).stem
-    return Path("runs") / (f"{name}-w{settings.config.weight.bits}"
-                           f"a{settings.config.activation.bits}-seed{settings.seed}")
+    method = method_of(settings.config)
+    tag = method.tag(settings.config)
+    prefix = "" if method.name == DEFAULT_METHOD else f"{method.name}-"
+    return Path("runs") / f"{name}-{prefix}{tag}-seed{settings.seed}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -217,9 +228,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(_format_table(rows))
     console.print(f"float accuracy      {float_acc:6.2f} %")
     console.print(f"quantized accuracy  {quant_acc:6.2f} %  "
-                  f"(QFX, weights {settings.config.weight.bits}-bit, activations "
-                  f"{settings.config.activation.bits}-bit; drop {float_acc - quant_acc:+.2f} "
-                  "points)")
+                  f"({method_of(settings.config).describe(settings.config)}; drop "
+                  f"{float_acc - quant_acc:+.2f} points)")
     console.print(f"run written to {out.given}  ({elapsed:.1f} s)")
     return 0
 
@@ -235,25 +245,30 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     console.print(f"[bold]qflow quantize[/] model={s.model} data={data.name} "
                   f"train={len(data.x_train)} test={len(data.x_test)} seed={s.seed}")
 
-    def save(phase: str, state: dict, epochs: int, **extra) -> None:
+    method = method_of(s.config)
+    phases = method.phases(s.config, s.qat_epochs)
+    done = saved["phase_index"] if saved else 0  # 0: float training, i: QAT phase i
+
+    def save(index: int, state: dict, **extra) -> None:
+        name, epochs = ("float training", s.epochs) if index == 0 else (
+            phases[index - 1].name, phases[index - 1].epochs)
         progress = {"format": PROGRESS_FORMAT, "settings": s.plain(), "sources": sources,
-                    "phase": phase, phase: state,
+                    "phase_index": index, "state": state,
                     "seconds": before + time.perf_counter() - started, **extra}
         tmp = stage / f"{PROGRESS_FILE}.tmp"
         torch.save(progress, tmp)
         tmp.replace(stage / PROGRESS_FILE)
-        label = "float training" if phase == "float" else "QAT"
-        out.mark_progress(f"saved after epoch {state['epoch']} of {epochs} of {label}")
+        out.mark_progress(f"saved after epoch {state['epoch']} of {epochs} of {name}")
 
     progress = not quiet
-    if saved and saved["phase"] == "qat":
+    if done > 0:
         float_model.load_state_dict(saved["float_model"])
         float_history = saved["float_history"]
     else:
         float_history = fit(float_model, data.x_train, data.y_train, epochs=s.epochs, lr=s.lr,
                             batch_size=s.batch_size, seed=s.seed, progress=progress,
-                            description="float", resume=saved and saved["float"],
-                            checkpoint=lambda state: save("float", state, s.epochs))
+                            description="float", resume=saved and saved["state"],
+                            checkpoint=lambda state: save(0, state))
     float_acc = evaluate(float_model, data.x_test, data.y_test)
     _warn_if_not_learning(console, float_acc, data)
 
@@ -262,12 +277,26 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     calibrate(qat_model, data.x_train[: s.batch_size * 4])
     ptq_acc = evaluate(qat_model, data.x_test, data.y_test)
     float_state = float_model.state_dict()
-    qat_history = fit(qat_model, data.x_train, data.y_train, epochs=s.qat_epochs, lr=s.lr / 3,
-                      batch_size=s.batch_size, seed=s.seed + 1, progress=progress,
-                      description="QAT", resume=saved and saved.get("qat"),
-                      checkpoint=lambda state: save("qat", state, s.qat_epochs,
-                                                    float_model=float_state,
-                                                    float_history=float_history))
+    histories = list(saved["histories"]) if done > 1 else []
+
+    def save_qat(index: int, finished: list, state: dict) -> None:
+        save(index, state, float_model=float_state, float_history=float_history,
+             histories=finished)
+
+    for index, phase in enumerate(phases, start=1):
+        if phase.prepare is not None:
+            phase.prepare(qat_model)
+        if index < done:
+            continue  # finished before the interruption: its end state is in the next one's
+        checkpoint = functools.partial(save_qat, index, list(histories))
+        history = fit(qat_model, data.x_train, data.y_train, epochs=phase.epochs,
+                      lr=s.lr * phase.lr_scale, batch_size=s.batch_size, seed=s.seed + index,
+                      progress=progress, description=phase.name,
+                      regularizer=phase.regularizer,
+                      resume=saved["state"] if saved and index == done else None,
+                      checkpoint=checkpoint)
+        histories.append([{**r, "phase": phase.name} for r in history])
+    qat_history = [r for h in histories for r in h]
     quant_acc = evaluate(qat_model, data.x_test, data.y_test)
     rows = describe(qat_model)
     elapsed = before + time.perf_counter() - started
@@ -282,6 +311,7 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         "seconds": round(elapsed, 2),
     }
     run_info = {
+        "method": method.name,
         "model": s.model,
         "data": s.data,
         "sources": sources,
@@ -331,7 +361,7 @@ def _resumed_settings(args: argparse.Namespace, given: Settings, saved: dict) ->
             raise QflowError(f"--{name.replace('_', '-')} {value} differs from the interrupted "
                              f"run's ({stored[name]}); resume with the same options or start "
                              "over with --force")
-    config = QFXConfig.from_dict(stored["config"])
+    config = config_from_dict(stored["config"])
     config_given = args.recipe is not None or any(
         v is not None for v in (args.bits, args.weight_bits, args.act_bits))
     if config_given and given.config != config:
@@ -349,7 +379,7 @@ def _check_same_sources(stored: dict, current: dict) -> None:
                              "started (sha256 differs); restore it or start over with --force")
 
 
-def _check_model(build_model, data: Dataset, config: QFXConfig) -> None:
+def _check_model(build_model, data: Dataset, config) -> None:
     """Build the model once and check it against the data and the config, so that a
     mismatch stops the command before any training or writing."""
     model = build_model()

@@ -1,0 +1,112 @@
+"""QAT methods: one registry from a method's config type to what the method does.
+
+A method is a frozen, keyword-only config dataclass (with a ``version`` field, a JSON/YAML
+round trip and per-layer overrides) plus a :class:`Method` entry: the handler that swaps a
+model's modules in place (what ``qflow.quantize_`` calls), the training phases that follow
+quantization (one QAT phase for QFX; BiPer has two stages), and how runs are named and
+described. ``qflow.quantize_(model, config)`` looks the config's type up here; the CLI's
+``--method`` and a recipe's ``method:`` key look the name up.
+
+>>> import qflow
+>>> sorted(METHODS)  # doctest: +ELLIPSIS
+[...'qfx'...]
+>>> method_of(qflow.QFXConfig()).name
+'qfx'
+>>> config_from_dict({"method": "qfx", "weight": {"bits": 4}}).weight.bits
+4
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qflow.errors import ConfigError
+from qflow.yamlfile import load_json_text, load_yaml
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase after quantization: ``epochs`` of :func:`qflow.train.fit` at
+    ``lr_scale`` times the float learning rate. ``prepare(model)`` runs before it (a
+    BiPer stage switch, say); ``regularizer(model)`` is added to the loss."""
+
+    name: str
+    epochs: int
+    lr_scale: float = 1.0
+    prepare: Callable[[Any], None] | None = None
+    regularizer: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a QAT method registers: its name, config type and behaviour."""
+
+    name: str
+    config_type: type
+    #: swaps the supported modules of a model in place; returns the model
+    quantize: Callable[[Any, Any], Any]
+    #: (config, QAT epochs from the command line) -> the training phases after quantize_
+    phases: Callable[[Any, int], list[Phase]]
+    #: short tag for run directory names, e.g. "w8a8"
+    tag: Callable[[Any], str]
+    #: one line describing a config, e.g. "QFX, weights 8-bit, activations 8-bit"
+    describe: Callable[[Any], str]
+    extra: dict = field(default_factory=dict)
+
+
+#: method name -> Method, in registration order
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to the registry (its name and config type must be new)."""
+    if method.name in METHODS or any(m.config_type is method.config_type
+                                     for m in METHODS.values()):
+        raise ValueError(f"method {method.name!r} or its config type is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def _registered() -> str:
+    return ", ".join(f"{m.name} ({m.config_type.__name__})" for m in METHODS.values())
+
+
+def method_of(config) -> Method:
+    """The method a config belongs to; a one-line ConfigError listing the registered
+    methods for anything else."""
+    for method in METHODS.values():
+        if type(config) is method.config_type:
+            return method
+    raise ConfigError(f"quantize_ expects a method config, got {type(config).__name__}; "
+                      f"registered methods: {_registered()}")
+
+
+def method_named(name: str) -> Method:
+    """The method called ``name``; a one-line ConfigError listing the known ones."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r} (registered: {_registered()})")
+    return METHODS[name]
+
+
+def config_from_dict(data: dict, default: str = "qfx"):
+    """A config of the method named by the mapping's ``method`` key (``default`` when it
+    has none)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+    name = data.get("method", default)
+    if not isinstance(name, str):
+        raise ConfigError(f"config.method: expected a method name, got {name!r}")
+    return method_named(name).config_type.from_dict(data)
+
+
+def config_from_yaml(text: str | bytes, where: str = "", default: str = "qfx"):
+    """:func:`config_from_dict` of a YAML recipe."""
+    data = load_yaml(text, where, error=ConfigError)
+    return config_from_dict({} if data is None else data, default)
+
+
+def config_from_json(text: str | bytes, where: str = "", default: str = "qfx"):
+    """:func:`config_from_dict` of a JSON config (a run's ``config.json``)."""
+    return config_from_dict(load_json_text(text, where, error=ConfigError), default)
