@@ -14,19 +14,11 @@
 #include "ap_fixed.h"
 #include "hls_stream.h"
 #include "nnet_common.h"
+#include "qflow_window.h"
 
 namespace nnet {
 
-struct qflow_avg_pool_config {
-    static const unsigned in_height = 1;
-    static const unsigned in_width = 1;
-    static const unsigned n_chan = 1;
-    static const unsigned pool_height = 1;
-    static const unsigned pool_width = 1;
-    static const unsigned stride_height = 1;
-    static const unsigned stride_width = 1;
-    static const unsigned out_height = 1;
-    static const unsigned out_width = 1;
+struct qflow_avg_pool_config : qflow_window_config {
     // the reciprocal's integer code: 1/n ~ reciprocal * 2^-(fractional bits of scale_t)
     static const unsigned long long reciprocal = 1;
     typedef ap_fixed<16, 6> accum_t;
@@ -40,6 +32,20 @@ template <typename CONFIG_T> typename CONFIG_T::scale_t qflow_avg_pool_reciproca
     return recip;
 }
 
+// The integer sum (channel c) of the window whose first input pixel is (h0, w0), read from
+// the whole input (io_parallel) or the row buffer (io_stream).
+template <typename CONFIG_T, class src_T>
+typename CONFIG_T::accum_t qflow_avg_pool_sum(src_T src, unsigned h0, unsigned w0, unsigned c) {
+    #pragma HLS INLINE
+    typename CONFIG_T::accum_t sum = 0;
+    for (unsigned ph = 0; ph < CONFIG_T::pool_height; ph++) {
+        for (unsigned pw = 0; pw < CONFIG_T::pool_width; pw++) {
+            sum += qflow_window_at<CONFIG_T>(src, h0 + ph, w0 + pw, c);
+        }
+    }
+    return sum;
+}
+
 // io_parallel: every output of the layer at once.
 template <class data_T, class res_T, typename CONFIG_T>
 void qflow_avg_pool(data_T data[CONFIG_T::in_height * CONFIG_T::in_width * CONFIG_T::n_chan],
@@ -50,14 +56,8 @@ void qflow_avg_pool(data_T data[CONFIG_T::in_height * CONFIG_T::in_width * CONFI
         for (unsigned ow = 0; ow < CONFIG_T::out_width; ow++) {
             for (unsigned c = 0; c < CONFIG_T::n_chan; c++) {
                 #pragma HLS UNROLL
-                typename CONFIG_T::accum_t sum = 0;
-                for (unsigned ph = 0; ph < CONFIG_T::pool_height; ph++) {
-                    for (unsigned pw = 0; pw < CONFIG_T::pool_width; pw++) {
-                        const unsigned h = oh * CONFIG_T::stride_height + ph;
-                        const unsigned w = ow * CONFIG_T::stride_width + pw;
-                        sum += data[(h * CONFIG_T::in_width + w) * CONFIG_T::n_chan + c];
-                    }
-                }
+                const typename CONFIG_T::accum_t sum = qflow_avg_pool_sum<CONFIG_T>(
+                    data, oh * CONFIG_T::stride_height, ow * CONFIG_T::stride_width, c);
                 res[(oh * CONFIG_T::out_width + ow) * CONFIG_T::n_chan + c] = sum * recip;
             }
         }
@@ -102,10 +102,7 @@ void qflow_avg_pool(hls::stream<data_T> &data, hls::stream<res_T> &res) {
                 }
                 continue;
             }
-            for (unsigned c = 0; c < CONFIG_T::n_chan; c++) {
-                #pragma HLS UNROLL
-                rows[h % CONFIG_T::pool_height][w][c] = in[c];
-            }
+            qflow_window_store<data_T, CONFIG_T>(rows, h, w, in);
             // the window ending at (h, w) starts at (h0, w0), a multiple of the stride
             const bool full = h + 1 >= CONFIG_T::pool_height && w + 1 >= CONFIG_T::pool_width;
             const unsigned h0 = h + 1 - CONFIG_T::pool_height;
@@ -117,13 +114,7 @@ void qflow_avg_pool(hls::stream<data_T> &data, hls::stream<res_T> &res) {
                 PRAGMA_DATA_PACK(out)
                 for (unsigned c = 0; c < CONFIG_T::n_chan; c++) {
                     #pragma HLS UNROLL
-                    typename CONFIG_T::accum_t sum = 0;
-                    for (unsigned ph = 0; ph < CONFIG_T::pool_height; ph++) {
-                        for (unsigned pw = 0; pw < CONFIG_T::pool_width; pw++) {
-                            sum += rows[(h0 + ph) % CONFIG_T::pool_height][w0 + pw][c];
-                        }
-                    }
-                    out[c] = sum * recip;
+                    out[c] = qflow_avg_pool_sum<CONFIG_T>(rows, h0, w0, c) * recip;
                 }
                 res.write(out);
             }

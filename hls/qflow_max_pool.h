@@ -16,21 +16,13 @@
 #include "ap_fixed.h"
 #include "hls_stream.h"
 #include "nnet_common.h"
+#include "qflow_window.h"
 
 namespace nnet {
 
-struct qflow_max_pool_config {
-    static const unsigned in_height = 1;
-    static const unsigned in_width = 1;
-    static const unsigned n_chan = 1;
-    static const unsigned pool_height = 1;
-    static const unsigned pool_width = 1;
-    static const unsigned stride_height = 1;
-    static const unsigned stride_width = 1;
+struct qflow_max_pool_config : qflow_window_config {
     static const unsigned pad_top = 0;
     static const unsigned pad_left = 0;
-    static const unsigned out_height = 1;
-    static const unsigned out_width = 1;
 };
 
 // The last input row (column) the window of output row (column) o covers.
@@ -39,6 +31,29 @@ int qflow_max_pool_last(int o) {
     #pragma HLS INLINE
     const int last = o * int(stride) - int(pad) + int(pool) - 1;
     return last < int(in_size) - 1 ? last : int(in_size) - 1;
+}
+
+// The largest input value (channel c) in the window of output pixel (oh, ow), of type T,
+// read from the whole input (io_parallel) or the row buffer (io_stream).
+template <typename CONFIG_T, class T, class src_T>
+T qflow_max_pool_window(src_T src, int oh, int ow, unsigned c) {
+    #pragma HLS INLINE
+    T best = 0;
+    bool have = false;
+    for (int ph = 0; ph < int(CONFIG_T::pool_height); ph++) {
+        for (int pw = 0; pw < int(CONFIG_T::pool_width); pw++) {
+            const int h = oh * int(CONFIG_T::stride_height) - int(CONFIG_T::pad_top) + ph;
+            const int w = ow * int(CONFIG_T::stride_width) - int(CONFIG_T::pad_left) + pw;
+            if (h < 0 || h >= int(CONFIG_T::in_height) || w < 0 || w >= int(CONFIG_T::in_width))
+                continue; // padding: never a candidate
+            const T v = qflow_window_at<CONFIG_T>(src, h, w, c);
+            if (!have || v > best) {
+                best = v;
+                have = true;
+            }
+        }
+    }
+    return best;
 }
 
 // io_parallel: every output of the layer at once.
@@ -50,22 +65,8 @@ void qflow_max_pool(data_T data[CONFIG_T::in_height * CONFIG_T::in_width * CONFI
         for (int ow = 0; ow < int(CONFIG_T::out_width); ow++) {
             for (unsigned c = 0; c < CONFIG_T::n_chan; c++) {
                 #pragma HLS UNROLL
-                data_T best = 0;
-                bool have = false;
-                for (int ph = 0; ph < int(CONFIG_T::pool_height); ph++) {
-                    for (int pw = 0; pw < int(CONFIG_T::pool_width); pw++) {
-                        const int h = oh * int(CONFIG_T::stride_height) - int(CONFIG_T::pad_top) + ph;
-                        const int w = ow * int(CONFIG_T::stride_width) - int(CONFIG_T::pad_left) + pw;
-                        if (h < 0 || h >= int(CONFIG_T::in_height) || w < 0 || w >= int(CONFIG_T::in_width))
-                            continue; // padding: never a candidate
-                        const data_T v = data[(h * CONFIG_T::in_width + w) * CONFIG_T::n_chan + c];
-                        if (!have || v > best) {
-                            best = v;
-                            have = true;
-                        }
-                    }
-                }
-                res[(oh * CONFIG_T::out_width + ow) * CONFIG_T::n_chan + c] = best;
+                res[(oh * CONFIG_T::out_width + ow) * CONFIG_T::n_chan + c] =
+                    qflow_max_pool_window<CONFIG_T, data_T>(data, oh, ow, c);
             }
         }
     }
@@ -81,22 +82,7 @@ void qflow_max_pool_pixel(in_t rows[CONFIG_T::pool_height][CONFIG_T::in_width][C
     PRAGMA_DATA_PACK(out)
     for (unsigned c = 0; c < CONFIG_T::n_chan; c++) {
         #pragma HLS UNROLL
-        in_t best = 0;
-        bool have = false;
-        for (int ph = 0; ph < int(CONFIG_T::pool_height); ph++) {
-            for (int pw = 0; pw < int(CONFIG_T::pool_width); pw++) {
-                const int h = oh * int(CONFIG_T::stride_height) - int(CONFIG_T::pad_top) + ph;
-                const int w = ow * int(CONFIG_T::stride_width) - int(CONFIG_T::pad_left) + pw;
-                if (h < 0 || h >= int(CONFIG_T::in_height) || w < 0 || w >= int(CONFIG_T::in_width))
-                    continue; // padding: never a candidate
-                const in_t v = rows[h % CONFIG_T::pool_height][w][c];
-                if (!have || v > best) {
-                    best = v;
-                    have = true;
-                }
-            }
-        }
-        out[c] = best;
+        out[c] = qflow_max_pool_window<CONFIG_T, in_t>(rows, oh, ow, c);
     }
     res.write(out);
 }
@@ -121,10 +107,7 @@ void qflow_max_pool(hls::stream<data_T> &data, hls::stream<res_T> &res) {
         for (int w = 0; w < int(CONFIG_T::in_width); w++) {
             #pragma HLS PIPELINE
             const data_T in = data.read();
-            for (unsigned c = 0; c < CONFIG_T::n_chan; c++) {
-                #pragma HLS UNROLL
-                rows[h % CONFIG_T::pool_height][w][c] = in[c];
-            }
+            qflow_window_store<data_T, CONFIG_T>(rows, h, w, in);
             if (!row_out)
                 continue;
             for (int ow = 0; ow < int(CONFIG_T::out_width); ow++) {

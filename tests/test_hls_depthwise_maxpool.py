@@ -20,21 +20,26 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from hls_models import (
+    CORNERS,
+    IO_TYPES,
+    ULTRA96,
+    Cell,
+    csim_mismatches,
+    export_cell,
+    hls_type,
+    inputs,
+    train_and_freeze,
+)
 from torch import nn
 
-import qflow
-from qflow.config import QFXConfig
-from qflow.export import ExportOptions
-from qflow.export.hls import HlsExportError, export_hls, run_csim
+from qflow.export.hls import HlsExportError
 from qflow.export.hls.convert import UNSET_PRECISION
 from qflow.export.hls.estimate import dsp_per_product, estimate_resources
 from qflow.export.hls.max_pool import pooled_size
@@ -42,15 +47,7 @@ from qflow.export.hls.onnx_graph import hls_graph
 from qflow.graph import Emulator
 from qflow.graph.ir import Node, QGraph, TensorInfo
 from qflow.numerics import FixedType, to_codes
-from qflow.numerics.corners import corner_inputs
-from qflow.targets import load_target
-from qflow.train import fit
-from qflow.verify.check import compare
-from qflow.zoo import DATASETS
 
-ULTRA96 = load_target("ultra96")
-IO_TYPES = ("io_parallel", "io_stream")
-CORNERS = 512
 ROOT = Path(__file__).resolve().parent.parent
 
 #: name -> factory; every model reads 1×8×8 digits
@@ -75,24 +72,8 @@ MODELS = {
 
 
 @functools.cache
-def digits():
-    return DATASETS["digits"]()
-
-
-@functools.cache
 def frozen(name: str) -> QGraph:
-    data = digits()
-    torch.manual_seed(0)
-    model = qflow.quantize_(MODELS[name](), QFXConfig())
-    fit(model, data.x_train[:512], data.y_train[:512], epochs=1, lr=3e-3, progress=False)
-    return qflow.freeze(model.eval(), torch.as_tensor(data.x_test[:4]))
-
-
-def inputs(graph: QGraph) -> np.ndarray:
-    """The digits test set and 512 corner cases of the input type."""
-    shape = graph.tensors[graph.input].shape
-    return np.concatenate([digits().x_test.astype(np.float64),
-                           corner_inputs(graph.input_type, shape, CORNERS)])
+    return train_and_freeze(MODELS[name])
 
 
 def depthwise_nodes(graph: QGraph) -> list[Node]:
@@ -103,20 +84,6 @@ def padded_pools(graph: QGraph) -> list[Node]:
     return [n for n in graph.nodes if n.op == "maxpool2d" and any(n.attrs["padding"])]
 
 
-@dataclass
-class Cell:
-    name: str
-    io_type: str
-    graph: QGraph
-    out: Path
-    x: np.ndarray
-    csim: np.ndarray
-
-    @property
-    def report(self) -> dict:
-        return json.loads((self.out / "report.json").read_text())
-
-
 CELLS = [(m, io) for m in MODELS for io in IO_TYPES]
 
 
@@ -124,26 +91,13 @@ CELLS = [(m, io) for m in MODELS for io in IO_TYPES]
 def cell(request, tmp_path_factory) -> Cell:
     """One export and one C simulation per (model, io type) for the whole module."""
     name, io_type = request.param
-    graph = frozen(name)
-    out = tmp_path_factory.mktemp(f"{name}-{io_type}")
-    export_hls(graph, out, ULTRA96, ExportOptions(io_type=io_type))
-    x = inputs(graph)
-    return Cell(name, io_type, graph, out, x, run_csim(out / "hls", graph, x))
+    return export_cell(name, io_type, frozen(name), tmp_path_factory)
 
 
 def test_csim_equals_emulator(cell):
-    bad, max_diff = compare(Emulator(cell.graph).run(cell.x), cell.csim)
-    print(f"{cell.name} {cell.io_type}: {bad} of {len(cell.x)} samples differ "
-          f"({CORNERS} corner cases)")
+    mismatches = csim_mismatches(cell)
     assert len(cell.x) >= CORNERS + 500
-    assert (bad, max_diff) == (0, 0)
-
-
-def _type(text: str) -> tuple:
-    """(signed, width, integer, rounding, overflow) of an hls4ml precision string."""
-    m = re.fullmatch(r"(u?)fixed<(\d+),(-?\d+),(\w+),(\w+)(?:,\d+)?>", text)
-    assert m, text
-    return (m[1] == "", int(m[2]), int(m[3]), m[4], m[5])
+    assert mismatches == (0, 0)
 
 
 def test_layers_are_hls4ml_depthwise_and_qflow_max_pool_with_their_types(cell):
@@ -153,8 +107,8 @@ def test_layers_are_hls4ml_depthwise_and_qflow_max_pool_with_their_types(cell):
     rows = {row["layer"]: row for row in report["layers"]}
     for onnx_name, precisions in form.precisions.items():
         row = rows[form.layer_names[onnx_name]]
-        assert {k: _type(v) for k, v in row["types"].items()} == {
-            k: _type(v) for k, v in precisions.items()}, row["layer"]
+        assert {k: hls_type(v) for k, v in row["types"].items()} == {
+            k: hls_type(v) for k, v in precisions.items()}, row["layer"]
     by_node: dict[str, list[str]] = {}
     for row in rows.values():
         by_node.setdefault(row["qgraph_node"], []).append(row["class"])
@@ -167,7 +121,7 @@ def test_layers_are_hls4ml_depthwise_and_qflow_max_pool_with_their_types(cell):
         # every type of the layer is the QGraph's: the accumulator is the exact sum
         assert set(row["types"]) == {"weight", "bias", "accum", "result"}
         out_t = cell.graph.tensors[node.output].type
-        assert _type(row["types"]["accum"]) == _type(out_t.to_hls4ml())
+        assert hls_type(row["types"]["accum"]) == hls_type(out_t.to_hls4ml())
     for node in pools:
         assert by_node[node.name] == ["FixedMaxPool"]
     # hls4ml inserts only data movers (io_stream: ZeroPadding2D before padded convs)

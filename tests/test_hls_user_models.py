@@ -15,34 +15,27 @@ from __future__ import annotations
 
 import functools
 import json
-import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
+from hls_models import (
+    CORNERS,
+    IO_TYPES,
+    Cell,
+    csim_mismatches,
+    export_cell,
+    hls_type,
+    train_and_freeze,
+)
 from torch import nn
 
-import qflow
 from qflow.config import QFXConfig
-from qflow.export import ExportOptions
-from qflow.export.hls import HlsExportError, export_hls, run_csim
+from qflow.export.hls import HlsExportError
 from qflow.export.hls.convert import UNSET_PRECISION
 from qflow.export.hls.names import IDENTIFIER, Namer, escape
 from qflow.export.hls.onnx_graph import hls_graph, hwc_order
-from qflow.graph import Emulator
 from qflow.graph.ir import Node, QGraph, TensorInfo
-from qflow.numerics.corners import corner_inputs
-from qflow.targets import load_target
-from qflow.train import fit
-from qflow.verify.check import compare
-from qflow.zoo import DATASETS
-
-ULTRA96 = load_target("ultra96")
-IO_TYPES = ("io_parallel", "io_stream")
-CORNERS = 512
 
 #: name -> factory; every model reads 1×8×8 digits
 MODELS = {
@@ -66,24 +59,8 @@ CONFIGS = {"global-avg-6x6": QFXConfig.with_bits(12), "avgpool3": QFXConfig.with
 
 
 @functools.cache
-def digits():
-    return DATASETS["digits"]()
-
-
-@functools.cache
 def frozen(name: str) -> QGraph:
-    data = digits()
-    torch.manual_seed(0)
-    model = qflow.quantize_(MODELS[name](), CONFIGS.get(name, QFXConfig()))
-    fit(model, data.x_train[:512], data.y_train[:512], epochs=1, lr=3e-3, progress=False)
-    return qflow.freeze(model.eval(), torch.as_tensor(data.x_test[:4]))
-
-
-def inputs(graph: QGraph) -> np.ndarray:
-    """The digits test set and 512 corner cases of the input type."""
-    shape = graph.tensors[graph.input].shape
-    return np.concatenate([digits().x_test.astype(np.float64),
-                           corner_inputs(graph.input_type, shape, CORNERS)])
+    return train_and_freeze(MODELS[name], CONFIGS.get(name, QFXConfig()))
 
 
 def renamed(graph: QGraph, names: dict[str, str]) -> QGraph:
@@ -111,20 +88,6 @@ def clashing() -> QGraph:
     })
 
 
-@dataclass
-class Cell:
-    name: str
-    io_type: str
-    graph: QGraph
-    out: Path
-    x: np.ndarray
-    csim: np.ndarray
-
-    @property
-    def report(self) -> dict:
-        return json.loads((self.out / "report.json").read_text())
-
-
 CELLS = [(m, io) for m in (*MODELS, "clashing-names") for io in IO_TYPES]
 
 
@@ -133,25 +96,13 @@ def cell(request, tmp_path_factory) -> Cell:
     """One export and one C simulation per (model, io type) for the whole module."""
     name, io_type = request.param
     graph = clashing() if name == "clashing-names" else frozen(name)
-    out = tmp_path_factory.mktemp(f"{name}-{io_type}")
-    export_hls(graph, out, ULTRA96, ExportOptions(io_type=io_type))
-    x = inputs(graph)
-    return Cell(name, io_type, graph, out, x, run_csim(out / "hls", graph, x))
+    return export_cell(name, io_type, graph, tmp_path_factory)
 
 
 def test_csim_equals_emulator(cell):
-    bad, max_diff = compare(Emulator(cell.graph).run(cell.x), cell.csim)
-    print(f"{cell.name} {cell.io_type}: {bad} of {len(cell.x)} samples differ "
-          f"({CORNERS} corner cases)")
+    mismatches = csim_mismatches(cell)
     assert len(cell.x) >= CORNERS + 500
-    assert (bad, max_diff) == (0, 0)
-
-
-def _type(text: str) -> tuple:
-    """(signed, width, integer, rounding, overflow) of an hls4ml precision string."""
-    m = re.fullmatch(r"(u?)fixed<(\d+),(-?\d+),(\w+),(\w+)(?:,\d+)?>", text)
-    assert m, text
-    return (m[1] == "", int(m[2]), int(m[3]), m[4], m[5])
+    assert mismatches == (0, 0)
 
 
 def test_every_layer_is_read_back_and_maps_to_its_qgraph_node(cell):
@@ -163,7 +114,7 @@ def test_every_layer_is_read_back_and_maps_to_its_qgraph_node(cell):
         row = rows[form.layer_names[onnx_name]]  # every layer asked for is there
         assert set(row["types"]) == set(precisions)
         for key, text in precisions.items():
-            assert _type(row["types"][key]) == _type(text), (row["layer"], key)
+            assert hls_type(row["types"][key]) == hls_type(text), (row["layer"], key)
     # the way back to the QGraph: every node has its layers, every layer its node
     nodes = {n.name for n in cell.graph.nodes}
     mapped = {row["qgraph_node"] for row in rows.values()}

@@ -1,54 +1,104 @@
 """qflow's own hls4ml layers, added through hls4ml's extension API (hls4ml is not patched).
 
-- ``FixedCast`` (ONNX domain ``qflow``, attribute ``qflow_type``) requantizes a tensor to
-  an ``ap_fixed`` type with any rounding and overflow mode (``hls/qflow_fixed_cast.h``).
-- ``FixedAvgPool`` (ONNX domain ``qflow``, attributes ``kernel_shape``, ``strides`` and
-  ``reciprocal``, the integer code of 1/n) is the QGraph's average pooling: the window's
-  integer sum in ``accum_t`` times the reciprocal in ``scale_t``, into ``result_t``
-  (``hls/qflow_avg_pool.h``). Its types come from the per-layer config as any layer's.
-- ``FixedMaxPool`` (ONNX domain ``qflow``) is the QGraph's padded max pooling, in which
-  padding never wins (:mod:`.max_pool`, ``hls/qflow_max_pool.h``).
+- ``FixedCast`` (:mod:`.fixed_cast`, ``hls/qflow_fixed_cast.h``) requantizes a tensor to
+  an ``ap_fixed`` type with any rounding and overflow mode.
+- ``FixedAvgPool`` (:mod:`.avg_pool`, ``hls/qflow_avg_pool.h``) is the QGraph's average
+  pooling: the window's integer sum in ``accum_t`` times the reciprocal in ``scale_t``.
+- ``FixedMaxPool`` (:mod:`.max_pool`, ``hls/qflow_max_pool.h``) is the QGraph's padded max
+  pooling, in which padding never wins.
 
-The C++ headers live in the source tree's ``hls/`` and are copied into every project.
+Each is an :class:`ExtensionLayer` (ONNX domain ``qflow``, op = the layer's name): its
+hls4ml layer class, ONNX handler, config and function templates and C++ header are made
+from it by :func:`register`. The C++ headers live in the source tree's ``hls/`` and are
+copied into every project.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qflow.errors import QflowError
 
-from . import max_pool
-
 HLS_SOURCES = Path(__file__).resolve().parents[3] / "hls"
-HEADER = HLS_SOURCES / "qflow_fixed_cast.h"
-POOL_HEADER = HLS_SOURCES / "qflow_avg_pool.h"
 BACKENDS = ("Vivado", "Vitis")
+#: the window geometry at the start of both pooling layers' C++ configs
+WINDOW = ("in_height", "in_width", "n_chan", "pool_height", "pool_width", "stride_height",
+          "stride_width")
 
-_CONFIG_TEMPLATE = """struct config{index} : nnet::qflow_fixed_cast_config {{
-    static const unsigned n_in = {n_in};
-}};\n"""
-_FUNCTION_TEMPLATE = "nnet::qflow_fixed_cast<{input_t}, {output_t}, {config}>({input}, {output});"
 
-_POOL_CONFIG_TEMPLATE = """struct config{index} : nnet::qflow_avg_pool_config {{
-    static const unsigned in_height = {in_height};
-    static const unsigned in_width = {in_width};
-    static const unsigned n_chan = {n_chan};
-    static const unsigned pool_height = {pool_height};
-    static const unsigned pool_width = {pool_width};
-    static const unsigned stride_height = {stride_height};
-    static const unsigned stride_width = {stride_width};
-    static const unsigned out_height = {out_height};
-    static const unsigned out_width = {out_width};
-    static const unsigned long long reciprocal = {reciprocal}ULL;
-    typedef {accum_t.name} accum_t;
-    typedef {scale_t.name} scale_t;
-}};\n"""
-_POOL_FUNCTION_TEMPLATE = ("nnet::qflow_avg_pool<{input_t}, {output_t}, {config}>({input}, "
-                           "{output});")
-#: FixedAvgPool attributes that go into its C++ config as they are
-POOL_GEOMETRY = ("in_height", "in_width", "n_chan", "pool_height", "pool_width",
-                 "stride_height", "stride_width", "out_height", "out_width")
+@dataclass(frozen=True)
+class ExtensionLayer:
+    """One of qflow's hls4ml layers, as :func:`register` adds it.
+
+    The header ``hls/<function>.h`` defines ``nnet::<function>`` (an io_parallel and an
+    io_stream overload, called ``function<input_t, output_t, config>(input, output)``) and
+    its config base ``nnet::<function>_config``.
+    """
+
+    #: the hls4ml layer class and the ONNX op
+    name: str
+    #: the C++ function, its header and config base are named after it
+    function: str
+    #: the members of the layer's C++ config struct, ``str.format`` fields taking the
+    #: layer's attributes (and ``config_params``)
+    config: tuple[str, ...]
+    #: ``Layer.initialize``: sets the derived attributes, adds the output variable
+    initialize: Callable[[Any], None]
+    #: the layer's attributes from its ONNX node, given ``attribute(key)``
+    parse: Callable[[Callable[[str], Any]], dict[str, Any]] = lambda attribute: {}
+    #: the hls4ml attributes it expects besides ``Layer``'s, and its types besides result
+    attributes: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    #: more config template parameters, from the hls4ml layer
+    config_params: Callable[[Any], dict[str, Any]] = lambda layer: {}
+    #: other headers in ``hls/`` that its header includes
+    includes: tuple[str, ...] = ()
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        """Its header and the ones that header includes, copied into every project."""
+        return tuple(HLS_SOURCES / name for name in (f"{self.function}.h", *self.includes))
+
+    @property
+    def config_template(self) -> str:
+        members = "".join(f"    {line}\n" for line in self.config)
+        return f"struct config{{index}} : nnet::{self.function}_config {{{{\n{members}}}}};\n"
+
+    @property
+    def function_template(self) -> str:
+        return (f"nnet::{self.function}<{{input_t}}, {{output_t}}, {{config}}>({{input}}, "
+                "{output});")
+
+
+def constants(names: Sequence[str]) -> tuple[str, ...]:
+    """C++ config members ``static const unsigned <name> = {<name>};``."""
+    return tuple(f"static const unsigned {name} = {{{name}}};" for name in names)
+
+
+def pooled_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int) -> int:
+    """Output rows (or columns) of a window sliding over ``size`` padded values (floor).
+
+    >>> pooled_size(8, 3, 2, 1, 1), pooled_size(4, 3, 1, 1, 1)
+    (4, 4)
+    """
+    return (size + pad_before + pad_after - kernel) // stride + 1
+
+
+def initialize_pool(layer, top: int = 0, left: int = 0, bottom: int = 0, right: int = 0) -> None:
+    """Set a pooling layer's input and output sizes (channels-last) from its kernel, strides
+    and padding, and add its output variable."""
+    in_h, in_w, chans = layer.get_input_variable().shape
+    a = layer.get_attr
+    out_h = pooled_size(in_h, a("pool_height"), a("stride_height"), top, bottom)
+    out_w = pooled_size(in_w, a("pool_width"), a("stride_width"), left, right)
+    for key, value in zip(("in_height", "in_width", "n_chan", "out_height", "out_width"),
+                          (in_h, in_w, chans, out_h, out_w), strict=True):
+        layer.set_attr(key, value)
+    layer.add_output_variable([out_h, out_w, chans])
+
 
 _registered = False
 
@@ -59,109 +109,61 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    for header in (HEADER, POOL_HEADER, max_pool.HEADER):
+    from . import avg_pool, fixed_cast, max_pool
+
+    layers = (fixed_cast.LAYER, avg_pool.LAYER, max_pool.LAYER)
+    for header in (path for layer in layers for path in layer.sources):
         if not header.is_file():
             raise QflowError(f"qflow's HLS header is missing: {header} (install qflow from "
                              "its source tree)")
-    import hls4ml
-    from hls4ml.backends.template import FunctionCallTemplate, LayerConfigTemplate
-    from hls4ml.model.layers import Layer, register_layer
-
-    class FixedCast(Layer):
-        def initialize(self):
-            inp = self.get_input_variable()
-            self.add_output_variable(inp.shape)
-
-    class FixedCastConfigTemplate(LayerConfigTemplate):
-        def __init__(self):
-            super().__init__(FixedCast)
-            self.template = _CONFIG_TEMPLATE
-
-        def format(self, node):
-            params = self._default_config_params(node)
-            params["n_in"] = node.get_input_variable().size_cpp()
-            return self.template.format(**params)
-
-    class FixedCastFunctionTemplate(FunctionCallTemplate):
-        def __init__(self):
-            super().__init__(FixedCast, include_header=["nnet_utils/qflow_fixed_cast.h"])
-            self.template = _FUNCTION_TEMPLATE
-
-        def format(self, node):
-            return self.template.format(**self._default_function_params(node))
-
-    def parse_fixed_cast(node, input_names, input_shapes, graph):
-        from hls4ml.converters.onnx_to_hls import get_onnx_attribute
-
-        return {"class_name": "FixedCast", "name": node.name, "inputs": input_names,
-                "outputs": list(node.output),
-                "qflow_type": get_onnx_attribute(node, "qflow_type")}
-
-    register_layer("FixedCast", FixedCast)
-    hls4ml.converters.register_onnx_layer_handler("FixedCast", parse_fixed_cast)
-    templates = [FixedCastConfigTemplate, FixedCastFunctionTemplate, *_avg_pool(Layer),
-                 *max_pool.register(Layer)]
-    for name in BACKENDS:
-        backend = hls4ml.backends.get_backend(name)
-        for template in templates:
-            backend.register_template(template)
-        backend.register_source(HEADER)
-        backend.register_source(POOL_HEADER)
-        backend.register_source(max_pool.HEADER)
+    for layer in layers:
+        _register(layer)
     _registered = True
 
 
-def _avg_pool(layer_base) -> tuple[type, type]:
-    """Register the FixedAvgPool layer and its ONNX handler; return its config and
-    function templates."""
+def _register(spec: ExtensionLayer) -> None:
+    """Add one layer to hls4ml: its layer class, ONNX handler, templates and sources."""
     import hls4ml
     from hls4ml.backends.template import FunctionCallTemplate, LayerConfigTemplate
     from hls4ml.model.attributes import Attribute, TypeAttribute
-    from hls4ml.model.layers import register_layer
+    from hls4ml.model.layers import Layer, register_layer
 
-    class FixedAvgPool(layer_base):
-        _expected_attributes = (
-            *(Attribute(name) for name in POOL_GEOMETRY[3:7]),
-            Attribute("reciprocal"),
-            TypeAttribute("accum"),
-            TypeAttribute("scale"),
-        )
+    expected = (*(Attribute(name) for name in spec.attributes),
+                *(TypeAttribute(name) for name in spec.types))
+    layer_class = type(spec.name, (Layer,), {
+        "_expected_attributes": expected, "initialize": spec.initialize})
+    config, call = spec.config_template, spec.function_template
+    header = [f"nnet_utils/{spec.function}.h"]
 
-        def initialize(self):
-            in_h, in_w, chans = self.get_input_variable().shape
-            out_h = (in_h - self.get_attr("pool_height")) // self.get_attr("stride_height") + 1
-            out_w = (in_w - self.get_attr("pool_width")) // self.get_attr("stride_width") + 1
-            for key, value in zip(("in_height", "in_width", "n_chan", "out_height", "out_width"),
-                                  (in_h, in_w, chans, out_h, out_w), strict=True):
-                self.set_attr(key, value)
-            self.add_output_variable([out_h, out_w, chans])
-            self._set_type_t("scale")
-
-    class FixedAvgPoolConfigTemplate(LayerConfigTemplate):
+    class ConfigTemplate(LayerConfigTemplate):
         def __init__(self):
-            super().__init__(FixedAvgPool)
-            self.template = _POOL_CONFIG_TEMPLATE
+            super().__init__(layer_class)
+            self.template = config
 
         def format(self, node):
-            return self.template.format(**self._default_config_params(node))
+            return self.template.format(**{**self._default_config_params(node),
+                                           **spec.config_params(node)})
 
-    class FixedAvgPoolFunctionTemplate(FunctionCallTemplate):
+    class FunctionTemplate(FunctionCallTemplate):
         def __init__(self):
-            super().__init__(FixedAvgPool, include_header=["nnet_utils/qflow_avg_pool.h"])
-            self.template = _POOL_FUNCTION_TEMPLATE
+            super().__init__(layer_class, include_header=header)
+            self.template = call
 
         def format(self, node):
             return self.template.format(**self._default_function_params(node))
 
-    def parse_fixed_avg_pool(node, input_names, input_shapes, graph):
+    def parse(node, input_names, input_shapes, graph):
         from hls4ml.converters.onnx_to_hls import get_onnx_attribute
 
-        (ph, pw), (sh, sw) = (get_onnx_attribute(node, k) for k in ("kernel_shape", "strides"))
-        return {"class_name": "FixedAvgPool", "name": node.name, "inputs": input_names,
-                "outputs": list(node.output), "pool_height": ph, "pool_width": pw,
-                "stride_height": sh, "stride_width": sw,
-                "reciprocal": int(get_onnx_attribute(node, "reciprocal"))}
+        return {"class_name": spec.name, "name": node.name, "inputs": input_names,
+                "outputs": list(node.output),
+                **spec.parse(lambda key: get_onnx_attribute(node, key))}
 
-    register_layer("FixedAvgPool", FixedAvgPool)
-    hls4ml.converters.register_onnx_layer_handler("FixedAvgPool", parse_fixed_avg_pool)
-    return FixedAvgPoolConfigTemplate, FixedAvgPoolFunctionTemplate
+    register_layer(spec.name, layer_class)
+    hls4ml.converters.register_onnx_layer_handler(spec.name, parse)
+    for name in BACKENDS:
+        backend = hls4ml.backends.get_backend(name)
+        backend.register_template(ConfigTemplate)
+        backend.register_template(FunctionTemplate)
+        for source in spec.sources:
+            backend.register_source(source)

@@ -382,7 +382,7 @@ def _emit_average(w: _Writer, node: Node, kernel: tuple[int, int],
         w.layer(node.name, node.name, result=out_t,
                 accum=_pool_accumulator(in_t, count, out_t))
         return
-    # any other window: qflow's FixedAvgPool (custom.py, hls/qflow_avg_pool.h), the sum
+    # any other window: qflow's FixedAvgPool (avg_pool.py, hls/qflow_avg_pool.h), the sum
     # times the reciprocal code exactly as the QGraph computes it
     recip, rfrac = int(node.consts["reciprocal"]), int(node.attrs["reciprocal_frac"])
     if out_t.fractional != in_t.fractional + rfrac:
