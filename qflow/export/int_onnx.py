@@ -44,6 +44,10 @@ is exact:
   the input (stride == kernel), else as a sum of one strided ``Slice`` per kernel tap;
   ``global_avgpool2d``: ``ReduceSum`` over H, W. Both then ``Mul`` by the reciprocal code.
 - ``reshape``: ``Reshape`` to ``[0, *shape]`` (0 keeps the batch size).
+- ``sign``: ``Where(Less(x, 0), -1, 1)`` on int64 (ONNX ``Sign`` would give 0 at 0; the
+  QGraph's sign(0) is +1). A binary layer (``sign`` -> ±1 weights) then takes the 8-bit
+  route above: codes ±1 and weights ±1 both offset by 128 into ``MatMulInteger`` /
+  ``ConvInteger``, whose padding (the zero point) is code 0, as the QGraph pads.
 - ``concat``: each input ``Mul`` by 2**k (aligned to the output's fraction, when it
   differs), then ``Concat`` on int64.
 
@@ -200,6 +204,8 @@ def _needed_type(graph: QGraph, node: Node, ins: list[FixedType]) -> FixedType |
         return infer.infer_concat(ins)
     if node.op == "relu":
         return infer.infer_relu(ins[0])
+    if node.op == "sign":
+        return infer.infer_sign(ins[0])
     if node.op in ("avgpool2d", "global_avgpool2d"):
         if node.op == "avgpool2d":
             count = int(np.prod(node.attrs["kernel"]))

@@ -452,6 +452,12 @@ def emit_reshape(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
     return b.op("Reshape", [x, b.const([0, *shape])], "reshape"), "Reshape"
 
 
+def emit_sign(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    """+1 where x >= 0, else -1. Not ONNX ``Sign``: it gives 0 at 0, the QGraph +1."""
+    negative = b.op("Less", [x, b.const(0)], "negative")
+    return b.op("Where", [negative, b.const(-1), b.const(1)], "sign"), "Where(Less(int64))"
+
+
 def emit_cast(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
     return emit_requantize(b, x, g.tensors[node.inputs[0]].type.fractional,
                            g.tensors[node.output].type, node)
@@ -469,4 +475,5 @@ EMITTERS = {
     "reshape": emit_reshape,
     "concat": emit_concat,
     "cast": emit_cast,
+    "sign": emit_sign,
 }

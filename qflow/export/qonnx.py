@@ -22,13 +22,17 @@ global_avgpool2d     ReduceSum over H, W · 1/n
 reshape              Reshape to [0, *shape]
 concat               Concat (axis + 1: the batch comes first)
 cast                 the cast route: Quant with the output type
+sign                 BipolarQuant (scale 1): qonnx gives +1 where x >= 0, else -1,
+                     the QGraph's sign (sign(0) = +1)
 =================== ===============================================================
 
 Every constant (weights, biases, BN scales and shifts, reciprocals) is a float32
 initializer holding the exact quantized values, followed by a Quant that states its grid
 (per-channel power-of-two scale tensors where the fractional bits differ per channel,
 the narrowest bit width holding the codes: the QGraph keeps codes, not the weight type).
-The exact qflow type of every QGraph tensor is in ``metadata_props``
+Binary weights (every code ±1 on fraction 0) are a ``BipolarQuant`` of their ±1
+initializer instead, so that qonnx's datatype inference reads them, like every sign
+output, as ``BIPOLAR``. The exact qflow type of every QGraph tensor is in ``metadata_props``
 (``qflow.type.<tensor>`` → ``ap_fixed<...>``) and, for casts, in the Quant's
 ``doc_string``; ``qflow.dtype`` records the float type chosen below.
 

@@ -15,6 +15,8 @@ from qflow.graph.infer import aligned_bias, aligned_weights
 from qflow.graph.ir import Node, QGraph
 from qflow.numerics import FixedType, Overflow, Rounding
 
+from .hls.binary import has_binary_weights
+
 DOMAIN = "qonnx.custom_op.general"
 F32, F64 = TensorProto.FLOAT, TensorProto.DOUBLE
 PRECISION = {F32: 24, F64: 53}  # significand bits: integers below 2**p are exact
@@ -139,6 +141,24 @@ class Builder:
                          doc=f"qflow constant {name}: {doc}; {bits}-bit {kind} codes")
         elem = self.dtype if elem is None else elem
         return out if elem == F32 else self.cast_to(out, elem, f"{name}/f64")
+
+    def bipolar_const(self, name: str, codes, doc: str, elem: int | None = None) -> str:
+        """±1 codes (binary weights, fraction 0) as an initializer and a ``BipolarQuant``
+        of scale 1, the QONNX form of a binary tensor (qonnx: +1 where x >= 0, else -1),
+        then a Cast to ``elem`` (default: the model dtype). Returns the tensor."""
+        src = self.real(name, np.asarray(codes, dtype=np.float64), F32)
+        one = self.real(f"{name}_quant/scale", 1.0, F32)
+        out = self.emit("BipolarQuant", [src, one], f"{name}/q", self.const_shapes[name], F32,
+                        name=f"{name}_quant", domain=DOMAIN, batched=False)
+        self.nodes[-1].doc_string = f"qflow constant {name}: {doc}; bipolar codes ±1"
+        elem = self.dtype if elem is None else elem
+        return out if elem == F32 else self.cast_to(out, elem, f"{name}/f64")
+
+    def weight(self, node: Node, codes, frac, doc: str, elem: int | None = None) -> str:
+        """A weight constant: bipolar when the node's weights are binary, else Quant-ed."""
+        if has_binary_weights(node):
+            return self.bipolar_const(f"{node.name}/weight", codes, doc, elem)
+        return self.quant_const(f"{node.name}/weight", codes, frac, doc, elem)
 
     def exact(self, bound: int, what: str, p: int | None = None) -> None:
         p = self.p if p is None else p
@@ -272,8 +292,8 @@ def emit_dense(b: Builder, node: Node) -> None:
     c, (x,) = node.consts, node.inputs
     tin, tout = b.graph.tensors[x].type, b.graph.tensors[node.output].type
     b.exact(_weighted_bound(node, tin, tout.fractional, True), "the weighted sum")
-    w = b.quant_const(f"{node.name}/weight", c["weight"].T, c["weight_frac"][None, :],
-                      "weight, transposed to (in, out)")
+    w = b.weight(node, c["weight"].T, c["weight_frac"][None, :],
+                 "weight, transposed to (in, out)")
     has_bias = "bias" in c
     acc = f"{node.name}/acc" if has_bias else node.output
     out_shape = b.graph.tensors[node.output].shape
@@ -316,8 +336,7 @@ def emit_conv2d(b: Builder, node: Node) -> None:
     bound = _weighted_bound(node, tin, tout.fractional, True)
     b.exact(bound, "the weighted sum")
     if bound < 2 ** PRECISION[F32]:
-        inputs = [xf, b.quant_const(f"{node.name}/weight", w, wf.reshape(fshape), "weight",
-                                    F32)]
+        inputs = [xf, b.weight(node, w, wf.reshape(fshape), "weight", F32)]
         if "bias" in c:
             inputs.append(b.quant_const(f"{node.name}/bias", c["bias"], c["bias_frac"], "bias",
                                         F32))
@@ -447,6 +466,17 @@ def emit_simple(b: Builder, node: Node) -> None:
                axis=1 + int(a["axis"]))
 
 
+def emit_sign(b: Builder, node: Node) -> None:
+    """qonnx's ``BipolarQuant`` (scale 1) is the QGraph's sign: +1 where x >= 0 (so at 0
+    and at -0.0 too), else -1. Its output keeps the input's float type (qonnx computes
+    it in numpy on the input array); ±1 is exact in either."""
+    (x,) = node.inputs
+    elem = b.elem(x)
+    one = b.real(f"{node.name}/scale", 1.0, elem)
+    b.emit("BipolarQuant", [x, one], node.output, b.graph.tensors[node.output].shape, elem,
+           name=node.name, domain=DOMAIN, doc="qflow sign: +1 where x >= 0, else -1")
+
+
 def emit_cast_node(b: Builder, node: Node) -> None:
     (x,) = node.inputs
     emit_cast(b, node.name, x, b.graph.tensors[x].type, b.graph.tensors[node.output].type,
@@ -458,4 +488,5 @@ EMITTERS = {
     "relu": emit_simple, "add": emit_simple, "maxpool2d": emit_simple, "reshape": emit_simple,
     "concat": emit_simple,
     "avgpool2d": emit_pool_sum, "global_avgpool2d": emit_pool_sum, "cast": emit_cast_node,
+    "sign": emit_sign,
 }

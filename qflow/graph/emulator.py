@@ -503,6 +503,13 @@ def _build_cast(em: Emulator, node: Node, in_place: bool, fold: float):
     return cast
 
 
+def _build_sign(em: Emulator, node: Node, in_place: bool, fold: float):
+    # x >= 0 is exact in every arithmetic (codes are integers; a float -0.0 compares
+    # equal to 0 and gives +1, as sign(0) = +1 asks)
+    one, minus_one = em.dtype(1), em.dtype(-1)
+    return lambda x: np.where(x >= 0, one, minus_one)
+
+
 _BUILD = {
     "dense": _build_dense,
     "conv2d": _build_conv2d,
@@ -515,4 +522,5 @@ _BUILD = {
     "reshape": _build_reshape,
     "concat": _build_concat,
     "cast": _build_cast,
+    "sign": _build_sign,
 }

@@ -11,6 +11,9 @@ from qflow.numerics import MAX_WIDTH, FixedType
 
 from .ir import Node, QGraphError
 
+#: the bipolar type of a ``sign`` output: ``ap_fixed<2,2>``, codes -1 and +1, no fraction
+BIPOLAR = FixedType(signed=True, integer=1, fractional=0)
+
 
 def type_for_range(lo: int, hi: int, fractional: int) -> FixedType:
     """The narrowest type with ``fractional`` bits whose codes cover ``[lo, hi]``.
@@ -117,6 +120,11 @@ def infer_relu(t: FixedType) -> FixedType:
     return type_for_range(0, max(t.qmax, 0), t.fractional)
 
 
+def infer_sign(t: FixedType) -> FixedType:
+    """``sign`` gives +1 or -1 whatever its input type: the bipolar type."""
+    return BIPOLAR
+
+
 def infer_pool_sum(t: FixedType, count: int, reciprocal: int, reciprocal_frac: int) -> FixedType:
     return type_for_range(min(t.qmin * count * reciprocal, 0), t.qmax * count * reciprocal,
                           t.fractional + reciprocal_frac)
@@ -193,4 +201,5 @@ def float_bounds(graph) -> FloatBounds:
             peak = max(peak, count * _max_abs(in_t) * max(1, int(c["reciprocal"])))
         elif node.op == "cast":
             shift = max(shift, abs(out_t.fractional - in_t.fractional))
+        # sign: its codes are +-1, within the bipolar type's bound counted above
     return FloatBounds(width, peak, shift)

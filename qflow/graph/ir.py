@@ -34,6 +34,7 @@ OP_SPECS: dict[str, tuple[int | None, tuple[str, ...], tuple[str, ...]]] = {
     "reshape": (1, (), ("shape",)),
     "concat": (None, (), ("axis",)),
     "cast": (1, (), ()),
+    "sign": (1, (), ()),
 }
 
 

@@ -23,6 +23,7 @@ from qflow.graph.ir import QGraph
 from qflow.numerics import values_to_codes
 
 from . import custom
+from .binary import XNOR
 from .onnx_graph import HlsExportError, hls_graph
 
 PROJECT_NAME = "qflow_model"
@@ -78,13 +79,35 @@ def _pass_through_problem(layer) -> str:
     return ""
 
 
+def _config_precisions(precisions: dict[str, str]) -> dict[str, str]:
+    """A layer's precisions as hls4ml's config takes them. No string names hls4ml's binary
+    type: a binary weight is ``auto`` (hls4ml takes the type of its BipolarQuant), a
+    binary result is set by the layer itself (qflow's FixedSign, or a Flatten that
+    passes its input on); the read-back checks both."""
+    out = {}
+    for key, text in precisions.items():
+        if text != XNOR:
+            out[key] = text
+        elif key == "weight":
+            out[key] = "auto"
+    return out
+
+
 def _hls_config(graph_form, reuse_factor: int, strategy: str) -> dict:
     return {
         "Model": {"Precision": UNSET_PRECISION, "ReuseFactor": reuse_factor,
                   "Strategy": strategy},
-        "LayerName": {name: {"Precision": dict(p)} for name, p in
+        "LayerName": {name: {"Precision": _config_precisions(p)} for name, p in
                       graph_form.precisions.items()},
     }
+
+
+def _type_matches(precision, text: str) -> bool:
+    if text == XNOR:
+        from hls4ml.model.types import XnorPrecisionType
+
+        return isinstance(precision, XnorPrecisionType)
+    return _as_tuple(precision) == _expected_tuple(text)
 
 
 def check_layer_types(model, graph_form) -> list[dict]:
@@ -110,9 +133,8 @@ def check_layer_types(model, graph_form) -> list[dict]:
             if attr is None:
                 problems.append(f"layer {name!r} has no {_TYPE_ATTRS[key]}")
                 continue
-            got = _as_tuple(attr.precision)
-            types[key] = str(attr.precision)
-            if got != _expected_tuple(text):
+            types[key] = XNOR if text == XNOR else str(attr.precision)
+            if not _type_matches(attr.precision, text):
                 problems.append(f"layer {name!r} {_TYPE_ATTRS[key]} is {attr.precision}, "
                                 f"the QGraph says {text}")
         rows.append({"layer": name, "class": layer.class_name,

@@ -6,6 +6,8 @@
   pooling: the window's integer sum in ``accum_t`` times the reciprocal in ``scale_t``.
 - ``FixedMaxPool`` (:mod:`.max_pool`, ``hls/qflow_max_pool.h``) is the QGraph's padded max
   pooling, in which padding never wins.
+- ``FixedSign`` (:mod:`.sign`, ``hls/qflow_sign.h``) is the QGraph's ``sign``, in hls4ml's
+  binary {0, 1} type for XNOR layers or as ``ap_fixed<2,2>``.
 
 Each is an :class:`ExtensionLayer` (ONNX domain ``qflow``, op = the layer's name): its
 hls4ml layer class, ONNX handler, config and function templates and C++ header are made
@@ -104,14 +106,14 @@ _registered = False
 
 
 def register() -> None:
-    """Register FixedCast, FixedAvgPool and FixedMaxPool with hls4ml once per process
-    (idempotent)."""
+    """Register FixedCast, FixedAvgPool, FixedMaxPool and FixedSign with hls4ml once per
+    process (idempotent)."""
     global _registered
     if _registered:
         return
-    from . import avg_pool, fixed_cast, max_pool
+    from . import avg_pool, fixed_cast, max_pool, sign
 
-    layers = (fixed_cast.LAYER, avg_pool.LAYER, max_pool.LAYER)
+    layers = (fixed_cast.LAYER, avg_pool.LAYER, max_pool.LAYER, sign.LAYER)
     for header in (path for layer in layers for path in layer.sources):
         if not header.is_file():
             raise QflowError(f"qflow's HLS header is missing: {header} (install qflow from "

@@ -22,6 +22,8 @@ from qflow.graph.ir import Node, QGraph
 from qflow.numerics import FixedType
 from qflow.targets import IO_TYPES, STRATEGIES, TargetSpec
 
+from .binary import is_binary_layer, xnor_tensors
+
 #: multiplier operand widths (signed) of one DSP slice, by primitive
 DSP_OPERAND_BITS = {"DSP48E2": (27, 18), "DSP48E1": (25, 18)}
 #: a product whose narrower operand has at most this many bits is built from LUTs
@@ -43,11 +45,11 @@ UTILISATION_WARNING = 0.8
 #: largest fully unrolled multiply loop Vivado HLS accepts (hls4ml issue #1013)
 UNROLL_LIMIT = 4096
 #: pipeline stages of one product, by multiplier kind
-MULTIPLIER_STAGES = {"dsp": 3, "lut": 1, "shift-add": 1, "none": 0}
+MULTIPLIER_STAGES = {"dsp": 3, "lut": 1, "shift-add": 1, "xnor": 1, "none": 0}
 #: adder-tree levels that fit in one clock cycle at 100-200 MHz
 ADDER_LEVELS_PER_CYCLE = 2
 
-MULTIPLIER_KINDS = ("dsp", "lut", "shift-add", "none")
+MULTIPLIER_KINDS = ("dsp", "lut", "shift-add", "xnor", "none")
 RESOURCES = ("dsp", "lut", "ff", "bram36")
 
 
@@ -200,9 +202,15 @@ class _Context:
     strategy: str
     reuse: int
     primitive: str
+    #: tensors in hls4ml's 1-bit binary type (``binary.xnor_tensors``)
+    xnor: frozenset = frozenset()
 
     def type_of(self, tensor: str) -> FixedType:
         return self.graph.tensors[tensor].type
+
+    def width_of(self, tensor: str) -> int:
+        """Bits of one value as the project stores it (1 in hls4ml's binary type)."""
+        return 1 if tensor in self.xnor else self.type_of(tensor).width
 
     def shape_of(self, tensor: str) -> tuple[int, ...]:
         return self.graph.tensors[tensor].shape
@@ -277,7 +285,7 @@ def _fifo(ctx: _Context, est: LayerEstimate, tensor: str) -> None:
     if not ctx.stream:
         return
     shape = ctx.shape_of(tensor)
-    width_bits = ctx.type_of(tensor).width * (shape[0] if shape else 1)
+    width_bits = ctx.width_of(tensor) * (shape[0] if shape else 1)
     depth = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     est.fifo_bits = depth * width_bits
     if est.fifo_bits > FIFO_SRL_MAX_BITS and depth > FIFO_SRL_MAX_DEPTH:
@@ -291,7 +299,7 @@ def _output_registers(ctx: _Context, est: LayerEstimate, tensor: str) -> None:
     io_stream keeps one pixel (all channels) in registers; the rest is in the FIFO."""
     shape = ctx.shape_of(tensor)
     elements = shape[0] if (ctx.stream and len(shape) > 1) else int(np.prod(shape))
-    est.ff += elements * ctx.type_of(tensor).width
+    est.ff += elements * ctx.width_of(tensor)
 
 
 # -- per-op estimators ---------------------------------------------------------------------
@@ -333,6 +341,8 @@ def _weighted(ctx: _Context, node: Node) -> LayerEstimate:
         passes = 1
     est.reuse = (_closest_valid_reuse(n_in, n_out, ctx.reuse) if ctx.strategy == "Resource"
                  else ctx.reuse)
+    if is_binary_layer(ctx.graph, node):
+        return _binary(ctx, node, est, n_in, n_out, passes)
     zeros = int((codes == 0).sum())
     est.products = n_in * n_out
     est.multipliers = max(math.ceil(est.products / est.reuse) - zeros // est.reuse, 0)
@@ -356,6 +366,34 @@ def _weighted(ctx: _Context, node: Node) -> LayerEstimate:
     depth = 1 + MULTIPLIER_STAGES[kind] + _adder_depth(n_in + has_bias)
     est.ii = passes * est.reuse
     est.latency_cycles = est.ii + depth
+    return est
+
+
+def _binary(ctx: _Context, node: Node, est: LayerEstimate, n_in: int, n_out: int,
+            passes: int) -> LayerEstimate:
+    """A binary layer (±1 inputs × ±1 weights): no multiplier and no DSP. In hls4ml's XNOR
+    form each product is one XNOR of two bits (a LUT) and each output a popcount of its
+    n_in matches, then 2·m − n; padded convolutions use 2-bit operands (a conditional
+    negation per product) and an ordinary adder tree. Summing n terms of a bits in a
+    tree of adders that widen by one bit per level costs about n·(a + 1) LUTs."""
+    a_bits = ctx.width_of(node.inputs[0])
+    acc_width = ctx.type_of(node.output).width
+    est.products = n_in * n_out
+    est.multipliers = math.ceil(est.products / est.reuse)
+    est.activation_width = est.weight_width = a_bits
+    est.multiplier_kind = "xnor"
+    est.lut = est.multipliers * a_bits  # the XNORs (sign choices)
+    est.lut += est.multipliers * (a_bits + 1)  # the popcount (adder) trees
+    est.lut += math.ceil(n_out / est.reuse) * acc_width  # 2·m − n (+ bias) per output
+    est.ff = est.multipliers * a_bits
+    _output_registers(ctx, est, node.output)
+    bias_width = 0
+    if "bias" in node.consts:
+        bias_width = code_width(aligned_codes(node.consts["bias"], node.consts["bias_frac"]))
+    est.weight_bits = est.products * a_bits + n_out * bias_width
+    _weight_memory(ctx, est, n_in, n_out)
+    est.ii = passes * est.reuse
+    est.latency_cycles = est.ii + 1 + MULTIPLIER_STAGES["xnor"] + _adder_depth(n_in)
     return est
 
 
@@ -425,6 +463,11 @@ def _cast(ctx: _Context, node: Node) -> LayerEstimate:
     est.ff = 0  # the producer's output register holds the cast value
     est.latency_cycles, est.ii = 0, 1
     return est
+
+
+def _sign(ctx: _Context, node: Node) -> LayerEstimate:
+    """The sign is the input's top bit (inverted in the binary type): wiring, no LUT."""
+    return _elementwise(0, ctx, node)
 
 
 def _reshape(ctx: _Context, node: Node) -> LayerEstimate:
@@ -540,6 +583,7 @@ ESTIMATORS = {
     "avgpool2d": _pool,
     "global_avgpool2d": _pool,
     "concat": _concat,
+    "sign": _sign,
 }
 
 
@@ -627,7 +671,8 @@ def estimate_resources(graph: QGraph, target: TargetSpec, *, io_type: str, reuse
     (4, [])
     """
     _check(target, io_type, reuse_factor, strategy)
-    ctx = _Context(graph, target, io_type, strategy, reuse_factor, dsp_primitive(target))
+    ctx = _Context(graph, target, io_type, strategy, reuse_factor, dsp_primitive(target),
+                   xnor_tensors(graph))
     fifo_tensors = _fifo_tensors(graph) if ctx.stream else set()
     layers, warnings = [], []
     for node in graph.nodes:

@@ -13,7 +13,9 @@ QGraph op          ONNX node(s) → hls4ml layer
 ================= ==========================================================================
 dense              MatMul(x, W) → Dense ``<node>``; Add(bias) → fused into it as its bias
 conv2d             Conv (channels-last, W and bias as initializers) → Conv2D ``<node>``;
-                   depthwise (groups = channels in = channels out) → DepthwiseConv2D
+                   depthwise (groups = channels in = channels out) → DepthwiseConv2D;
+                   binary layers in hls4ml's XNOR form take W through a BipolarQuant
+                   (:mod:`.binary`)
 scale_shift        BatchNormalization (mean 0, variance 1, ε 0: scale and shift exactly)
 relu               Relu → Activation ``<node>``
 add                Add of two tensors → Merge ``<node>``
@@ -29,6 +31,8 @@ reshape            Flatten of the channels-last data, in (H, W, C) order: the de
                    no Transpose
 concat             Concat on the last (channels-last) axis → Concatenate ``<node>``; more
                    than two inputs become a chain of two-input Concats
+sign               qflow's ``FixedSign`` op: hls4ml's binary {0, 1} type when every reader
+                   is an XNOR layer, else ``ap_fixed<2,2>`` (:mod:`.binary`, :mod:`.sign`)
 cast               Quant (scale 2^-f, zero point 0) when hls4ml can state the mode
                    (RND_CONV or TRN, with SAT, or SAT_SYM on a signed type); otherwise
                    qflow's ``FixedCast`` op, which hls4ml reads through the handler and
@@ -55,6 +59,7 @@ from qflow.graph.infer import accumulator_frac, infer_concat, infer_weighted, ty
 from qflow.graph.ir import Node, QGraph
 from qflow.numerics import FixedType, Overflow, Rounding
 
+from .binary import XNOR, popcount_type, xnor_bias, xnor_tensors
 from .names import SAME, rename_graph
 
 CHANNELS_LAST = "qonnx.custom_op.channels_last"
@@ -149,6 +154,22 @@ class _Writer:
         #: flattened tensors left in channels-last order -> the (C, H, W) they came from;
         #: the dense layers that read them take their weight columns in that order
         self.hwc_flat: dict[str, tuple[int, int, int]] = {}
+        #: tensors in hls4ml's binary {0, 1} type, read by XNOR layers (:mod:`.binary`)
+        self.xnor = xnor_tensors(graph)
+        #: outputs of constant-only nodes (the BipolarQuant of binary weights): no batch
+        self.const_shapes: dict[str, tuple[int, ...]] = {}
+
+    def bipolar_weight(self, node: Node, values: np.ndarray) -> str:
+        """±1 weights as hls4ml's binary constant: an initializer read through a
+        ``BipolarQuant`` of scale 1, which hls4ml folds into the constant with its binary
+        type and quantizer (+1 -> 1, -1 -> 0)."""
+        init = self.init(f"{node.name}_weight", values)
+        scale = self.init(f"{node.name}_weight_scale", np.array(1.0, np.float32))
+        out = self.fresh(f"{node.name}_weight_bipolar")
+        self.nodes.append(helper.make_node("BipolarQuant", [init, scale], [out], name=out,
+                                           domain=QONNX_DOMAIN))
+        self.const_shapes[out] = tuple(values.shape)
+        return out
 
     def fresh(self, name: str) -> str:
         """``name``, or ``name_2``, ``name_3``, ... when a QGraph name or an earlier helper
@@ -176,15 +197,17 @@ class _Writer:
         return name
 
     def layer(self, name: str, source: str, *, hls_name: str = SAME,
-              **precisions: FixedType) -> None:
+              **precisions: FixedType | str) -> None:
         """Precisions for ONNX node ``name`` of QGraph node ``source``; ``hls_name`` is the
         name hls4ml gives the layer, ``{}`` standing for the node's name (``Dense_{}``).
+        A precision is a type or ``XNOR`` (hls4ml's binary type, :mod:`.binary`).
         The names are made safe for hls4ml afterwards (:mod:`.names`)."""
         if name in self.out.precisions:
             raise HlsExportError(f"node {source!r}: ONNX node name {name!r} is used twice")
         if "{}" not in hls_name:
             hls_name = hls_name.replace(name, SAME, 1) if name in hls_name else hls_name
-        self.out.precisions[name] = {k: t.to_hls4ml() for k, t in precisions.items()}
+        self.out.precisions[name] = {k: t if isinstance(t, str) else t.to_hls4ml()
+                                     for k, t in precisions.items()}
         self.out.layer_names[name] = hls_name.format(name)
         self.out.sources[hls_name.format(name)] = source
         self.templates[name] = hls_name
@@ -224,11 +247,14 @@ def _emit_dense(w: _Writer, node: Node) -> None:
              {"weight": node.consts["weight"], "weight_frac": node.consts["weight_frac"]}),
         in_t)
     w.extra_shapes[product] = w.shape(node.output)
-    w.nodes.append(helper.make_node("MatMul", [*w.names([x]), w.init(f"{node.name}_weight",
-                                                                     weight.T)],
-                                    [product], name=node.name))
+    if x in w.xnor:  # hls4ml's XNOR/popcount Dense: accum_t counts the matches
+        weights, w_type, accum_t = w.bipolar_weight(node, weight.T), XNOR, popcount_type(node)
+    else:
+        weights, accum_t = w.init(f"{node.name}_weight", weight.T), product_t
+    w.nodes.append(helper.make_node("MatMul", [*w.names([x]), weights], [product],
+                                    name=node.name))
     w.layer(node.name, node.name, hls_name="Dense_{}", weight=w_type,
-            bias=ZERO_BIAS_TYPE, accum=product_t, result=product_t)
+            bias=ZERO_BIAS_TYPE, accum=accum_t, result=product_t)
     if bias is not None:
         add = w.fresh(f"{node.name}_bias")
         w.nodes.append(helper.make_node("Add", [product, w.init(f"{node.name}_b", bias)],
@@ -256,7 +282,14 @@ def _emit_conv2d(w: _Writer, node: Node) -> None:
     weight, w_type, b_type, bias = _weights(node, in_t)
     # channels-last convolutions keep their weights as (out, kh, kw, in / groups); hls4ml
     # turns a depthwise one, (C, kh, kw, 1), into its DepthwiseConv2D weights (kh, kw, C)
-    inputs = [*w.names([x]), w.init(f"{node.name}_weight", weight.transpose(0, 2, 3, 1))]
+    weight = weight.transpose(0, 2, 3, 1)
+    accum_t = out_t
+    if x in w.xnor:  # hls4ml's XNOR/popcount Conv2D: the bias joins the count halved
+        bias, b_type = xnor_bias(node)
+        inputs = [*w.names([x]), w.bipolar_weight(node, weight)]
+        w_type, accum_t = XNOR, popcount_type(node)
+    else:
+        inputs = [*w.names([x]), w.init(f"{node.name}_weight", weight)]
     if bias is not None:
         inputs.append(w.init(f"{node.name}_b", bias))
     ph, pw = a["padding"]
@@ -266,7 +299,7 @@ def _emit_conv2d(w: _Writer, node: Node) -> None:
         pads=[ph, pw, ph, pw], dilations=[1, 1], group=groups))
     w.layer(node.name, node.name,
             hls_name="DepthwiseConv2D_{}" if depthwise else "Conv2D_{}", weight=w_type,
-            bias=b_type or ZERO_BIAS_TYPE, accum=out_t, result=out_t)
+            bias=b_type or ZERO_BIAS_TYPE, accum=accum_t, result=out_t)
 
 
 def _is_depthwise(graph: QGraph, node: Node) -> bool:
@@ -416,7 +449,7 @@ def hwc_order(chw: tuple[int, int, int]) -> np.ndarray:
 
 
 #: ops that act on each element alone (scale_shift: per feature, its constants reordered)
-_ORDER_FREE = ("relu", "cast", "scale_shift")
+_ORDER_FREE = ("relu", "cast", "scale_shift", "sign")
 
 
 def _read_by_dense_only(graph: QGraph, tensor: str) -> bool:
@@ -469,7 +502,8 @@ def _emit_reshape(w: _Writer, node: Node) -> None:
         w.hwc_flat[node.output] = tuple(in_shape)
     w.nodes.append(helper.make_node("Flatten", w.names([src]), [node.output], name=node.name,
                                     axis=1))
-    w.layer(node.name, node.name, result=w.type(node.output))
+    w.layer(node.name, node.name,
+            result=XNOR if node.output in w.xnor else w.type(node.output))
 
 
 def _emit_concat(w: _Writer, node: Node) -> None:
@@ -525,6 +559,15 @@ def _emit_cast(w: _Writer, node: Node) -> None:
     w.layer(node.name, node.name, hls_name="{}_act", result=out_t)
 
 
+def _emit_sign(w: _Writer, node: Node) -> None:
+    """qflow's FixedSign (:mod:`.sign`): hls4ml's binary type when every reader is an XNOR
+    layer (:mod:`.binary`), else ``ap_fixed<2,2>`` holding ±1."""
+    xnor = node.output in w.xnor
+    w.nodes.append(helper.make_node("FixedSign", w.names(node.inputs), [node.output],
+                                    name=node.name, domain=QFLOW_DOMAIN, xnor=int(xnor)))
+    w.layer(node.name, node.name, result=XNOR if xnor else w.type(node.output))
+
+
 EMITTERS = {
     "dense": _emit_dense,
     "conv2d": _emit_conv2d,
@@ -537,6 +580,7 @@ EMITTERS = {
     "reshape": _emit_reshape,
     "concat": _emit_concat,
     "cast": _emit_cast,
+    "sign": _emit_sign,
 }
 
 
@@ -589,8 +633,10 @@ def hls_graph(graph: QGraph, io_type: str = "io_parallel",
     model.metadata_props.extend(
         onnx.StringStringEntryProto(key=f"qflow.type.{name}", value=t.type.to_ap())
         for name, t in graph.tensors.items())
+    consts = {new[k]: v for k, v in w.const_shapes.items()}
     model.graph.value_info.extend(
-        value_info(out, shapes[out]) for n in w.nodes for out in n.output if out != output)
+        helper.make_tensor_value_info(out, TensorProto.FLOAT, list(consts[out])) if out in consts
+        else value_info(out, shapes[out]) for n in w.nodes for out in n.output if out != output)
     model.graph.value_info.extend(  # hls4ml reads constant shapes from value_info too
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in w.inits)
     w.out.model = model
