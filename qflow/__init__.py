@@ -10,6 +10,7 @@ after ``freeze`` runs without torch installed.
 True
 """
 
+from .biper import BiPerConfig  # registers the BiPer method (torch-free)
 from .config import LayerOverride, QFXConfig, QuantSpec, SpecOverride
 from .errors import ConfigError, QflowError
 
@@ -24,6 +25,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "BiPerConfig",
     "ConfigError",
     "LayerOverride",
     "QFXConfig",

@@ -265,7 +265,9 @@ def describe(model: nn.Module) -> list[FormatRow]:
     rows = []
     modules = sorted(model.named_modules(), key=lambda item: not isinstance(item[1], QInput))
     for name, module in modules:
-        if not isinstance(module, QUANTIZED_TYPES):
+        # QFX modules, and those of other methods that name their layer (BiPer's binary
+        # layers: their scale, shift and output formats)
+        if not isinstance(module, QUANTIZED_TYPES) and not hasattr(module, "qflow_name"):
             continue
         layer = getattr(module, "qflow_name", name)
         for attr, role in _ROLE_OF_ATTR.items():

@@ -1,4 +1,4 @@
-"""Benchmark one QAT training step: float vs qflow QFX 4-bit vs brevitas 4-bit.
+"""Benchmark one QAT training step: float vs qflow QFX 4-bit vs brevitas 4-bit, and BiPer.
 
 What it measures
     The wall time of one training step -- forward, cross-entropy loss, backward and an
@@ -30,6 +30,14 @@ What it measures
       because qflow re-casts the pooled value to a 4-bit type with a learned binary
       point, which is what a ``QuantIdentity`` with a learned scale does;
       ``TruncAvgPool2d`` instead drops low bits by a fixed shift.
+
+    A third table (``--binary``, on by default) times the zoo's ``binary-cnn`` (input
+    N x 1 x 8 x 8; a fixed-point stem, four binary 3x3 convolutions in residual blocks,
+    a fixed-point classifier) as ``float`` and as ``biper`` (``qflow.BiPerConfig()``,
+    in stage 2: α·sign(sin(ω₀·w)) weights, sign activations, the rest 8-bit QFX; what
+    most of a BiPer run's steps are) and ``ste`` (the sign-STE baseline, stage 2), with
+    the regularizer τ·mean(sin²(ω₀·w)) in BiPer's loss as ``qflow quantize`` adds it.
+    brevitas has no BiPer; its column is left out there.
 
 How it measures
     Each variant first runs warm-up steps (not timed): qflow's quantizers pick their
@@ -246,6 +254,44 @@ def build(name: str, batch_size: int) -> dict[str, Variant]:
     }
 
 
+class RegularizedVariant(Variant):
+    """A variant whose loss has a regularizer term added, as its method's phase does."""
+
+    def __init__(self, model, x, y, regularizer):
+        super().__init__(model, x, y)
+        self.regularizer = regularizer
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(self.x), self.y)
+        if self.regularizer is not None:
+            loss = loss + self.regularizer(self.model)
+        loss.backward()
+        self.opt.step()
+
+
+BINARY_VARIANTS = ("float", "biper", "ste")
+
+
+def build_binary(batch_size: int) -> dict[str, Variant]:
+    """binary-cnn as float, BiPer stage 2 and sign-STE stage 2, from one initialisation."""
+    from qflow.methods import method_of
+
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn((batch_size, 1, 8, 8), generator=gen)
+    y = torch.randint(0, 10, (batch_size,), generator=gen)
+    torch.manual_seed(SEED)
+    float_model = models.binary_cnn()
+    variants: dict[str, Variant] = {"float": Variant(float_model, x, y)}
+    for name, config in (("biper", qflow.BiPerConfig()),
+                         ("ste", qflow.BiPerConfig(estimator="ste"))):
+        model = qflow.quantize_(copy.deepcopy(float_model), config)
+        stage2 = method_of(config).phases(config, 1)[-1]
+        stage2.prepare(model)
+        variants[name] = RegularizedVariant(model.train(), x, y, stage2.regularizer)
+    return variants
+
+
 def warm_up(variants: dict[str, Variant], steps: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -281,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                              "runs more until its quantizers leave statistics collection)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
                         help="models to benchmark (default: all)")
+    parser.add_argument("--binary", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time binary-cnn: float vs BiPer vs sign-STE (default on)")
     parser.add_argument("--trim-heap", action="store_true",
                         help="leave glibc's default heap trimming on (see 'How it measures')")
     args = parser.parse_args(argv)
@@ -321,6 +369,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, steps in warmups.items():
         print(f"{name} warm-up steps (untimed): "
               + ", ".join(f"{v} {steps[v]}" for v in VARIANTS))
+    if args.binary:
+        variants = build_binary(args.batch_size)
+        warm_up(variants, args.warmup)
+        measure(variants, args.steps, args.repeats)
+        ms = {v: statistics.median(variants[v].times) * 1e3 for v in BINARY_VARIANTS}
+        print()
+        print(f"{'model':<12} {'variant':<10} {'ms/step':>9} {'x float':>8}")
+        print("-" * 42)
+        for v in BINARY_VARIANTS:
+            print(f"{'binary_cnn':<12} {v:<10} {ms[v]:>9.3f} {ms[v] / ms['float']:>8.2f}")
+        print(f"binary_cnn: biper/float = {ms['biper'] / ms['float']:.2f}, "
+              f"ste/float = {ms['ste'] / ms['float']:.2f} (project target: biper/float "
+              "<= 1.5)")
     return 0
 
 

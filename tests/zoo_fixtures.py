@@ -34,7 +34,8 @@ CONFIGS: dict[str, QFXConfig] = {
         activation=QuantSpec(bits=6, rounding="RND_CONV", overflow="SAT"),
         intermediate=QuantSpec(bits=12, signed=True, rounding="RND_CONV", overflow="SAT")),
 }
-MODEL_NAMES = tuple(sorted(MODELS))
+#: the zoo models made for QFX (the binary ones are tested through BiPer in test_biper*.py)
+MODEL_NAMES = tuple(sorted(name for name, zoo in MODELS.items() if zoo.method == "qfx"))
 
 
 @functools.cache

@@ -29,7 +29,7 @@ from qflow.outdir import OutputDirectory, read_marker
 from qflow.runs import data_source, model_source, write_run_files
 from qflow.sources import absolute_spec, module_search_path, resolve_data, resolve_model
 from qflow.train import calibrate, evaluate, fit, seed_everything
-from qflow.zoo import MODELS, Dataset
+from qflow.zoo import DATASETS, MODELS, Dataset
 
 from .console import make_console
 
@@ -47,13 +47,15 @@ RESUMED_OPTIONS = ("model", "data", "epochs", "qat_epochs", "lr", "batch_size", 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, choices=sorted(METHODS),
-                   help=f"QAT method (default: the recipe's, else {DEFAULT_METHOD})")
+                   help=f"QAT method (default: the recipe's, else the zoo model's: biper "
+                        f"for binary-cnn and binary-mlp, {DEFAULT_METHOD} for the others)")
     p.add_argument("--model", default=None,
                    help=f"zoo name ({', '.join(sorted(MODELS))}) or path/file.py:factory "
                         f"(default {DEFAULT_MODEL}); a model file is Python code that qflow "
                         "runs")
     p.add_argument("--data", default=None,
-                   help="zoo name (digits, jets), file.npz with x_train/y_train/x_test/y_test, "
+                   help=f"zoo name ({', '.join(sorted(DATASETS))}), file.npz with "
+                        "x_train/y_train/x_test/y_test, "
                         "or module:function (default: the model's own data set)")
     p.add_argument("--recipe", type=Path, default=None,
                    help="YAML file holding a method's config (its `method:` key names the "
@@ -109,7 +111,10 @@ class Settings:
 
 def build_config(args: argparse.Namespace, note=lambda message: None):
     """The recipe (or the method's default config) with the word lengths given on the
-    command line. The method is ``--method``, else the recipe's ``method:``, else qfx."""
+    command line. The method is ``--method``, else the recipe's ``method:``, else the zoo
+    model's (qfx for a model file)."""
+    zoo = MODELS.get(args.model or DEFAULT_MODEL)
+    default = args.method or (zoo.method if zoo else DEFAULT_METHOD)
     if args.recipe is not None:
         if not args.recipe.is_file():
             raise QflowError(f"recipe file not found: {args.recipe}")
@@ -118,14 +123,14 @@ def build_config(args: argparse.Namespace, note=lambda message: None):
         except OSError as exc:
             raise QflowError(f"cannot read recipe {args.recipe}: {exc.strerror}") from None
         try:
-            config = config_from_yaml(text, default=args.method or DEFAULT_METHOD)
+            config = config_from_yaml(text, default=default)
         except ConfigError as exc:
             raise ConfigError(f"{args.recipe}: {exc}") from None
         if args.method is not None and method_of(config).name != args.method:
             raise ConfigError(f"--method {args.method} but {args.recipe} is a "
                               f"{method_of(config).name} recipe")
     else:
-        config = method_named(args.method or DEFAULT_METHOD).config_type()
+        config = method_named(default).config_type()
     changed = config.replace_bits(args.bits, weight_bits=args.weight_bits,
                                   act_bits=args.act_bits)
     if args.recipe is not None and changed != config:
@@ -170,7 +175,8 @@ def _default_out(settings: Settings) -> Path:
         settings.model.split(":")[0]).stem
     method = method_of(settings.config)
     tag = method.tag(settings.config)
-    prefix = "" if method.name == DEFAULT_METHOD else f"{method.name}-"
+    named = method.name == DEFAULT_METHOD or tag.startswith(f"{method.name}-")
+    prefix = "" if named else f"{method.name}-"
     return Path("runs") / f"{name}-{prefix}{tag}-seed{settings.seed}"
 
 

@@ -11,6 +11,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qflow.api import QUANTIZED_TYPES
+from qflow.biper.layers import BINARY_TYPES, BinaryConv2d, BinaryLinear
 from qflow.errors import QflowError
 from qflow.nn import (
     QAdaptiveAvgPool2d,
@@ -38,7 +39,8 @@ class FreezeError(QflowError):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANTIZED_TYPES) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, QUANTIZED_TYPES + BINARY_TYPES)
+                or super().is_leaf_module(m, qualname))
 
 
 _RAW = object()  # the float model input, before the input quantizer
@@ -118,14 +120,50 @@ def _freeze_weighted(b: _Builder, name, module, src, shape):
         consts["bias"] = _to_codes(bias_q, bias_frac, f"{name}.bias")
         consts["bias_frac"] = bias_frac
     if isinstance(module, QConv2d):
-        op = "conv2d"
-        attrs = {"stride": _pair(module.stride), "padding": _pair(module.padding),
-                 "dilation": _pair(module.dilation), "groups": int(module.groups)}
+        op, attrs = "conv2d", _conv_attrs(module)
     else:
         op, attrs = "dense", {}
     probe = Node(op, name, [src], name, attrs, consts)
     out_type = infer.infer_weighted(probe, b.type_of(src))
     return b.add(op, name, [src], shape, out_type, attrs=attrs, consts=consts, source=name)
+
+
+def _conv_attrs(module: nn.Conv2d) -> dict:
+    return {"stride": _pair(module.stride), "padding": _pair(module.padding),
+            "dilation": _pair(module.dilation), "groups": int(module.groups)}
+
+
+def _freeze_binary(b: _Builder, name, module, src, shape):
+    """A binary layer: ``sign`` -> ``conv2d``/``dense`` with ±1 weight codes (fraction
+    0, no bias) -> ``scale_shift`` (α, bias and BatchNorm folded) -> ``cast``."""
+    if module.current_stage != 2:
+        raise FreezeError(f"{name}: a BiPer layer in stage 1 has real-valued weights; switch "
+                          "it to stage 2 (qflow.biper.start_stage(model, 2)) and train it first")
+    signs = b.add("sign", f"{name}_sign", [src], b.shape_of(src),
+                  infer.infer_sign(b.type_of(src)), source=name)
+    with torch.no_grad():
+        weight = module.weight_signs(torch.float64)
+        scale_q, shift_q = module.quantized_scale_shift(torch.float64)
+    channels = weight.shape[0]
+    consts = {"weight": _to_codes(weight, np.zeros(channels, np.int64), f"{name}.weight"),
+              "weight_frac": np.zeros(channels, dtype=np.int64)}
+    op, attrs = ("conv2d", _conv_attrs(module)) if isinstance(module, BinaryConv2d) else (
+        "dense", {})
+    probe = Node(op, name, [signs], name, attrs, consts)
+    acc = b.add(op, name, [signs], shape, infer.infer_weighted(probe, b.type_of(signs)),
+                attrs=attrs, consts=consts, source=name)
+    scale_frac = _fracs(module.scale_quant, channels)
+    consts = {"scale": _to_codes(scale_q, scale_frac, f"{name}.scale"), "scale_frac": scale_frac}
+    if shift_q is None:
+        consts.update(shift=np.zeros(channels, np.int64), shift_frac=np.zeros(channels, np.int64))
+    else:
+        shift_frac = _fracs(module.shift_quant, channels)
+        consts.update(shift=_to_codes(shift_q, shift_frac, f"{name}.shift"), shift_frac=shift_frac)
+    ss_name = f"{name}_scale_shift"
+    probe = Node("scale_shift", ss_name, [acc], ss_name, {}, consts)
+    ss_type = infer.infer_scale_shift(probe, b.type_of(acc))
+    out = b.add("scale_shift", ss_name, [acc], shape, ss_type, consts=consts, source=name)
+    return b.cast(name, out, module.out_quant, name)
 
 
 def _freeze_batchnorm(b: _Builder, name, module, src, shape):
@@ -209,6 +247,8 @@ def _freeze_reshape(b: _Builder, name, module, src, shape):
 MODULE_FREEZERS = {
     QLinear: _freeze_weighted,
     QConv2d: _freeze_weighted,
+    BinaryLinear: _freeze_binary,
+    BinaryConv2d: _freeze_binary,
     QBatchNorm1d: _freeze_batchnorm,
     QBatchNorm2d: _freeze_batchnorm,
     QReLU: _freeze_relu,

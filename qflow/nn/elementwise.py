@@ -120,6 +120,11 @@ class _TrainingBatchNorm(torch.autograd.Function):
         return grad_x, grad_scale, grad_shift, None
 
 
+#: public name of the training BatchNorm function, for methods whose layers fold a
+#: BatchNorm into their own scale and shift (BiPer's binary layers)
+TrainingBatchNorm = _TrainingBatchNorm
+
+
 class QBatchNorm1d(_QBatchNorm, nn.BatchNorm1d):
     """Fixed-point BatchNorm1d (after a linear layer)."""
 

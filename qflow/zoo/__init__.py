@@ -2,7 +2,7 @@
 
 >>> from qflow.zoo import MODELS
 >>> sorted(MODELS)
-['digits-cnn', 'digits-mlp', 'jet-mlp']
+['binary-cnn', 'binary-mlp', 'digits-cnn', 'digits-mlp', 'jet-mlp']
 """
 
 from __future__ import annotations
@@ -32,17 +32,23 @@ class ZooModel:
     data: str  # default data set
     epochs: int  # default float training epochs
     lr: float = 3e-3
+    #: the QAT method the model is made for: what ``qflow quantize`` uses without --method
+    method: str = "qfx"
 
 
 MODELS: dict[str, ZooModel] = {
     "digits-mlp": ZooModel(_lazy("digits_mlp"), "digits", epochs=40),
     "digits-cnn": ZooModel(_lazy("digits_cnn"), "digits", epochs=30),
     "jet-mlp": ZooModel(_lazy("jet_mlp"), "jets", epochs=12),
+    # made for BiPer; any image size (binary-cnn), 8x8 digits (binary-mlp)
+    "binary-cnn": ZooModel(_lazy("binary_cnn"), "digits", epochs=20, method="biper"),
+    "binary-mlp": ZooModel(_lazy("binary_mlp"), "digits", epochs=20, method="biper"),
 }
 
 DATASETS: dict[str, Callable[[], Dataset]] = {
     "digits": data.digits,
     "jets": data.jets,
+    "mnist5k": data.mnist5k,
 }
 
 __all__ = ["DATASETS", "MODELS", "Dataset", "ZooModel"]

