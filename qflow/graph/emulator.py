@@ -214,7 +214,7 @@ def _build_plan(em: Emulator, keep: bool) -> _Plan:
             owned[node.output] = owned[source] and sole_reader(node.inputs[0])
             continue
         inputs = [alias.get(name, name) for name in node.inputs]
-        in_place = owned[inputs[0]] and sole_reader(node.inputs[0]) and \
+        in_place = owned[node.inputs[0]] and sole_reader(node.inputs[0]) and \
             (len(inputs) == 1 or inputs[1] != inputs[0])
         fn = _BUILD[node.op](em, node, in_place, folds.get(node.name, 1.0))
         slots[node.output] = len(slots)
