@@ -53,6 +53,9 @@ class Method:
     tag: Callable[[Any], str]
     #: one line describing a config, e.g. "QFX, weights 8-bit, activations 8-bit"
     describe: Callable[[Any], str]
+    #: (model, training inputs) -> None, run once after the last phase (BiPer
+    #: re-estimates its BatchNorm statistics); None when a method needs nothing
+    finish: Callable[[Any, Any], None] | None = None
     extra: dict = field(default_factory=dict)
 
 

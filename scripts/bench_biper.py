@@ -13,7 +13,8 @@ What it measures
       with sign(w) weights and a clipped identity gradient, no sine, no regularizer.
 
     Training is what ``qflow quantize --method biper`` does (``qflow.train.fit``, Adam,
-    cosine schedule, the QAT phases at a third of the float learning rate). Each binary
+    cosine schedule, the QAT phases at a third of the float learning rate, then the
+    method's finishing step: BatchNorm statistics re-estimated in eval mode). Each binary
     model is then frozen and run by the emulator on the test set: the table's binary
     accuracies are the deployed model's, and the script fails if the emulator's class
     decisions differ from the QAT model's in eval mode on any test sample.
@@ -49,15 +50,19 @@ MODEL = "binary-cnn"
 
 def train_binary(float_model, data, config, *, qat_epochs: int, lr: float, batch_size: int,
                  seed: int):
-    """Quantize a copy of ``float_model`` with ``config`` and run its method's phases."""
+    """Quantize a copy of ``float_model`` with ``config``, run its method's phases and its
+    finishing step, as ``qflow quantize`` does."""
     model = qflow.quantize_(copy.deepcopy(float_model), config)
     calibrate(model, data.x_train[: batch_size * 4])
-    for index, phase in enumerate(method_of(config).phases(config, qat_epochs), start=1):
+    method = method_of(config)
+    for index, phase in enumerate(method.phases(config, qat_epochs), start=1):
         if phase.prepare is not None:
             phase.prepare(model)
         fit(model, data.x_train, data.y_train, epochs=phase.epochs, lr=lr * phase.lr_scale,
             batch_size=batch_size, seed=seed + index, progress=False,
             description=phase.name, regularizer=phase.regularizer)
+    if method.finish is not None:
+        method.finish(model, data.x_train)
     return model
 
 

@@ -311,6 +311,25 @@ def test_two_stage_fit_learns_and_the_frozen_model_agrees(digits):
     assert 100.0 * float((decided == digits.y_test).mean()) == pytest.approx(accuracy)
 
 
+def test_statistics_are_reestimated_from_what_eval_mode_gives_each_layer(digits):
+    torch.manual_seed(0)
+    config = qflow.BiPerConfig()
+    model = _train(qflow.quantize_(MODELS["binary-mlp"].factory(), config), config, digits,
+                   samples=256)
+    x = torch.as_tensor(digits.x_train[:256])  # one batch: the statistics are its own
+    method_of(config).finish(model, x)  # what qflow quantize runs after stage 2
+    layer = model.fc2
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    z = nn.functional.linear(sign(seen[0]), layer.weight_signs()) * layer.alpha.double()
+    assert torch.allclose(layer.norm.running_mean.double(), z.mean(0), atol=1e-5)
+    assert torch.allclose(layer.norm.running_var.double(), z.var(0), rtol=1e-4)
+    assert not model.training
+
+
 def test_model_image_size_is_free():
     model = qflow.quantize_(MODELS["binary-cnn"].factory(), qflow.BiPerConfig())
     x = torch.rand(3, 1, 28, 28)

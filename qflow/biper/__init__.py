@@ -37,6 +37,7 @@ _LAZY = {
     "start_stage": ".quantize",
     "regularization": ".quantize",
     "binary_layers": ".quantize",
+    "reestimate_statistics": ".quantize",
     "BinaryConv2d": ".layers",
     "BinaryLinear": ".layers",
     "quantization_error": ".qe",
@@ -90,8 +91,17 @@ def _describe(config: BiPerConfig) -> str:
     return f"{name}, binary weights and activations, first/last layers {fixed}"
 
 
+def finish(model, x_train) -> None:
+    """What follows stage 2 (``Method.finish``, run by ``qflow quantize``):
+    :func:`~qflow.biper.quantize.reestimate_statistics` over the training data."""
+    from .quantize import reestimate_statistics
+
+    reestimate_statistics(model, x_train)
+
+
 register_method(Method(name="biper", config_type=BiPerConfig, quantize=_quantize,
-                       phases=phases, tag=_tag, describe=_describe))
+                       phases=phases, tag=_tag, describe=_describe, finish=finish))
 
 __all__ = ["BiPerConfig", "BinaryConv2d", "BinaryLinear", "BinaryOverride", "binary_layers",
-           "phases", "quantization_error", "quantize_biper", "regularization", "start_stage"]
+           "finish", "phases", "quantization_error", "quantize_biper", "reestimate_statistics",
+           "regularization", "start_stage"]

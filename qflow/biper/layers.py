@@ -165,9 +165,7 @@ class _BinaryLayer:
         r = torch.rsqrt(alpha * alpha * var + norm.eps)
         gamma = norm.weight if norm.affine else torch.ones_like(mean)
         scale = alpha * gamma * r
-        shift = -(alpha * mean) * gamma * r
-        if norm.affine:
-            shift = norm.bias + shift
+        shift = norm.bias - mean * scale if norm.affine else -mean * scale
         with torch.no_grad():
             invstd = alpha.abs() * r
             weight = gamma * torch.sign(alpha)

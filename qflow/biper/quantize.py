@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -201,9 +202,19 @@ def regularization(model: nn.Module, tau: float) -> torch.Tensor:
     return tau * torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def reestimate_statistics(model: nn.Module, x, *, batch_size: int = 256) -> None:
-    """Recompute every BatchNorm's running statistics over ``x`` (training data), one
-    BatchNorm at a time in forward order, from the inputs the eval-mode model gives it.
+class _LayerReachedError(Exception):
+    """Stops a forward pass once the layer whose statistics are gathered has run."""
+
+
+def _stop(module, args, output):
+    raise _LayerReachedError
+
+
+def reestimate_statistics(model: nn.Module, x, *, batch_size: int = 256,
+                          max_samples: int = 2048) -> None:
+    """Recompute every BatchNorm's running statistics over ``x`` (training data, at most
+    ``max_samples`` of it), one BatchNorm at a time in forward order, from the inputs
+    the eval-mode model gives it.
 
     Training normalizes each layer's input with batch statistics, evaluation with the
     running ones. A binary layer's sign turns the small difference into flipped
@@ -222,20 +233,24 @@ def reestimate_statistics(model: nn.Module, x, *, batch_size: int = 256) -> None
     >>> int(model[2].norm.num_batches_tracked), model.training
     (1, False)
     """
-    x = torch.as_tensor(x, dtype=torch.float32)
+    x = torch.as_tensor(x, dtype=torch.float32)[:max_samples]
     owners = _statistics_in_forward_order(model, x[:2])
     model.eval()
     for owner, norm in owners:
         momentum = norm.momentum
         norm.reset_running_stats()
-        norm.momentum = None  # a plain average over the batches
         switched = norm if owner is not norm and not isinstance(owner, BINARY_TYPES) else owner
         switched.train()  # this BatchNorm alone takes batch statistics and records them
+        stop = owner.register_forward_hook(_stop)  # nothing after it needs to run
         try:
             with torch.no_grad():
                 for start in range(0, len(x), batch_size):
-                    model(x[start:start + batch_size])
+                    batch = x[start:start + batch_size]
+                    norm.momentum = len(batch) / (start + len(batch))  # average by samples
+                    with contextlib.suppress(_LayerReachedError):
+                        model(batch)
         finally:
+            stop.remove()
             switched.eval()
             norm.momentum = momentum
 

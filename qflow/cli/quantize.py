@@ -302,6 +302,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
                       resume=saved["state"] if saved and index == done else None,
                       checkpoint=checkpoint)
         histories.append([{**r, "phase": phase.name} for r in history])
+    if method.finish is not None:  # BiPer re-estimates its BatchNorm statistics
+        method.finish(qat_model, data.x_train)
     qat_history = [r for h in histories for r in h]
     quant_acc = evaluate(qat_model, data.x_test, data.y_test)
     rows = describe(qat_model)
