@@ -47,16 +47,26 @@ def export_onnx(graph: QGraph, out_dir: Path, target: TargetSpec | None = None,
     artifacts take and their output codes back to real values, with numpy only. It is a
     plain file, not an artifact (nothing to run against the emulator); the export's file
     digests cover it like every other file.
+
+    A graph with transformer or token ops has no QONNX form: the QONNX file is then left
+    out, with a warning through ``options.progress`` naming the node
+    (:func:`qflow.export.qonnx.qonnx_problem`).
     """
     from .codec import write_codec
     from .int_onnx import export_int_onnx
-    from .qonnx import export_qonnx
+    from .qonnx import export_qonnx, qonnx_problem
 
     out_dir = Path(out_dir)
-    export_qonnx(graph, out_dir / "model.qonnx.onnx")
+    artifacts = {}
+    problem = qonnx_problem(graph)
+    if problem:
+        (options or ExportOptions()).progress(f"[yellow]warning:[/] no QONNX artifact: {problem}")
+    else:
+        export_qonnx(graph, out_dir / "model.qonnx.onnx")
+        artifacts["qonnx"] = "model.qonnx.onnx"
     export_int_onnx(graph, out_dir / "model.int.onnx")
     write_codec(graph, out_dir)
-    return {"qonnx": "model.qonnx.onnx", "int_onnx": "model.int.onnx"}
+    return {**artifacts, "int_onnx": "model.int.onnx"}
 
 
 def _export_hls4ml(graph, out_dir, target, options):

@@ -50,6 +50,11 @@ is exact:
   ``ConvInteger``, whose padding (the zero point) is code 0, as the QGraph pads.
 - ``concat``: each input ``Mul`` by 2**k (aligned to the output's fraction, when it
   differs), then ``Concat`` on int64.
+- ``softmax``, ``layernorm``, ``gelu``, ``matmul`` and the token ops ``transpose``,
+  ``slice``, ``add_const``, ``mean``: :mod:`qflow.export.int_onnx_transformer`, each the
+  spec of ``docs/transformer_ops.md`` step by step in int64 (floor shifts by exact
+  ``Div``, shifts by a tensor amount through a ``Gather`` of powers of two, one floor
+  division per row, the 31-step square root unrolled).
 
 Every arithmetic result fits int64 because its QGraph type (at most 62 bits) holds every
 value the input types allow; the export re-derives those types (``qflow.graph.infer``)
@@ -74,11 +79,16 @@ import onnx
 from onnx import TensorProto, helper
 
 from qflow.errors import QflowError
-from qflow.graph import infer
+from qflow.graph import infer, transformer
 from qflow.graph.ir import Node, QGraph
 from qflow.numerics import FixedType
 
-from .int_onnx_ops import EMITTERS, Builder
+from .int_onnx_ops import EMITTERS as BASE_EMITTERS
+from .int_onnx_ops import Builder
+from .int_onnx_transformer import EMITTERS as TRANSFORMER_EMITTERS
+
+#: QGraph op -> emitter: the ops above and the transformer and token ops
+EMITTERS = {**BASE_EMITTERS, **TRANSFORMER_EMITTERS}
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17: readable by older runtimes too
@@ -181,6 +191,12 @@ def _check_types(graph: QGraph) -> None:
     The routes rely on tensor types: 8-bit operands, exact doubles, int64 sums.
     """
     for node in graph.nodes:
+        if node.op in TRANSFORMER_EMITTERS:  # shapes, width rule, the declared type
+            try:
+                transformer.check_node(graph, node)
+            except QflowError as exc:
+                raise QflowError(f"int ONNX export: {exc}") from None
+            continue
         ins = [graph.tensors[i].type for i in node.inputs]
         out = graph.tensors[node.output].type
         try:

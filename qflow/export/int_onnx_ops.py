@@ -94,7 +94,8 @@ class Builder:
 class Sym:
     """An ONNX value that supports the operators ``kernel.round_from_parts`` and
     ``kernel.apply_overflow`` use, so the exported rounding and overflow rules are those
-    functions themselves, traced into ONNX nodes (int64 values and bool masks)."""
+    functions themselves, traced into ONNX nodes (int64 values and bool masks). Results
+    keep the operand's class (``int_onnx_transformer`` adds shifts and divisions)."""
 
     def __init__(self, b: Builder, name: str, is_bool: bool = False):
         self.b, self.name, self.is_bool = b, name, is_bool
@@ -108,13 +109,13 @@ class Sym:
 
     def _int(self, op_type, other, label, swap=False) -> Sym:
         a, c = self._arg(self), self._arg(other)
-        return Sym(self.b, self.b.op(op_type, [c, a] if swap else [a, c], label))
+        return type(self)(self.b, self.b.op(op_type, [c, a] if swap else [a, c], label))
 
     def _cmp(self, op_type, other) -> Sym:
-        return Sym(self.b, self.b.op(op_type, [self._arg(self), self._arg(other)]), True)
+        return type(self)(self.b, self.b.op(op_type, [self._arg(self), self._arg(other)]), True)
 
     def _logic(self, op_type, other) -> Sym:
-        return Sym(self.b, self.b.op(op_type, [self.name, other.name]), True)
+        return type(self)(self.b, self.b.op(op_type, [self.name, other.name]), True)
 
     def __add__(self, other):
         return self._int("Add", other, "add")
@@ -150,7 +151,7 @@ class Sym:
         return self._logic("Or", other)
 
     def __invert__(self):
-        return Sym(self.b, self.b.op("Not", [self.name]), True)
+        return type(self)(self.b, self.b.op("Not", [self.name]), True)
 
 
 class OnnxXp:
@@ -161,17 +162,17 @@ class OnnxXp:
     @staticmethod
     def clip(q: Sym, lo: int, hi: int) -> Sym:
         b = q.b
-        return Sym(b, b.op("Clip", [q.name, b.const(lo), b.const(hi)]))
+        return type(q)(b, b.op("Clip", [q.name, b.const(lo), b.const(hi)]))
 
     @staticmethod
     def where(cond: Sym, a, q: Sym) -> Sym:
         b = q.b
-        return Sym(b, b.op("Where", [cond.name, q._arg(a), q._arg(q)]))
+        return type(q)(b, b.op("Where", [cond.name, q._arg(a), q._arg(q)]))
 
     @staticmethod
     def remainder(q: Sym, m: int) -> Sym:
         b = q.b
-        return Sym(b, b.op("Mod", [q.name, b.const(m)], fmod=0))
+        return type(q)(b, b.op("Mod", [q.name, b.const(m)], fmod=0))
 
 
 # -- cast (requantize) -----------------------------------------------------------------

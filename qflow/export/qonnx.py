@@ -24,6 +24,10 @@ concat               Concat (axis + 1: the batch comes first)
 cast                 the cast route: Quant with the output type
 sign                 BipolarQuant (scale 1): qonnx gives +1 where x >= 0, else -1,
                      the QGraph's sign (sign(0) = +1)
+softmax, layernorm,  refused (:func:`qonnx_problem`, a one-line error naming the node):
+gelu, matmul and     qonnx's executor computes in float, and these ops' integer steps
+the token ops        (row divisions, a bitwise square root) have no exact float form
+                     here; ``qflow export`` then writes no QONNX artifact and says so
 =================== ===============================================================
 
 Every constant (weights, biases, BN scales and shifts, reciprocals) is a float32
@@ -116,14 +120,29 @@ INPUT = "x"
 CHUNK = 2048  # samples per qonnx executor call (one fixed-batch copy of the model)
 
 
+def qonnx_problem(graph: QGraph) -> str:
+    """Why ``graph`` has no QONNX form ('' when it has one): the first node whose op is
+    one of the transformer or token ops, which qonnx's float executor cannot compute
+    exactly here (their integer routes are in the integer ONNX and the hls4ml project)."""
+    node = next((n for n in graph.nodes if n.op not in EMITTERS), None)
+    if node is None:
+        return ""
+    return (f"node {node.name!r} (op {node.op!r}) has no exact QONNX form (the integer "
+            "ONNX, TVM and hls4ml artifacts compute it)")
+
+
 def export_qonnx(graph: QGraph, path: str | Path) -> Path:
     """Write ``graph`` as a QONNX model to ``path`` (atomically) and return the path.
 
-    Raises QflowError, naming node and op, when part of the graph has no exact form.
+    Raises QflowError, naming node and op, when part of the graph has no exact form
+    (:func:`qonnx_problem`: the transformer and token ops have none).
     """
     import onnx
 
     graph.validate()
+    problem = qonnx_problem(graph)
+    if problem:
+        raise QflowError(f"QONNX export: {problem}")
     path = Path(path)
     if INPUT in graph.tensors:
         raise QflowError(f"QONNX export: QGraph tensor name {INPUT!r} clashes with the ONNX "
@@ -286,4 +305,4 @@ def run_qonnx(path: str | Path, x) -> np.ndarray:
     return codes.astype(np.int64)
 
 
-__all__ = ["CHUNK", "export_qonnx", "run_qonnx"]
+__all__ = ["CHUNK", "export_qonnx", "qonnx_problem", "run_qonnx"]

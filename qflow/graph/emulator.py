@@ -23,6 +23,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qflow.numerics import Overflow, kernel, requantize, to_codes
 
+from . import transformer
+from .emulator_transformer import BUILDERS as TRANSFORMER_BUILDERS
 from .infer import FloatFormat, accumulator_frac, aligned_bias, aligned_weights, float_bounds
 from .ir import Node, QGraph, QGraphError
 
@@ -81,6 +83,9 @@ class Emulator:
         if arithmetic not in ARITHMETICS:
             raise ValueError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
         self.graph = graph.validate()
+        for node in graph.nodes:
+            if node.op in TRANSFORMER_BUILDERS:
+                transformer.check_node(graph, node)
         bounds = float_bounds(graph)
         allowed = [f for f in FLOAT_FORMATS if bounds.fits(f)]
         if arithmetic == "auto":
@@ -370,9 +375,10 @@ def _build_dense(em: Emulator, node: Node, in_place: bool, fold: float):
             acc = acc.astype(codes)
         if bias is not None:
             n = len(acc)
-            if 16 < n <= chunk and len(tiled) == 1:
+            tile = 16 < n <= chunk and acc.ndim == 2  # (tokens, features) inputs broadcast
+            if tile and len(tiled) == 1:
                 tiled.append(np.tile(bias, (chunk, 1)))
-            acc += tiled[1][:n] if 16 < n <= chunk else bias
+            acc += tiled[1][:n] if tile else bias
         return acc
 
     return dense
@@ -432,6 +438,10 @@ def _build_relu(em: Emulator, node: Node, in_place: bool, fold: float):
 
 
 def _build_add(em: Emulator, node: Node, in_place: bool, fold: float):
+    shapes = [tuple(em.graph.tensors[name].shape) for name in node.inputs]
+    if shapes[0] != shapes[1]:  # a constant of the per-sample shape is add_const
+        raise QGraphError(f"node {node.name!r} (op 'add'): inputs of shapes {shapes[0]} and "
+                          f"{shapes[1]}: add takes tensors of the same shape")
     frac = em._type(node.output).fractional
     fa, fb = (em._type(name).fractional for name in node.inputs)
     ka, kb = em.dtype(1 << (frac - fa)), em.dtype(1 << (frac - fb))
@@ -523,4 +533,5 @@ _BUILD = {
     "concat": _build_concat,
     "cast": _build_cast,
     "sign": _build_sign,
+    **TRANSFORMER_BUILDERS,  # softmax, layernorm, gelu, matmul and the token ops
 }

@@ -169,8 +169,9 @@ def float_bounds(graph) -> FloatBounds:
     From the exact types: every tensor's codes lie in its type; a dense/conv2d partial
     sum (any subset of products, in any order, as BLAS may add them) is at most
     max_c sum_j |w_cj| * max|x|, and adding the bias gives the accumulator, which is in
-    its type; a scale_shift product is at most max|scale| * max|x|; an add or concat
-    term is max|a| * 2**k; a pooling sum is count * max|x|, times the reciprocal. Casts scale by
+    its type; a scale_shift product is at most max|scale| * max|x|; an add, add_const or
+    concat term is max|a| * 2**k; a pooling sum (and a mean's) is count * max|x|, times the
+    reciprocal; a matmul partial sum is at most K * max|a| * max|b|. Casts scale by
     2**(f_out - f_in), the input cast by 2**f_in.
     """
     tensors = graph.tensors
@@ -201,5 +202,17 @@ def float_bounds(graph) -> FloatBounds:
             peak = max(peak, count * _max_abs(in_t) * max(1, int(c["reciprocal"])))
         elif node.op == "cast":
             shift = max(shift, abs(out_t.fractional - in_t.fractional))
-        # sign: its codes are +-1, within the bipolar type's bound counted above
+        elif node.op == "matmul":  # any partial sum of K products of two codes
+            depth = tensors[node.inputs[0]].shape[-1]
+            peak = max(peak, depth * _max_abs(in_t) * _max_abs(tensors[node.inputs[1]].type))
+        elif node.op == "mean":
+            count = tensors[node.inputs[0]].shape[int(node.attrs["axis"])]
+            peak = max(peak, count * _max_abs(in_t) * max(1, int(c["reciprocal"])))
+        elif node.op == "add_const":
+            value = int(np.abs(c["value"]).max(initial=0))
+            peak = max(peak, _max_abs(in_t) << (out_t.fractional - in_t.fractional),
+                       value << (out_t.fractional - int(node.attrs["value_frac"])))
+        # sign: its codes are +-1, within the bipolar type's bound counted above;
+        # softmax, layernorm and gelu compute in int64 whatever the arithmetic (their
+        # codes in and out are counted above); transpose and slice move codes
     return FloatBounds(width, peak, shift)

@@ -35,6 +35,15 @@ OP_SPECS: dict[str, tuple[int | None, tuple[str, ...], tuple[str, ...]]] = {
     "concat": (None, (), ("axis",)),
     "cast": (1, (), ()),
     "sign": (1, (), ()),
+    # transformer ops (docs/transformer_ops.md) and token ops: qflow.graph.transformer
+    "softmax": (1, (), ("axis",)),
+    "layernorm": (1, ("gamma", "beta"), ("axis", "gamma_type", "beta_type")),
+    "gelu": (1, (), ()),
+    "matmul": (2, (), ("transpose_b",)),
+    "transpose": (1, (), ("perm",)),
+    "slice": (1, (), ("axis", "start", "stop")),
+    "add_const": (1, ("value",), ("value_frac",)),
+    "mean": (1, ("reciprocal",), ("axis", "reciprocal_frac")),
 }
 
 

@@ -112,6 +112,16 @@ def integer_sqrt(n, xp=np):
     """
     if bool(((n < 0) | (n >= (1 << INT_LIMIT_BITS))).any()):
         raise ValueError("integer_sqrt takes 0 <= n < 2**62")
+    return isqrt_steps(n, xp)
+
+
+def isqrt_steps(n, xp=np):
+    """The 31 steps of :func:`integer_sqrt` without its range check, for values whose
+    range is proven elsewhere (the exporters trace these steps into their own ops).
+
+    >>> isqrt_steps(np.array([99, 100])).tolist()
+    [9, 10]
+    """
     root = 0 * n
     bit = 1 << (2 * ISQRT_STEPS - 2)
     for _ in range(ISQRT_STEPS):
@@ -360,6 +370,7 @@ class LayerNormWidths:
     beta_shift: int  # left shift aligning beta to norm_frac + gamma's fraction
     max_moment: int  # bound on N * sum(q**2) and sum(q)**2
     max_result: int  # bound on |z * gamma + beta|
+    max_norm: int = 0  # bound on |z|, the normalised value at norm_frac bits
 
 
 def layernorm_widths(in_type: FixedType, gamma_type: FixedType, beta_type: FixedType,
@@ -399,7 +410,7 @@ def layernorm_widths(in_type: FixedType, gamma_type: FixedType, beta_type: Fixed
         raise ValueError(f"LayerNorm affine result needs {max_result.bit_length()} bits, more "
                          f"than {INT_LIMIT_BITS} (gamma {gamma_type}, beta {beta_type})")
     return LayerNormWidths(in_type, gamma_type, beta_type, out_type, n, reciprocal_frac,
-                           norm_frac, beta_shift, max_moment, max_result)
+                           norm_frac, beta_shift, max_moment, max_result, max_norm)
 
 
 def _along(vector, axis: int, ndim: int, length: int, name: str):

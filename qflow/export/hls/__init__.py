@@ -83,7 +83,7 @@ def export_hls(graph: QGraph, out_dir: Path, target, options) -> dict[str, str]:
 
     _require_hls4ml()
     settings, estimate = _settings(graph, target, options)
-    artifacts = export_onnx(graph, out_dir)
+    artifacts = export_onnx(graph, out_dir, target, options)
     shape = tuple(graph.tensors[graph.input].shape)
     tb_x = corner_inputs(graph.input_type, shape, TESTBENCH_SAMPLES)
     tb_y = np.ldexp(Emulator(graph).run(tb_x).astype(np.float64),

@@ -8,6 +8,12 @@
   pooling, in which padding never wins.
 - ``FixedSign`` (:mod:`.sign`, ``hls/qflow_sign.h``) is the QGraph's ``sign``, in hls4ml's
   binary {0, 1} type for XNOR layers or as ``ap_fixed<2,2>``.
+- ``FixedSoftmax``, ``FixedLayerNorm``, ``FixedGELU`` (:mod:`.softmax`, :mod:`.layernorm`,
+  :mod:`.gelu`) are the integer ops of ``docs/transformer_ops.md``; ``ActivationMatMul``
+  (:mod:`.matmul`) the product of two activations; ``FixedTranspose``, ``FixedSlice``,
+  ``FixedMean`` and ``FixedAddConst`` (:mod:`.transpose`, :mod:`.token_slice`,
+  :mod:`.token_mean`, :mod:`.add_const`) the token ops. Their geometry and every
+  intermediate width come from the QGraph (:mod:`.transformer_graph`).
 
 Each is an :class:`ExtensionLayer` (ONNX domain ``qflow``, op = the layer's name): its
 hls4ml layer class, ONNX handler, config and function templates and C++ header are made
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +61,18 @@ class ExtensionLayer:
     #: the hls4ml attributes it expects besides ``Layer``'s, and its types besides result
     attributes: tuple[str, ...] = ()
     types: tuple[str, ...] = ()
+    #: which of ``attributes`` hold text (C++ type names) or lists; the others integers
+    text: tuple[str, ...] = ()
+    lists: tuple[str, ...] = ()
     #: more config template parameters, from the hls4ml layer
     config_params: Callable[[Any], dict[str, Any]] = lambda layer: {}
     #: other headers in ``hls/`` that its header includes
     includes: tuple[str, ...] = ()
+    #: the C++ call, when not ``function<input_t, output_t, config>(input, output)``
+    #: (``str.format`` fields: hls4ml's function parameters and ``function_params``)
+    call: str = ""
+    #: more function call parameters, from the hls4ml layer (a second input's names)
+    function_params: Callable[[Any], dict[str, Any]] = lambda layer: {}
 
     @property
     def sources(self) -> tuple[Path, ...]:
@@ -71,6 +86,8 @@ class ExtensionLayer:
 
     @property
     def function_template(self) -> str:
+        if self.call:
+            return self.call
         return (f"nnet::{self.function}<{{input_t}}, {{output_t}}, {{config}}>({{input}}, "
                 "{output});")
 
@@ -78,6 +95,25 @@ class ExtensionLayer:
 def constants(names: Sequence[str]) -> tuple[str, ...]:
     """C++ config members ``static const unsigned <name> = {<name>};``."""
     return tuple(f"static const unsigned {name} = {{{name}}};" for name in names)
+
+
+def typedefs(names: Sequence[str]) -> tuple[str, ...]:
+    """C++ config members ``typedef <type> <name>;``, the type a string attribute."""
+    return tuple(f"typedef {{{name}}} {name};" for name in names)
+
+
+def code_table(name: str) -> str:
+    """A C++ config member ``static long long <name>(unsigned i)`` returning element i of
+    the integer attribute ``<name>`` (a constant table: a ROM in hardware); filled in by
+    :func:`table_params`."""
+    return (f"static long long {name}(unsigned i) {{{{ static const long long codes[] = "
+            f"{{{{{{{name}_codes}}}}}}; return codes[i]; }}}}")
+
+
+def table_params(layer, names: Sequence[str]) -> dict[str, str]:
+    """The ``<name>_codes`` fields of :func:`code_table`: the codes as C++ literals."""
+    return {f"{name}_codes": ", ".join(f"{int(v)}LL" for v in layer.get_attr(name))
+            for name in names}
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int) -> int:
@@ -106,14 +142,29 @@ _registered = False
 
 
 def register() -> None:
-    """Register FixedCast, FixedAvgPool, FixedMaxPool and FixedSign with hls4ml once per
-    process (idempotent)."""
+    """Register FixedCast, FixedAvgPool, FixedMaxPool, FixedSign and the transformer and
+    token layers with hls4ml once per process (idempotent)."""
     global _registered
     if _registered:
         return
-    from . import avg_pool, fixed_cast, max_pool, sign
+    from . import (
+        add_const,
+        avg_pool,
+        fixed_cast,
+        gelu,
+        layernorm,
+        matmul,
+        max_pool,
+        sign,
+        softmax,
+        token_mean,
+        token_slice,
+        transpose,
+    )
 
-    layers = (fixed_cast.LAYER, avg_pool.LAYER, max_pool.LAYER, sign.LAYER)
+    layers = (fixed_cast.LAYER, avg_pool.LAYER, max_pool.LAYER, sign.LAYER, softmax.LAYER,
+              layernorm.LAYER, gelu.LAYER, matmul.LAYER, transpose.LAYER, token_slice.LAYER,
+              token_mean.LAYER, add_const.LAYER)
     for header in (path for layer in layers for path in layer.sources):
         if not header.is_file():
             raise QflowError(f"qflow's HLS header is missing: {header} (install qflow from "
@@ -130,7 +181,10 @@ def _register(spec: ExtensionLayer) -> None:
     from hls4ml.model.attributes import Attribute, TypeAttribute
     from hls4ml.model.layers import Layer, register_layer
 
-    expected = (*(Attribute(name) for name in spec.attributes),
+    def kind(name: str) -> type:
+        return str if name in spec.text else list if name in spec.lists else Integral
+
+    expected = (*(Attribute(name, value_type=kind(name)) for name in spec.attributes),
                 *(TypeAttribute(name) for name in spec.types))
     layer_class = type(spec.name, (Layer,), {
         "_expected_attributes": expected, "initialize": spec.initialize})
@@ -152,7 +206,8 @@ def _register(spec: ExtensionLayer) -> None:
             self.template = call
 
         def format(self, node):
-            return self.template.format(**self._default_function_params(node))
+            return self.template.format(**{**self._default_function_params(node),
+                                           **spec.function_params(node)})
 
     def parse(node, input_names, input_shapes, graph):
         from hls4ml.converters.onnx_to_hls import get_onnx_attribute

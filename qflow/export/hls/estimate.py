@@ -330,7 +330,9 @@ def _weighted(ctx: _Context, node: Node) -> LayerEstimate:
     # per output: (C_in / groups)·kh·kw products; a depthwise convolution (hls4ml's
     # DepthwiseConv2D) has one per channel per kernel tap, kh·kw·C in all
     n_in = int(np.prod(weight.shape[1:]))
-    if node.op == "conv2d":
+    if node.op == "dense" and len(ctx.shape_of(node.inputs[0])) == 2:
+        passes = out_shape[0]  # tokens: hls4ml's pointwise Conv1D, one pass per token
+    elif node.op == "conv2d":
         out_pixels = int(np.prod(out_shape[1:]))
         in_shape = ctx.shape_of(node.inputs[0])
         pad = node.attrs["padding"]
@@ -675,8 +677,15 @@ def estimate_resources(graph: QGraph, target: TargetSpec, *, io_type: str, reuse
                    xnor_tensors(graph))
     fifo_tensors = _fifo_tensors(graph) if ctx.stream else set()
     layers, warnings = [], []
+    from .estimate_transformer import ESTIMATORS as TRANSFORMER_ESTIMATORS
+
     for node in graph.nodes:
-        est = ESTIMATORS[node.op](ctx, node)
+        if node.op in TRANSFORMER_ESTIMATORS:
+            est = TRANSFORMER_ESTIMATORS[node.op](ctx, node)
+            if ctx.stream:
+                warnings.append(f"{node.name}: {node.op} is exported in io_parallel only")
+        else:
+            est = ESTIMATORS[node.op](ctx, node)
         if node.op in ("dense", "conv2d") and strategy == "Latency" and not ctx.stream and (
                 est.multipliers > UNROLL_LIMIT):
             warnings.append(f"{node.name}: {est.multipliers:,} products unrolled in one "

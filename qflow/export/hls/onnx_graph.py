@@ -31,6 +31,8 @@ reshape            Flatten of the channels-last data, in (H, W, C) order: the de
                    no Transpose
 concat             Concat on the last (channels-last) axis → Concatenate ``<node>``; more
                    than two inputs become a chain of two-input Concats
+softmax, ...       the transformer and token ops, and dense layers on tokens (rank-2
+                   inputs): qflow's own layers, :mod:`.transformer_graph`
 sign               qflow's ``FixedSign`` op: hls4ml's binary {0, 1} type when every reader
                    is an XNOR layer, else ``ap_fixed<2,2>`` (:mod:`.binary`, :mod:`.sign`)
 cast               Quant (scale 2^-f, zero point 0) when hls4ml can state the mode
@@ -228,6 +230,10 @@ def _weights(node: Node, in_t: FixedType) -> tuple[np.ndarray, FixedType, FixedT
 
 
 def _emit_dense(w: _Writer, node: Node) -> None:
+    if len(w.graph.tensors[node.inputs[0]].shape) == 2:  # tokens: a 1-wide convolution
+        from .transformer_graph import emit_token_dense
+
+        return emit_token_dense(w, node)
     x, in_t, out_t = node.inputs[0], w.type(node.inputs[0]), w.type(node.output)
     weight, w_type, b_type, bias = _weights(node, in_t)
     frac = accumulator_frac(in_t.fractional, node.consts["weight_frac"],
@@ -513,9 +519,12 @@ def _emit_concat(w: _Writer, node: Node) -> None:
     hls4ml's copy into the result type is then exact."""
     ins = node.inputs
     out_t = w.type(node.output)
-    if int(node.attrs["axis"]) != 0:
-        raise HlsExportError(f"node {node.name!r} (concat): only channel concatenation (axis "
-                             f"0) is exported to hls4ml, not axis {node.attrs['axis']}")
+    rank = len(w.graph.tensors[ins[0]].shape)
+    last = {3: 0, 2: 1, 1: 0}.get(rank)  # the axis hls4ml keeps last (channels, features)
+    if int(node.attrs["axis"]) != last:
+        raise HlsExportError(f"node {node.name!r} (concat): only concatenation along the "
+                             f"channel or feature axis (axis {last} here) is exported to "
+                             f"hls4ml, not axis {node.attrs['axis']}")
     needed = infer_concat([w.type(t) for t in ins])
     shift = out_t.fractional - needed.fractional
     if shift < 0 or out_t.qmin > needed.qmin << shift or out_t.qmax < needed.qmax << shift:
@@ -606,8 +615,10 @@ def hls_graph(graph: QGraph, io_type: str = "io_parallel",
     w = _Writer(graph, io_type, strategy)
     in_shape = w.shape(graph.input)
     w.layer(INPUT_NAME, graph.input, result=graph.input_type)
+    from .transformer_graph import EMITTERS as TRANSFORMER_EMITTERS
+
     for node in graph.nodes:
-        emitter = EMITTERS.get(node.op)
+        emitter = EMITTERS.get(node.op) or TRANSFORMER_EMITTERS.get(node.op)
         if emitter is None:
             raise HlsExportError(f"node {node.name!r}: op {node.op!r} has no hls4ml mapping")
         emitter(w, node)

@@ -43,7 +43,7 @@ def export_tvm(graph: QGraph, out_dir: Path, target: TargetSpec, options) -> dic
     require_tvm()
     from .build import build_tvm
 
-    artifacts = export_onnx(graph, out_dir)
+    artifacts = export_onnx(graph, out_dir, target, options)
     options.progress(f"TVM: compiling model.int.onnx for {target.name} "
                      f"({target.description})")
     build_tvm(graph, out_dir / artifacts["int_onnx"], out_dir / TVM_DIR, target,

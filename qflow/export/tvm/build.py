@@ -39,6 +39,7 @@ import onnx
 from qflow.errors import QflowError
 from qflow.export.int_onnx import INPUT_NAME
 from qflow.graph.ir import QGraph
+from qflow.graph.transformer import DECLARED_TYPE_OPS
 from qflow.targets import TargetSpec
 
 from . import frontend, runner
@@ -53,6 +54,11 @@ DEVICES = {"llvm": "cpu", "cuda": "cuda"}
 EXACT_CUDA_ENVIRONMENT = {"TVM_CUDA_NVCC_NO_FAST_MATH": "1",
                           "TVM_CUDA_NVRTC_EXTRA_OPTS": "--ftz=false --prec-div=true "
                                                        "--prec-sqrt=true --fmad=false"}
+#: longest chain of operators fused into one CUDA kernel when the graph has the integer
+#: transformer ops: TVM's GPU statement simplifier grows exponentially with a fused chain of
+#: integer selects and divisions (one GELU: 0.7 s at depth 4, 28 s at 16, over 400 s at the
+#: default); shorter kernels compute the same integers
+CUDA_FUSE_DEPTH = 4
 #: LLVM target options that allow inexact floating-point rewrites
 FAST_MATH_KEYS = ("fast-math", "fast-math-nnan", "fast-math-ninf", "fast-math-nsz",
                   "fast-math-arcp", "fast-math-contract", "fast-math-reassoc")
@@ -113,7 +119,11 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
         with warnings.catch_warnings():  # the batch size is symbolic on purpose
             warnings.filterwarnings("ignore", message=".*unknown dimension")
             module = from_onnx(model, dtype_dict={INPUT_NAME: "int64"})
-        with _environment(EXACT_CUDA_ENVIRONMENT if config["kind"] == "cuda" else {}):
+        cuda = config["kind"] == "cuda"
+        fuse = ({"relax.FuseOps.max_depth": CUDA_FUSE_DEPTH} if cuda and any(
+            n.op in DECLARED_TYPE_OPS for n in graph.nodes) else {})
+        with (_environment(EXACT_CUDA_ENVIRONMENT if cuda else {}),
+              tvm.transform.PassContext(config=fuse)):
             executable = tvm.compile(module, target=_target_object(config))
     except QflowError:
         raise

@@ -33,8 +33,9 @@ EXACT_OPS: dict[str, tuple[frozenset | None, str]] = {
     "ConvInteger": (BYTE_TYPES, "qflow's converter: int32 conv2d, fan-in bounded at export"),
     "MatMulInteger": (BYTE_TYPES, "int32 matmul, fan-in bounded at export"),
     "MatMul": (INTEGER_TYPES, "int64 matmul; the export bounds every partial sum below 2**63"),
-    "Div": (INTEGER_TYPES, "only exact divisions (remainder subtracted first): floor and "
-                           "truncation agree"),
+    "Div": (INTEGER_TYPES, "exact divisions (remainder subtracted first), or a positive "
+                           "divisor with the floor correction after it: floor and "
+                           "truncation both give the floor"),
     "Mod": (INTEGER_TYPES, "fmod=0 becomes floor_mod, ONNX's sign-of-divisor remainder"),
     "Add": (INTEGER_TYPES, "int64 wrapping arithmetic; the export bounds the values"),
     "Sub": (INTEGER_TYPES, "int64 wrapping arithmetic; the export bounds the values"),
@@ -42,6 +43,10 @@ EXACT_OPS: dict[str, tuple[frozenset | None, str]] = {
     "Max": (INTEGER_TYPES, "integer maximum"),
     "Clip": (INTEGER_TYPES, "integer maximum then minimum"),
     "ReduceSum": (INTEGER_TYPES, "int64 sum, bounded at export"),
+    "ReduceMax": (INTEGER_TYPES, "integer maximum"),
+    "Abs": (INTEGER_TYPES, "int64 magnitude of codes far below 2**63"),
+    "Gather": (INTEGER_TYPES, "a power of two read from a table (shift by a tensor amount)"),
+    "Transpose": (ANY_TYPE, "data movement"),
     "MaxPool": (frozenset({TensorProto.DOUBLE}), "maximum of exact doubles (codes <= 53 "
                                                  "bits); no fast-math in the LLVM target"),
     "Cast": (ANY_TYPE, "integer <-> exact double, int64 -> uint8 of in-range codes"),
