@@ -12,20 +12,19 @@ import numpy as np
 import onnx
 import pytest
 from binary_graphs import INPUT, Maker, binary_cnn, binary_mlp, mismatches, sample_inputs
+from export_dirs import export_dir, verify_rows
 
-from qflow.export import EXPORT_FILE, QGRAPH_FILE, ExportOptions, export
+from qflow.export import ExportOptions, export
 from qflow.export.hls import HlsExportError
 from qflow.export.hls.binary import XNOR, ceillog2, xnor_problem, xnor_tensors
 from qflow.export.hls.estimate import estimate_resources
 from qflow.export.hls.onnx_graph import hls_graph
 from qflow.export.int_onnx import export_int_onnx, export_routes, run_int_onnx
-from qflow.export.manifest import digest_files
 from qflow.export.qonnx import export_qonnx, run_qonnx
 from qflow.graph import Emulator, QGraph, infer
 from qflow.graph.ir import OP_SPECS, Node
 from qflow.numerics import FixedType, to_codes
 from qflow.targets import load_target
-from qflow.verify.check import verify_directory
 
 ARITHMETICS = ("float32", "float64", "int64")
 
@@ -184,40 +183,13 @@ def test_qonnx_sign_of_a_float64_model(tmp_path):
     assert mismatches(run_qonnx(path, x), Emulator(graph).run(x)) == 0
 
 
-def _export_dir(root, graph: QGraph, target, io_type=None):
-    """What `qflow export` writes, from a QGraph (no run directory)."""
-    out = root / f"export-{target.name}-{io_type or 'default'}"
-    out.mkdir()
-    graph.save(out / QGRAPH_FILE)
-    artifacts = export(graph, out, target, ExportOptions(io_type=io_type))
-    info = {"target": target.name, "qgraph": QGRAPH_FILE, "artifacts": artifacts,
-            "files": digest_files(out)}
-    (out / EXPORT_FILE).write_text(json.dumps(info))
-    return out
-
-
-def _verify(out, graph: QGraph) -> dict:
-    """``qflow verify``'s check on the sample inputs: every artifact row, by kind."""
-    x = sample_inputs(graph)
-    report = verify_directory(out, samples=0, corners=0, x=x)
-    rows = {r["artifact"]: r for r in report["results"] if r["role"] == "artifact"}
-    for kind, row in rows.items():
-        print(f"{out.name}: {kind} {row['mismatching_samples']} of {row['samples']} "
-              f"samples differ ({row['status']}, {row['seconds']} s)")
-    assert report["passed"], report["summary"]
-    for kind, row in rows.items():
-        assert (row["status"], row["samples"], row["mismatching_samples"]) == (
-            "ok", len(x), 0), (kind, row)
-    return rows
-
-
 @pytest.mark.parametrize("name", EXPORTED)
 def test_verify_tvm_cpu_export(tmp_path, name):
     """The cpu target's export directory (QONNX, integer ONNX, TVM build) under verify."""
     pytest.importorskip("tvm")
     graph = GRAPHS[name]()
-    out = _export_dir(tmp_path, graph, load_target("cpu"))
-    assert set(_verify(out, graph)) == {"qonnx", "int_onnx", "tvm"}
+    out = export_dir(tmp_path, graph, load_target("cpu"))
+    assert set(verify_rows(out, sample_inputs(graph))) == {"qonnx", "int_onnx", "tvm"}
 
 
 @pytest.mark.parametrize("target", ["arm64", "cuda"])
@@ -329,7 +301,7 @@ def test_hls_csim_equals_emulator(tmp_path, name, io_type):
     simulation, every layer's types read back (XNOR ones by class)."""
     pytest.importorskip("hls4ml")
     graph = GRAPHS[name]()
-    out = _export_dir(tmp_path, graph, load_target("ultra96"), io_type)
+    out = export_dir(tmp_path, graph, load_target("ultra96"), io_type)
     report = json.loads((out / "report.json").read_text())
     # each QGraph node's main layer (a dense bias is a second layer of the same node)
     layers = {row["qgraph_node"]: row for row in report["layers"]
@@ -342,7 +314,7 @@ def test_hls_csim_equals_emulator(tmp_path, name, io_type):
         assert (layers[layer]["types"]["weight"] == XNOR) == (node.inputs[0] in xnor)
     estimate = {x["node"]: x for x in report["estimate"]["layers"]}
     assert all(estimate[layer]["dsp"] == 0 for layer in BINARY_LAYERS[name])
-    assert set(_verify(out, graph)) == {"qonnx", "int_onnx", "hls_csim"}
+    assert set(verify_rows(out, sample_inputs(graph))) == {"qonnx", "int_onnx", "hls_csim"}
 
 
 def test_every_fpga_target_exports_the_xnor_layers(tmp_path):

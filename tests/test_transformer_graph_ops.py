@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from binary_graphs import mismatches
+from export_dirs import export_dir, verify_rows
 from transformer_graphs import (
     ACT,
     PROBS,
@@ -27,19 +28,17 @@ from transformer_graphs import (
 )
 
 from qflow.errors import QflowError
-from qflow.export import EXPORT_FILE, QGRAPH_FILE, ExportOptions, export, export_onnx
+from qflow.export import ExportOptions, export, export_onnx
 from qflow.export.hls import HlsExportError
 from qflow.export.hls.estimate import estimate_resources
 from qflow.export.hls.onnx_graph import hls_graph
 from qflow.export.int_onnx import export_int_onnx, export_routes, run_int_onnx
-from qflow.export.manifest import digest_files
 from qflow.export.qonnx import export_qonnx
 from qflow.graph import Emulator, QGraph, QGraphError
 from qflow.graph.ir import OP_SPECS
 from qflow.numerics import FixedType, Overflow, Rounding, requantize
 from qflow.numerics import transformer as nt
 from qflow.targets import load_target
-from qflow.verify.check import verify_directory
 
 GRAPHS = {"attention": attention_block, "two_heads": two_head_block, "ops": ops_graph}
 #: the arithmetics each graph allows (the two-head block's mean needs a 31-bit type)
@@ -237,44 +236,15 @@ def test_int_onnx_on_random_types_and_extremes(tmp_path, op):
         assert bad == 0, (op, k, graph.summary())
 
 
-def _export_dir(root, graph: QGraph, target, io_type=None, messages=None):
-    """What `qflow export` writes, from a QGraph (no run directory)."""
-    out = root / f"export-{target.name}-{io_type or 'default'}"
-    out.mkdir()
-    graph.save(out / QGRAPH_FILE)
-    options = ExportOptions(io_type=io_type, progress=(
-        [] if messages is None else messages).append)
-    artifacts = export(graph, out, target, options)
-    info = {"target": target.name, "qgraph": QGRAPH_FILE, "artifacts": artifacts,
-            "files": digest_files(out)}
-    (out / EXPORT_FILE).write_text(json.dumps(info))
-    return out
-
-
-def _verify(out, graph: QGraph) -> dict:
-    """``qflow verify``'s check on the sample codes: every artifact row, by kind."""
-    x = _real(graph, sample_codes(graph))
-    report = verify_directory(out, samples=0, corners=0, x=x)
-    rows = {r["artifact"]: r for r in report["results"] if r["role"] == "artifact"}
-    for kind, row in rows.items():
-        print(f"{out.name}: {kind} {row['mismatching_samples']} of {row['samples']} "
-              f"samples differ ({row['status']}, {row['seconds']} s)")
-    assert report["passed"], report["summary"]
-    for kind, row in rows.items():
-        assert (row["status"], row["samples"], row["mismatching_samples"]) == (
-            "ok", len(x), 0), (kind, row)
-    return rows
-
-
 def test_verify_tvm_cpu_export(tmp_path):
     """The cpu target's export directory (integer ONNX and the TVM build; no QONNX, with
     a warning naming the first transformer node) under verify."""
     pytest.importorskip("tvm")
     graph = two_head_block()
     messages = []
-    out = _export_dir(tmp_path, graph, load_target("cpu"), messages=messages)
+    out = export_dir(tmp_path, graph, load_target("cpu"), messages=messages)
     assert any("no QONNX artifact: node 'pos' (op 'add_const')" in m for m in messages)
-    assert set(_verify(out, graph)) == {"int_onnx", "tvm"}
+    assert set(verify_rows(out, _real(graph, sample_codes(graph)))) == {"int_onnx", "tvm"}
 
 
 @pytest.mark.parametrize("target", ["arm64", "cuda"])
@@ -334,22 +304,28 @@ def _check_layers(graph: QGraph, rows: list[dict]) -> None:
                 graph.tensors[node.output].type.to_hls4ml()[:-1] + ","), row
 
 
-def test_hls_csim_of_the_extreme_rows(tmp_path):
-    """Each op reading the input rows directly: equal, one huge logit, all negative,
-    zero variance, the most negative codes, random."""
+def _csim_mismatches(tmp_path, graph: QGraph, target: str, codes: np.ndarray) -> int:
+    """Mismatching samples of the hls4ml C simulation (io_parallel) against the emulator,
+    after checking that every layer's types read back."""
     pytest.importorskip("hls4ml")
     from qflow.export.hls import run_csim
     from qflow.export.hls.convert import convert
 
-    graph = ops_graph()
-    project = convert(graph, tmp_path / "hls", part=load_target("ultra96").part, clock_mhz=100,
+    project = convert(graph, tmp_path / "hls", part=load_target(target).part, clock_mhz=100,
                       io_type="io_parallel", reuse_factor=1, strategy="Latency",
                       log=tmp_path / "hls4ml.log")
     _check_layers(graph, project.layers)
+    return mismatches(run_csim(tmp_path / "hls", graph, _real(graph, codes)),
+                      Emulator(graph).run_codes(codes))
+
+
+def test_hls_csim_of_the_extreme_rows(tmp_path):
+    """Each op reading the input rows directly: equal, one huge logit, all negative,
+    zero variance, the most negative codes, random."""
+    graph = ops_graph()
     codes = np.concatenate([extreme_codes(ACT, graph.tensors[graph.input].shape, 3),
                             sample_codes(graph, 200)])
-    bad = mismatches(run_csim(tmp_path / "hls", graph, _real(graph, codes)),
-                     Emulator(graph).run_codes(codes))
+    bad = _csim_mismatches(tmp_path, graph, "ultra96", codes)
     print(f"ops: hls4ml C simulation {bad} of {len(codes)} samples differ")
     assert bad == 0
 
@@ -359,28 +335,19 @@ def test_hls_csim_verify_export(tmp_path):
     the hls4ml C simulation; every layer's types read back; the estimate's rows."""
     pytest.importorskip("hls4ml")
     graph = attention_block()
-    out = _export_dir(tmp_path, graph, load_target("ultra96"), "io_parallel")
+    out = export_dir(tmp_path, graph, load_target("ultra96"), "io_parallel")
     report = json.loads((out / "report.json").read_text())
     _check_layers(graph, report["layers"])
     estimate = {x["node"]: x for x in report["estimate"]["layers"]}
     assert estimate["softmax_h0"]["latency_cycles"] > nt.EXP_FRAC_BITS  # the divider
     assert estimate["ln1"]["latency_cycles"] > nt.ISQRT_STEPS  # the square root
-    assert set(_verify(out, graph)) == {"int_onnx", "hls_csim"}
+    assert set(verify_rows(out, _real(graph, sample_codes(graph)))) == {"int_onnx", "hls_csim"}
 
 
 def test_hls_csim_two_heads(tmp_path):
-    pytest.importorskip("hls4ml")
-    from qflow.export.hls import run_csim
-    from qflow.export.hls.convert import convert
-
     graph = two_head_block()
-    project = convert(graph, tmp_path / "hls", part=load_target("pynq-z2").part, clock_mhz=100,
-                      io_type="io_parallel", reuse_factor=1, strategy="Latency",
-                      log=tmp_path / "hls4ml.log")
-    _check_layers(graph, project.layers)
     codes = sample_codes(graph)
-    bad = mismatches(run_csim(tmp_path / "hls", graph, _real(graph, codes)),
-                     Emulator(graph).run_codes(codes))
+    bad = _csim_mismatches(tmp_path, graph, "pynq-z2", codes)
     print(f"two heads: hls4ml C simulation {bad} of {len(codes)} samples differ")
     assert bad == 0
 
