@@ -132,6 +132,20 @@ def test_over_budget_warning_on_pynq():
     assert est.totals["dsp"] == 256 * 1024 > est.budget["dsp"] == 220
     assert any(w.startswith("dsp:") and "exceeds" in w for w in est.warnings)
     assert any("unrolled" in w for w in est.warnings)  # 262,144 products in one stage
+    util = est.utilisation()
+    assert not est.fits() and est.to_json()["fits"] is False
+    assert est.verdict().startswith("does NOT fit pynq-z2: DSP ")
+    assert f"DSP {100 * util['dsp']:.0f}%" in est.verdict()
+
+
+def test_a_small_design_fits_and_says_by_what_margin():
+    graph = dense_graph([[3, -5, 7, -7], [5, 6, -3, 1]])
+    est = estimate(graph)
+    util = est.utilisation()
+    largest = max(util, key=util.get)
+    assert est.fits() and est.to_json()["fits"] is True
+    assert est.verdict() == (f"fits {est.settings['target']}: the largest share is "
+                             f"{largest.upper()} at {100 * util[largest]:.0f}% of the board")
 
 
 def test_to_json_round_trips_and_table_renders():

@@ -60,14 +60,12 @@ def _settings(graph: QGraph, target, options):
     for reuse in AUTO_REUSE:
         settings["reuse_factor"] = reuse
         estimate = estimate_resources(graph, target, **settings)
-        if not _over_budget(estimate):
+        if estimate.fits():
             break
     options.progress(f"reuse factor auto: {settings['reuse_factor']}")
     return settings, estimate
 
 
-def _over_budget(estimate) -> bool:
-    return any(used > 1 for used in estimate.utilisation().values())
 
 
 def _require_hls4ml() -> None:
@@ -109,6 +107,8 @@ def export_hls(graph: QGraph, out_dir: Path, target, options) -> dict[str, str]:
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     options.progress(estimate.table())
+    options.progress(("" if estimate.fits() else "[yellow]") + estimate.verdict()
+                     + ("" if estimate.fits() else "[/]"))
     for warning in estimate.warnings:
         options.progress(f"[yellow]warning:[/] {warning}")
     if not target.processing_system:

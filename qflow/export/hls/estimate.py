@@ -94,12 +94,28 @@ class ResourceEstimate:
             out[key] = used / have if have else (math.inf if used else 0.0)
         return out
 
+    def fits(self) -> bool:
+        """Whether every resource is within the target's budget."""
+        return all(used <= 1 for used in self.utilisation().values())
+
+    def verdict(self) -> str:
+        """One line saying whether the design fits the board, and by what margin."""
+        target = self.settings.get("target", "the target")
+        util = self.utilisation()
+        if self.fits():
+            key = max(util, key=util.get)
+            return (f"fits {target}: the largest share is {key.upper()} at "
+                    f"{_pct(util[key])} of the board")
+        over = ", ".join(f"{k.upper()} {_pct(v)}" for k, v in util.items() if v > 1)
+        return f"does NOT fit {target}: {over} of the board"
+
     def to_json(self) -> dict:
         util = {k: (round(v, 4) if math.isfinite(v) else None)
                 for k, v in self.utilisation().items()}
         return {"settings": dict(self.settings), "layers": [asdict(x) for x in self.layers],
                 "totals": dict(self.totals), "budget": dict(self.budget),
-                "utilisation": util, "warnings": list(self.warnings)}
+                "utilisation": util, "fits": self.fits(), "verdict": self.verdict(),
+                "warnings": list(self.warnings)}
 
     def table(self) -> Table:
         s = self.settings
