@@ -330,6 +330,18 @@ def test_hls_csim_of_the_extreme_rows(tmp_path):
     assert bad == 0
 
 
+def test_hls_csim_at_other_widths(tmp_path):
+    """The same ops on 13-bit inputs, 16-bit probabilities and a 4-bit GELU."""
+    act = FixedType.parse("ap_fixed<13,5,AP_RND_CONV,AP_SAT>")
+    graph = ops_graph(seed=5, act=act, probs=FixedType.parse("ap_ufixed<16,0,AP_RND,AP_SAT>"),
+                      gelu=FixedType.parse("ap_fixed<4,2,AP_TRN,AP_SAT>"))
+    codes = np.concatenate([extreme_codes(act, graph.tensors[graph.input].shape, 4),
+                            sample_codes(graph, 200)])
+    bad = _csim_mismatches(tmp_path, graph, "ultra96", codes)
+    print(f"ops at other widths: hls4ml C simulation {bad} of {len(codes)} samples differ")
+    assert bad == 0
+
+
 def test_hls_csim_verify_export(tmp_path):
     """The Ultra96 export directory of the one-head block under verify: integer ONNX and
     the hls4ml C simulation; every layer's types read back; the estimate's rows."""

@@ -131,16 +131,18 @@ def two_head_block(seed: int = 1, tokens: int = 5, width: int = 8, classes: int 
     return m.graph()
 
 
-def ops_graph(seed: int = 2, tokens: int = 6, width: int = 8) -> QGraph:
-    """Each op reads the input codes themselves; their results joined along axis 1."""
-    m = TMaker(ACT, (tokens, width), seed)
+def ops_graph(seed: int = 2, tokens: int = 6, width: int = 8, act: FixedType = ACT,
+              probs: FixedType = PROBS, gelu: FixedType = GELU) -> QGraph:
+    """Each op reads the input codes (type ``act``) themselves; their results, cast to
+    ``act``, joined along axis 1."""
+    m = TMaker(act, (tokens, width), seed)
     x = m.last
-    parts = [m.op("softmax", [x], PROBS, {"axis": 1}, "softmax_rows")]
-    parts.append(m.add("cast", inputs=[parts[-1]], out_type=ACT, name="softmax_cast"))
-    parts.append(m.layernorm("layernorm_rows", ACT, x=x))
-    parts.append(m.op("gelu", [x], GELU, name="gelu_x"))
+    parts = [m.op("softmax", [x], probs, {"axis": 1}, "softmax_rows")]
+    parts.append(m.add("cast", inputs=[parts[-1]], out_type=act, name="softmax_cast"))
+    parts.append(m.layernorm("layernorm_rows", act, x=x))
+    parts.append(m.op("gelu", [x], gelu, name="gelu_x"))
     m.op("matmul", [x, x], attrs={"transpose_b": True}, name="gram")
-    parts.append(m.add("cast", inputs=["gram"], out_type=ACT, name="gram_cast"))
+    parts.append(m.add("cast", inputs=["gram"], out_type=act, name="gram_cast"))
     m.add("concat", (tokens, 3 * width + tokens), inputs=parts[1:], attrs={"axis": 1},
           name="joined", out_type=infer.infer_concat([m.tensors[p].type for p in parts[1:]]))
     return m.graph()
