@@ -13,6 +13,7 @@ from qflow.config import ROLES, QFXConfig
 from qflow.errors import ConfigError, QflowError
 from qflow.methods import Method, Phase, method_of, register_method
 from qflow.nn import (
+    QGELU,
     Add,
     QAdaptiveAvgPool2d,
     QAdd,
@@ -22,10 +23,13 @@ from qflow.nn import (
     QCat,
     QConv2d,
     QInput,
+    QLayerNorm,
     QLinear,
     QMaxPool2d,
     QReLU,
+    QSoftmax,
 )
+from qflow.nn.transformer import TRANSFORMER_TYPES
 from qflow.numerics import FixedType
 from qflow.quantizers import FixedQuantizer
 
@@ -40,9 +44,12 @@ SWAPS = {
     nn.AvgPool2d: QAvgPool2d.from_float,
     nn.AdaptiveAvgPool2d: QAdaptiveAvgPool2d.from_float,
     nn.MaxPool2d: QMaxPool2d.from_float,
+    nn.LayerNorm: QLayerNorm.from_float,
+    nn.GELU: QGELU.from_float,
+    nn.Softmax: QSoftmax.from_float,
 }
 QUANTIZED_TYPES = (QLinear, QConv2d, QBatchNorm1d, QBatchNorm2d, QReLU, QAdd, QAvgPool2d,
-                   QAdaptiveAvgPool2d, QMaxPool2d, QInput, QCat)
+                   QAdaptiveAvgPool2d, QMaxPool2d, QInput, QCat, *TRANSFORMER_TYPES)
 #: modules that do no arithmetic on values, or only hold other modules.
 PASSTHROUGH_TYPES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList,
                      nn.ModuleDict)
@@ -235,6 +242,12 @@ _ROLE_OF_ATTR = {
     "bias_quant": "bias",
     "scale_quant": "scale",
     "shift_quant": "shift",
+    "in_quant": "op input",
+    "a_quant": "operand a",
+    "b_quant": "operand b",
+    "gamma_quant": "gamma",
+    "beta_quant": "beta",
+    "value_quant": "constant",
     "out_quant": "output",
 }
 

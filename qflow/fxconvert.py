@@ -16,6 +16,12 @@ too, on a tensor nothing else reads)
 ``F.max_pool2d``                                        QMaxPool2d          ``maxpool``
 ``F.avg_pool2d``                                        QAvgPool2d          ``avgpool``
 ``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))``    QAdaptiveAvgPool2d  ``gap``
+``F.softmax``, ``torch.softmax``, ``x.softmax``        QSoftmax            ``softmax``
+``F.gelu``                                              QGELU               ``gelu``
+``F.layer_norm`` (last dim; weight, bias parameters)    QLayerNorm          ``layernorm``
+``a @ b``, ``torch.matmul``, ``a.matmul(b)``            QMatmul             ``matmul``
+``x + self.param`` (an ``nn.Parameter`` or buffer)     QAddConst           ``add_const``
+``x.mean(d)``, ``torch.mean(x, d)`` over one dim d     QMean               ``mean``
 =====================================================  ==================  ===============
 
 Names: the first of ``<base>``, ``<base>_1``, ``<base>_2``, ... that the owning module
@@ -24,11 +30,13 @@ does not already have, in the order the ops run; the layer name (for overrides,
 The same code gives the same names, so a checkpoint loads into a model built and
 quantized again.
 
-Reshapes (``torch.flatten``, ``x.view(x.size(0), -1)``, ``reshape``, ``contiguous``) and
-size arithmetic stay as they are. Anything else that computes on tensors (``sigmoid``,
-``x * y``, a scalar or parameter added to a tensor, in-place ops, slicing, ...) has no
-exact fixed-point form here and is refused with a one-line ConfigError naming the node
-and the op, before the model is changed.
+Reshapes (``torch.flatten``, ``x.view(x.size(0), -1)``, ``reshape``, ``contiguous``),
+moves of token axes (``x.transpose(1, 2)``, ``x.permute(0, 2, 1)``), basic slicing
+(``q[:, :, 0:16]``, ``x[:, 0]``) and size arithmetic stay as they are (``qflow.freeze``
+turns them into ``reshape``, ``transpose`` and ``slice`` nodes; the batch dim must stay
+where it is). Anything else that computes on tensors (``sigmoid``, ``x * y``, a scalar
+added to a tensor, in-place ops, ...) has no exact fixed-point form here and is refused
+with a one-line ConfigError naming the node and the op, before the model is changed.
 
 In place: a module whose forward held such ops keeps its identity, submodules,
 parameters, buffers and hooks; its class becomes a subclass (made for that object, as
@@ -54,7 +62,21 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qflow.errors import ConfigError
-from qflow.nn import QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QCat, QMaxPool2d, QReLU
+from qflow.nn import (
+    QGELU,
+    QAdaptiveAvgPool2d,
+    QAdd,
+    QAddConst,
+    QAvgPool2d,
+    QCat,
+    QLayerNorm,
+    QMatmul,
+    QMaxPool2d,
+    QMean,
+    QReLU,
+    QSoftmax,
+)
+from qflow.nn.transformer import softmax_output_spec
 
 #: modules whose call returns (a view of) their input: an in-place op after them would
 #: change a tensor that something else may read
@@ -63,6 +85,9 @@ _META_METHODS = {"size", "dim", "numel"}
 _META_ATTRS = {"shape", "ndim", "dtype", "device"}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "contiguous"}
+#: moves of per-sample axes and basic slicing: kept, frozen to transpose and slice nodes
+_MOVE_FUNCTIONS = {torch.transpose, torch.permute, operator.getitem}
+_MOVE_METHODS = {"transpose", "permute"}
 
 
 # -- signatures of the functional ops, to read their arguments ------------------------------
@@ -75,6 +100,11 @@ def _sig_avg_pool(input, kernel_size, stride=None, padding=0, ceil_mode=False,
                   count_include_pad=True, divisor_override=None): ...
 def _sig_adaptive(input, output_size): ...
 def _sig_mean(input, dim=None, keepdim=False, *, dtype=None, out=None): ...
+def _sig_f_softmax(input, dim=None, _stacklevel=3, dtype=None): ...
+def _sig_softmax(input, dim, dtype=None): ...
+def _sig_gelu(input, approximate="none"): ...
+def _sig_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
+def _sig_matmul(input, other, *, out=None): ...
 
 
 #: (op, target) -> (kind, signature, in place)
@@ -98,6 +128,14 @@ _OPS: dict[tuple[str, object], tuple[str, Callable, bool]] = {
     ("call_function", F.adaptive_avg_pool2d): ("gap", _sig_adaptive, False),
     ("call_function", torch.mean): ("gap", _sig_mean, False),
     ("call_method", "mean"): ("gap", _sig_mean, False),
+    ("call_function", F.softmax): ("softmax", _sig_f_softmax, False),
+    ("call_function", torch.softmax): ("softmax", _sig_softmax, False),
+    ("call_method", "softmax"): ("softmax", _sig_softmax, False),
+    ("call_function", F.gelu): ("gelu", _sig_gelu, False),
+    ("call_function", F.layer_norm): ("layernorm", _sig_layer_norm, False),
+    ("call_function", operator.matmul): ("matmul", _sig_matmul, False),
+    ("call_function", torch.matmul): ("matmul", _sig_matmul, False),
+    ("call_method", "matmul"): ("matmul", _sig_matmul, False),
 }
 
 
@@ -367,11 +405,16 @@ def _convert(path: str, owner: nn.Module, graph: fx.Graph, config,
     taken: set[str] = set()
     modules: dict[str, nn.Module] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # rewritten node -> what stands for it now
+    softmax_names: dict[fx.Node, str] = {}  # probabilities: their layer's name
     for node, kind, info in jobs:
         local = next(name for name in (kind if i == 0 else f"{kind}_{i}"
                                         for i in itertools.count())
                      if name not in taken and not hasattr(owner, name))
         taken.add(local)
+        if kind == "softmax":
+            softmax_names[node] = _join(path, local)
+        if kind == "matmul":
+            info["probabilities"] = _softmax_layer(owner, path, info["inputs"][0], softmax_names)
         modules[local] = _make(kind, info, config, _join(path, local))
         with graph.inserting_before(node):
             new = graph.call_module(local, tuple(replaced.get(x, x) for x in info["inputs"]))
@@ -385,10 +428,46 @@ def _convert(path: str, owner: nn.Module, graph: fx.Graph, config,
     return _Rewrite(path, owner, modules, _compile(source, graph, owner), source)
 
 
+def _is_move(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _MOVE_METHODS) or (
+        node.op == "call_function" and node.target in _MOVE_FUNCTIONS)
+
+
+def _check_move(fwd: _Forward, node: fx.Node) -> None:
+    """A transpose, permute or slicing kept as it is: constant arguments, the batch dim
+    (0) left in place; ``qflow.freeze`` checks the rest against the shapes."""
+    fwd.tensor(node, node.args[0] if node.args else None, "its input")
+    rest = fwd.constant(node, (node.args[1:], node.kwargs), "its dims or index")
+    if node.target is operator.getitem:
+        index = rest[0][0] if rest[0] else None
+        if not isinstance(index, tuple) or not index or index[0] != slice(None):
+            raise fwd.refuse(node, f"indexing with {index!r} selects along the batch dim; "
+                                   "index per-sample dims only, e.g. x[:, 0] or q[:, :, 0:16]")
+        return
+    dims = [d for d in rest[0] for d in (d if isinstance(d, list | tuple) else [d])]
+    dims += [d for v in rest[1].values() for d in (v if isinstance(v, list | tuple) else [v])]
+    moved = dims[1:] if node.target in ("permute", torch.permute) else dims
+    if (node.target in ("permute", torch.permute) and dims[:1] != [0]) or 0 in moved:
+        raise fwd.refuse(node, "moves the batch dim 0; only per-sample dims may move")
+
+
+def _softmax_layer(owner: nn.Module, path: str, value, softmax_names) -> str | None:
+    """The layer name of the softmax whose output ``value`` is, if it is one."""
+    if value in softmax_names:
+        return softmax_names[value]
+    if isinstance(value, fx.Node) and value.op == "call_module" and isinstance(
+            owner.get_submodule(value.target), nn.Softmax | QSoftmax):
+        return _join(path, value.target)
+    return None
+
+
 def _classify(fwd: _Forward, node: fx.Node) -> tuple[str, dict] | None:
     """(kind, arguments) of a functional op to rewrite; None for one kept as it is."""
     if _is_reshape(node):
         fwd.tensor(node, node.args[0] if node.args else None, "its input")
+        return None
+    if _is_move(node):
+        _check_move(fwd, node)
         return None
     entry = _OPS.get((node.op, node.target)) if node.op in ("call_function",
                                                             "call_method") else None
@@ -405,7 +484,8 @@ def _classify(fwd: _Forward, node: fx.Node) -> tuple[str, dict] | None:
     if args.get("out") is not None:
         raise fwd.refuse(node, "out= is not supported")
     return {"relu": _relu, "add": _add, "cat": _cat, "maxpool": _maxpool, "avgpool": _avgpool,
-            "gap": _gap}[kind](fwd, node, args, in_place)
+            "gap": _gap, "softmax": _softmax, "gelu": _gelu, "layernorm": _layernorm,
+            "matmul": _matmul}[kind](fwd, node, args, in_place)
 
 
 def _relu(fwd, node, args, in_place):
@@ -415,7 +495,18 @@ def _relu(fwd, node, args, in_place):
     return "relu", {"inputs": [x]}
 
 
+def _is_param(fwd, value) -> bool:
+    return isinstance(value, fx.Node) and fwd.kind.get(value) == "param"
+
+
 def _add(fwd, node, args, in_place):
+    if _is_param(fwd, args["input"]) != _is_param(fwd, args["other"]) and not in_place:
+        param, x = ((args["input"], args["other"]) if _is_param(fwd, args["input"])
+                    else (args["other"], args["input"]))
+        x = fwd.tensor(node, x, "its tensor operand")
+        if fwd.constant(node, args.get("alpha", 1), "alpha") != 1:
+            raise fwd.refuse(node, "alpha other than 1 is not supported")
+        return "add_const", {"inputs": [x, param]}
     a = fwd.tensor(node, args["input"], "its first operand")
     b = fwd.tensor(node, args["other"], "its second operand")
     if fwd.constant(node, args.get("alpha", 1), "alpha") != 1:
@@ -431,9 +522,9 @@ def _cat(fwd, node, args, in_place):
         raise fwd.refuse(node, "expects a list of tensors")
     inputs = [fwd.tensor(node, t, f"input {i}") for i, t in enumerate(tensors)]
     dim = fwd.constant(node, args.get("dim", 0), "dim")
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim == 0 or dim > 1:
-        raise fwd.refuse(node, f"concatenation along dim {dim!r}: only the channel dim 1 "
-                               "(or a negative dim that is it) is supported")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim == 0 or dim > 2:
+        raise fwd.refuse(node, f"concatenation along dim {dim!r}: only the channel dim 1, "
+                               "or the features (dim 2, -1) of token tensors, is supported")
     return "cat", {"inputs": inputs, "dim": dim}
 
 
@@ -471,15 +562,74 @@ def _gap(fwd, node, args, in_place):
         return "gap", {"inputs": [x]}
     dim = fwd.constant(node, args.get("dim"), "dim")
     dims = dim if isinstance(dim, list | tuple) else [dim]
+    keep = fwd.constant(node, args.get("keepdim", False), "keepdim")
+    if (len(dims) == 1 and isinstance(dims[0], int) and not isinstance(dims[0], bool)
+            and dims[0] != 0 and args.get("dtype") is None):
+        return "mean", {"inputs": [x], "dim": dims[0], "keepdim": bool(keep)}
     if args.get("dtype") is not None or sorted(
             d + 4 if isinstance(d, int) and d < 0 else d for d in dims) != [2, 3]:
         raise fwd.refuse(node, f"a mean over dims {dim!r}: only the global mean over H and W "
-                               "(dims (2, 3) of an N, C, H, W tensor) is supported")
-    keep = fwd.constant(node, args.get("keepdim", False), "keepdim")
+                               "(dims (2, 3) of an N, C, H, W tensor) or over one "
+                               "per-sample dim is supported")
     return "gap", {"inputs": [x], "flatten": not keep}
 
 
+def _softmax(fwd, node, args, in_place):
+    x = fwd.tensor(node, args["input"], "its input")
+    dim = fwd.constant(node, args.get("dim"), "dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim == 0:
+        raise fwd.refuse(node, f"softmax along dim {dim!r}: give one per-sample dim")
+    if args.get("dtype") is not None:
+        raise fwd.refuse(node, "dtype= is not supported")
+    return "softmax", {"inputs": [x], "dim": dim}
+
+
+def _gelu(fwd, node, args, in_place):
+    x = fwd.tensor(node, args["input"], "its input")
+    approximate = fwd.constant(node, args.get("approximate", "none"), "approximate")
+    if approximate not in ("none", "tanh"):
+        raise fwd.refuse(node, f"approximate={approximate!r} is not a GELU form")
+    return "gelu", {"inputs": [x], "approximate": approximate}
+
+
+def _layernorm(fwd, node, args, in_place):
+    x = fwd.tensor(node, args["input"], "its input")
+    shape = args["normalized_shape"]  # (x.shape[-1],) is a size computed in forward
+    shape = [shape] if isinstance(shape, int | fx.Node) else list(shape)
+    if len(shape) != 1:
+        raise fwd.refuse(node, f"normalized_shape {shape}: only the last dim is supported")
+    shape = [shape[0] if isinstance(shape[0], int) else 1]  # the layer reads the input's
+    params = []
+    for key in ("weight", "bias"):
+        value = args.get(key)
+        if value is not None and not _is_param(fwd, value):
+            raise fwd.refuse(node, f"{key} must be a parameter of the module (or None)")
+        params.append(value)
+    eps = fwd.constant(node, args.get("eps", 1e-5), "eps")
+    return "layernorm", {"inputs": [x, *params], "shape": shape, "eps": eps}
+
+
+def _matmul(fwd, node, args, in_place):
+    a = fwd.tensor(node, args["input"], "its first operand")
+    b = fwd.tensor(node, args["other"], "its second operand")
+    return "matmul", {"inputs": [a, b]}
+
+
 def _make(kind: str, info: dict, config, name: str) -> nn.Module:
+    if kind == "softmax":
+        return QSoftmax.from_config(config, name, info["dim"])
+    if kind == "gelu":
+        return QGELU.from_float(nn.GELU(approximate=info["approximate"]), config, name)
+    if kind == "layernorm":
+        return QLayerNorm.from_config(config, name, info["shape"], info["eps"])
+    if kind == "matmul":  # probabilities keep the softmax's type (an exact cast)
+        probs = info.get("probabilities")
+        return QMatmul.from_config(config, name, a_spec=None if probs is None
+                                   else softmax_output_spec(config, probs))
+    if kind == "add_const":
+        return QAddConst.from_config(config, name)
+    if kind == "mean":
+        return QMean.from_config(config, name, info["dim"], info["keepdim"])
     if kind == "relu":
         return QReLU.from_float(nn.ReLU(), config, name)
     if kind == "add":

@@ -528,17 +528,20 @@ REFUSED = {
     "scalar_add": (lambda m, y: y + 1.0,
                    r"'add' in inner \(call_function operator\.add\): its second operand is "
                    r"a Python float \(1\.0\)"),
-    "parameter_add": (lambda m, y: y + m.scale,
-                      r"'add' in inner \(call_function operator\.add\): its second operand "
-                      r"is the parameter .*'scale'"),
-    "gelu": (lambda m, y: F.gelu(y), r"'gelu' in inner \(call_function "
-                                     r"torch\.nn\.functional\.gelu\)"),
-    "mean": (lambda m, y: y.mean(1), r"'mean' in inner \(call_method mean\): a mean over dims"),
+    "parameter_add_in_place": (lambda m, y: y.add_(m.scale),
+                               r"'add_' in inner \(call_method add_\): its second operand "
+                               r"is the parameter .*'scale'"),
+    "gelu_form": (lambda m, y: F.gelu(y, approximate="cubic"),
+                  r"'gelu' in inner \(call_function torch\.nn\.functional\.gelu\): "
+                  r"approximate='cubic'"),
+    "mean_batch": (lambda m, y: y.mean(0),
+                   r"'mean' in inner \(call_method mean\): a mean over dims 0"),
     "cat_batch": (lambda m, y: torch.cat([y, y]), r"'cat' in inner .*along dim 0"),
     "in_place_mul": (lambda m, y: y.mul_(2), r"no exact fixed-point form for 'mul_' in inner"),
     "in_place_relu_read_twice": (lambda m, y: F.relu(y, inplace=True) + y,
                                  r"'relu' in inner .*also read elsewhere"),
-    "slice": (lambda m, y: y[:, :2], r"'getitem' in inner \(call_function operator\.getitem\)"),
+    "slice_batch": (lambda m, y: y[:2], r"'getitem' in inner \(call_function operator\.getitem\): "
+                                        r"indexing with .* selects along the batch dim"),
     "max_pool_indices": (lambda m, y: F.max_pool2d(y, 2, return_indices=True)[0],
                          r"no exact fixed-point form for 'max_pool2d_with_indices' in inner"),
 }

@@ -29,6 +29,7 @@ from qflow.nn import (
 from qflow.nn.elementwise import RECIPROCAL_TYPE, _reciprocal
 from qflow.quantizers import FixedQuantizer
 
+from . import from_torch_transformer as transformer_freeze
 from . import infer
 from .ir import Node, QGraph, TensorInfo
 
@@ -194,13 +195,13 @@ def _freeze_add(b: _Builder, name, module, srcs, shape):
 
 def _freeze_concat(b: _Builder, name, module: QCat, srcs, shape):
     """Every input cast to the layer's type (unless it has it already), then concatenated."""
-    module.channel_dim(len(shape) + 1)
+    axis = module.channel_dim(len(shape) + 1) - 1  # per-sample: the batch dim excluded
     t = module.out_quant.fixed_type()
     inputs = [src if b.type_of(src) == t else b.add(
         "cast", f"{name}_cast{i}", [src], b.shape_of(src), t, source=name)
         for i, src in enumerate(srcs)]
     out_type = infer.infer_concat([b.type_of(s) for s in inputs])
-    return b.add("concat", name, inputs, shape, out_type, attrs={"axis": 0}, source=name)
+    return b.add("concat", name, inputs, shape, out_type, attrs={"axis": axis}, source=name)
 
 
 def _reciprocal_code(count: int) -> int:
@@ -316,6 +317,9 @@ def freeze(model: nn.Module, example_input: torch.Tensor) -> QGraph:
         if node.op == "output":
             output = env[node.args[0]]
             continue
+        if node.op == "get_attr":  # a parameter read in a forward: a layer's constant
+            env[node] = transformer_freeze.Param(_attribute(model, node.target), node.target)
+            continue
         args = [env.get(a) if isinstance(a, fx.Node) else a for a in node.args]
         tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
         label = f"node {node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
@@ -338,6 +342,11 @@ def freeze(model: nn.Module, example_input: torch.Tensor) -> QGraph:
         raise FreezeError("the model output is not a single quantized tensor")
     meta = {"input_shape": list(input_shape), "frozen_from": type(model).__name__}
     return QGraph(b.input, output, b.tensors, b.nodes, meta).validate()
+
+
+def _attribute(model: nn.Module, target: str) -> torch.Tensor:
+    owner, _, attr = target.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
 
 
 def _declare_input(b: _Builder, quant: QInput, shape) -> str:
@@ -371,11 +380,21 @@ def _freeze_node(b: _Builder, node: fx.Node, modules, args, label: str) -> str:
             return _freeze_add(b, node.target, module, args[:2], shape)
         if isinstance(module, QCat):
             return _freeze_concat(b, node.target, module, args, shape)
+        frozen = transformer_freeze.freeze_module(b, node.target, module, args, shape)
+        if frozen is not None:
+            return frozen
+        if any(isinstance(a, transformer_freeze.Param) for a in args):
+            raise FreezeError(f"{label}: a parameter is passed to {type(module).__name__}")
         freezer = MODULE_FREEZERS.get(type(module))
         if freezer is None:
             raise FreezeError(f"{label}: module {type(module).__name__} has no integer form "
                               "(quantize it with qflow.quantize_ or remove it)")
         return freezer(b, node.target, module, args[0], shape)
+    if any(isinstance(a, transformer_freeze.Param) for a in args):
+        raise FreezeError(f"{label}: a parameter is used directly; only layers take them "
+                          "(qflow.quantize_ makes x + parameter a QAddConst layer)")
+    if transformer_freeze.is_move(node):
+        return transformer_freeze.freeze_move(b, node, args[0], shape, label)
     if node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS:
         return _freeze_reshape(b, node.name, None, args[0], shape)
     if node.op == "call_method" and node.target in _RESHAPE_METHODS:

@@ -14,8 +14,24 @@ nn.AvgPool2d           QAvgPool2d               output (``activation``)
 nn.AdaptiveAvgPool2d   QAdaptiveAvgPool2d       output (``activation``), global pooling only
 nn.MaxPool2d           QMaxPool2d               exact, keeps the input type
 torch.cat (dim 1)      QCat                     output (``activation``): every input cast
-                                                to one type, then concatenated
+                                                to one type, then concatenated (token
+                                                tensors: also along the features, dim 2)
+nn.LayerNorm           QLayerNorm               input (``intermediate``), γ
+                                                (``norm_scale``), β (``bias``), output
+                                                (``activation``)
+nn.GELU                QGELU                    input (``intermediate``), output
+                                                (``activation``)
+nn.Softmax, softmax    QSoftmax                 input (``intermediate``), output: unsigned
+                                                ``activation`` bits
+``a @ b``              QMatmul                  both operands (``activation``); output =
+                                                accumulator
+``x + parameter``      QAddConst                the constant (``bias``), output
+                                                (``intermediate``)
+``x.mean(dim)``        QMean                    output (``intermediate``)
 =====================  =======================  ==========================================
+
+The transformer layers run the exact integer ops of ``docs/transformer_ops.md`` in their
+forward pass (:mod:`qflow.nn.transformer`).
 
 Functional ops in a ``forward`` (``F.relu``, ``+``, ``torch.cat``, ``F.max_pool2d``,
 ...) become these modules too: see ``qflow.fxconvert``.
@@ -34,18 +50,25 @@ from .elementwise import (
 )
 from .functional import Add
 from .layers import QConv2d, QLinear
+from .transformer import QGELU, QAddConst, QLayerNorm, QMatmul, QMean, QSoftmax
 
 __all__ = [
+    "QGELU",
     "Add",
     "QAdaptiveAvgPool2d",
     "QAdd",
+    "QAddConst",
     "QAvgPool2d",
     "QBatchNorm1d",
     "QBatchNorm2d",
     "QCat",
     "QConv2d",
     "QInput",
+    "QLayerNorm",
     "QLinear",
+    "QMatmul",
     "QMaxPool2d",
+    "QMean",
     "QReLU",
+    "QSoftmax",
 ]

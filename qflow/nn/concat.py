@@ -13,14 +13,15 @@ from .functional import exact_dtype
 
 
 class QCat(nn.Module):
-    """``torch.cat(tensors, dim)`` along the channel dim (dim 1) in one fixed-point type.
+    """``torch.cat(tensors, dim)`` along the channel dim (dim 1), or the features of token
+    tensors (dim 2 of batch, tokens, features: attention heads), in one fixed-point type.
 
     Every input is cast to the output quantizer's type (the ``activation`` spec: its
     word length, a trainable binary point, the sign from the data) and the casts are
     concatenated; the concatenation itself is exact. The cast is element-wise, so it
     is applied once to the concatenated tensor (the same values and gradients as one
     cast per input). ``dim`` may be negative: it is resolved against the inputs' rank
-    on every call, and anything but the channel dim is refused.
+    on every call, and any other dim is refused.
 
     >>> import torch
     >>> from qflow.config import QFXConfig
@@ -41,12 +42,13 @@ class QCat(nn.Module):
         return layer
 
     def channel_dim(self, ndim: int) -> int:
-        """The dim this layer concatenates along for ``ndim``-D inputs (always 1)."""
+        """The dim this layer concatenates along for ``ndim``-D inputs: 1, or 2 (the
+        features) for 3-D token tensors (batch, tokens, features)."""
         dim = self.dim + ndim if self.dim < 0 else self.dim
-        if dim != 1:
+        if dim != 1 and not (ndim == 3 and dim == 2):
             raise QflowError(f"{getattr(self, 'qflow_name', 'QCat')}: concatenation along dim "
                              f"{self.dim} of {ndim}-D tensors is not supported (only the "
-                             "channel dim 1)")
+                             "channel dim 1, or the features of token tensors)")
         return dim
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:

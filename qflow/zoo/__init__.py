@@ -2,7 +2,7 @@
 
 >>> from qflow.zoo import MODELS
 >>> sorted(MODELS)
-['binary-cnn', 'binary-mlp', 'digits-cnn', 'digits-mlp', 'jet-mlp']
+['binary-cnn', 'binary-mlp', 'digits-cnn', 'digits-mlp', 'jet-mlp', 'tiny-vit']
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ MODELS: dict[str, ZooModel] = {
     # made for BiPer; any image size (binary-cnn), 8x8 digits (binary-mlp)
     "binary-cnn": ZooModel(_lazy("binary_cnn"), "digits", epochs=20, method="biper"),
     "binary-mlp": ZooModel(_lazy("binary_mlp"), "digits", epochs=20, method="biper"),
+    # 2x2 patches of the 8x8 digits: 16 tokens, dim 32, 2 heads, 2 blocks
+    "tiny-vit": ZooModel(_lazy("tiny_vit"), "digits", epochs=60, lr=2e-3),
 }
 
 DATASETS: dict[str, Callable[[], Dataset]] = {
