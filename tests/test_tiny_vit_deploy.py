@@ -1,10 +1,6 @@
 """The tiny ViT deployed end to end, as a user runs it: ``qflow quantize --model tiny-vit``
 on digits (a short schedule), ``qflow export`` to each target and ``qflow verify``: every
-artifact gives the emulator's codes on every sample.
-
-ultra96 is not here yet: the hls4ml export refuses the patch embedding's reshape of the
-convolution's (C, H, W) output to (C, H·W) tokens (only flattening is exported), and
-the estimate puts the model far over the board's budget."""
+artifact gives the emulator's codes on every sample (ultra96: test_tiny_vit_fpga.py)."""
 
 from __future__ import annotations
 

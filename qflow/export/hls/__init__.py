@@ -46,7 +46,8 @@ AUTO_REUSE = tuple(2**k for k in range(13))
 def _settings(graph: QGraph, target, options):
     """(settings, their resource estimate): io type, reuse factor and strategy are the
     user's, else the target's; reuse ``auto`` is the smallest power of two whose estimate
-    fits every budget (the largest tried, with the estimate's warnings, when none does)."""
+    fits every budget; 1 when the layers the reuse factor does not fold exceed a budget on
+    their own (no reuse factor fits), the largest tried when none fits otherwise."""
     from .estimate import estimate_resources
 
     defaults = target.defaults
@@ -57,12 +58,17 @@ def _settings(graph: QGraph, target, options):
     }
     if settings["reuse_factor"] != "auto":
         return settings, estimate_resources(graph, target, **settings)
+    note = ""
     for reuse in AUTO_REUSE:
         settings["reuse_factor"] = reuse
         estimate = estimate_resources(graph, target, **settings)
         if estimate.fits():
             break
-    options.progress(f"reuse factor auto: {settings['reuse_factor']}")
+        if not estimate.fits_at_some_reuse():
+            note = (" (no reuse factor fits the board: the layers it does not fold exceed "
+                    "it on their own)")
+            break
+    options.progress(f"reuse factor auto: {settings['reuse_factor']}{note}")
     return settings, estimate
 
 

@@ -50,6 +50,9 @@ MULTIPLIER_STAGES = {"dsp": 3, "lut": 1, "shift-add": 1, "xnor": 1, "none": 0}
 ADDER_LEVELS_PER_CYCLE = 2
 
 MULTIPLIER_KINDS = ("dsp", "lut", "shift-add", "xnor", "none")
+#: ops whose hardware the reuse factor folds (hls4ml's Dense, Conv, BatchNormalization
+#: and qflow's ActivationMatMul); every other layer is fully parallel at any reuse factor
+FOLDED_OPS = ("dense", "conv2d", "scale_shift", "matmul")
 RESOURCES = ("dsp", "lut", "ff", "bram36")
 
 
@@ -84,6 +87,17 @@ class ResourceEstimate:
     budget: dict
     warnings: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    #: DSP, LUT, FF and BRAM36 of the layers the reuse factor does not fold (FOLDED_OPS)
+    unfolded: dict = field(default_factory=dict)
+
+    def fits_at_some_reuse(self) -> bool:
+        """Whether the layers the reuse factor does not fold are within every budget (if
+        not, no reuse factor makes the design fit)."""
+        return all(self.unfolded.get(k, 0) <= self.budget.get(k, 0) for k in RESOURCES)
+
+    def _share(self, used: int, key: str) -> float:
+        have = self.budget.get(key, 0)
+        return used / have if have else (math.inf if used else 0.0)
 
     def utilisation(self) -> dict[str, float]:
         """Fraction of the budget each resource uses (``inf`` for a zero budget)."""
@@ -107,13 +121,21 @@ class ResourceEstimate:
             return (f"fits {target}: the largest share is {key.upper()} at "
                     f"{_pct(util[key])} of the board")
         over = ", ".join(f"{k.upper()} {_pct(v)}" for k, v in util.items() if v > 1)
-        return f"does NOT fit {target}: {over} of the board"
+        line = f"does NOT fit {target}: {over} of the board"
+        if not self.fits_at_some_reuse():
+            fixed = ", ".join(f"{k.upper()} {_pct(self._share(self.unfolded[k], k))}"
+                              for k in RESOURCES
+                              if self.unfolded.get(k, 0) > self.budget.get(k, 0))
+            line += (f"; at any reuse factor: the layers it does not fold alone need "
+                     f"{fixed}")
+        return line
 
     def to_json(self) -> dict:
         util = {k: (round(v, 4) if math.isfinite(v) else None)
                 for k, v in self.utilisation().items()}
         return {"settings": dict(self.settings), "layers": [asdict(x) for x in self.layers],
                 "totals": dict(self.totals), "budget": dict(self.budget),
+                "unfolded": dict(self.unfolded), "fits_at_some_reuse": self.fits_at_some_reuse(),
                 "utilisation": util, "fits": self.fits(), "verdict": self.verdict(),
                 "warnings": list(self.warnings)}
 
@@ -713,7 +735,16 @@ def estimate_resources(graph: QGraph, target: TargetSpec, *, io_type: str, reuse
     budget = {key: int(target.resources.get(key, 0)) for key in (*RESOURCES, "uram")}
     totals = _totals(layers, io_type, target.clock_mhz)
     warnings = _budget_warnings(totals, budget) + warnings
+    fixed = [x for x in layers if x.op not in FOLDED_OPS]
+    unfolded = {key: sum(getattr(x, key) for x in fixed) for key in RESOURCES}
+    over = [k for k in RESOURCES if unfolded[k] > budget.get(k, 0)]
+    if over:
+        ops = ", ".join(sorted({x.op for x in fixed if any(getattr(x, k) for k in over)}))
+        need = ", ".join(f"{k.upper()} {unfolded[k]:,}" for k in over)
+        warnings.append(f"the reuse factor folds only {', '.join(FOLDED_OPS)} layers; the "
+                        f"others ({ops}) are fully parallel and alone need {need}: over "
+                        "the budget at every reuse factor")
     settings = {"target": target.name, "part": target.part, "clock_mhz": target.clock_mhz,
                 "io_type": io_type, "strategy": strategy, "reuse_factor": reuse_factor,
                 "dsp_primitive": ctx.primitive}
-    return ResourceEstimate(layers, totals, budget, warnings, settings)
+    return ResourceEstimate(layers, totals, budget, warnings, settings, unfolded)

@@ -19,7 +19,10 @@ the exporter writes into their configs (:mod:`.transformer_graph`). Assumptions,
   compare-and-subtract and a mux, ``ISQRT_CYCLES_PER_STEP`` cycle each; its
   leading-zero count is a priority encoder over the variance's bits;
 - the rows of a layer run in parallel (full unrolling: one divider and one square root
-  per row); the constants (gamma, beta, the position table) are wired in, no BRAM.
+  per row); the constants (gamma, beta, the position table) are wired in, no BRAM;
+- the reuse factor R folds only ``ActivationMatMul`` (its C++ is pipelined with II = R and
+  allocates ceil(rows·cols·depth / R) multipliers, as hls4ml's Latency Dense); softmax,
+  LayerNorm, GELU and the token layers are fully parallel at any R, as their C++ is.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from .estimate import (
     csd_terms,
     dsp_per_product,
 )
+from .onnx_graph import token_transpose
 from .transformer_graph import row_geometry
 
 #: cycles per quotient bit of the row divider, per step of the square root
@@ -197,9 +201,12 @@ def _matmul(ctx: _Context, node: Node) -> LayerEstimate:
 
 
 def _moves(ctx: _Context, node: Node) -> LayerEstimate:
-    """transpose and slice: wires; the output registers of io_parallel."""
+    """transpose and slice: wires; the output registers of io_parallel. A patch
+    embedding's transpose is part of the in-place Reshape before it: nothing at all."""
     est = LayerEstimate(node.name, node.op)
-    _output_registers(ctx, est, node.output)
+    producer = next((n for n in ctx.graph.nodes if n.output == node.inputs[0]), None)
+    if producer is None or token_transpose(ctx.graph, producer) is not node:
+        _output_registers(ctx, est, node.output)
     return est
 
 

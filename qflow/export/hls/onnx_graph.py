@@ -29,6 +29,10 @@ reshape            Flatten of the channels-last data, in (H, W, C) order: the de
                    that read it take their weight columns in that order (through relu,
                    cast and per-feature scale_shift, whose constants are reordered too);
                    no Transpose
+reshape and       a patch embedding's (C, H, W) → (C, H·W) reshape read only by a [1, 0]
+transpose          transpose: one in-place Reshape of the channels-last (H, W, C) data to
+                   (H·W, C) tokens (:func:`token_transpose`); any other reshape to rank 2
+                   or more is refused
 concat             Concat on the last (channels-last) axis → Concatenate ``<node>``; more
                    than two inputs become a chain of two-input Concats
 softmax, ...       the transformer and token ops, and dense layers on tokens (rank-2
@@ -160,6 +164,8 @@ class _Writer:
         self.xnor = xnor_tensors(graph)
         #: outputs of constant-only nodes (the BipolarQuant of binary weights): no batch
         self.const_shapes: dict[str, tuple[int, ...]] = {}
+        #: nodes exported together with an earlier one (a patch embedding's transpose)
+        self.fused: set[str] = set()
 
     def bipolar_weight(self, node: Node, values: np.ndarray) -> str:
         """±1 weights as hls4ml's binary constant: an initializer read through a
@@ -475,10 +481,44 @@ def _read_by_dense_only(graph: QGraph, tensor: str) -> bool:
     return True
 
 
+def token_transpose(graph: QGraph, node: Node) -> Node | None:
+    """The ``transpose`` that makes tokens of ``node``'s reshape, when the pair is a patch
+    embedding's ``flatten(2).transpose(1, 2)``: a (C, H, W) tensor reshaped to (C, H·W),
+    read only by a [1, 0] transpose to (H·W, C). In hls4ml's channels-last memory the
+    (H, W, C) tensor already is the (H·W, C) token matrix, token-major, so the pair moves
+    no value: it is exported as one in-place Reshape. None for any other reshape."""
+    if node.op != "reshape" or node.output == graph.output:
+        return None
+    in_shape = tuple(graph.tensors[node.inputs[0]].shape)
+    out_shape = tuple(graph.tensors[node.output].shape)
+    if len(in_shape) != 3 or out_shape != (in_shape[0], in_shape[1] * in_shape[2]):
+        return None
+    readers = graph.consumers().get(node.output, [])
+    if len(readers) != 1 or readers[0].op != "transpose":
+        return None
+    perm = readers[0].attrs.get("perm")
+    return readers[0] if perm is not None and [int(p) for p in perm] == [1, 0] else None
+
+
+def _emit_token_reshape(w: _Writer, node: Node, transpose: Node) -> None:
+    """``node`` and ``transpose`` (:func:`token_transpose`) as one hls4ml Reshape of the
+    channels-last (H, W, C) tensor to (H·W, C), named after the reshape; its result is
+    the transpose's output tensor."""
+    shape = w.shape(transpose.output)
+    target = w.init(f"{node.name}_shape", np.array([-1, *shape], dtype=np.int64))
+    w.nodes.append(helper.make_node("Reshape", [*w.names(node.inputs), target],
+                                    [transpose.output], name=node.name))
+    w.layer(node.name, node.name, result=w.type(transpose.output))
+    w.fused.add(transpose.name)
+
+
 def _emit_reshape(w: _Writer, node: Node) -> None:
     src = node.inputs[0]
     in_shape = w.graph.tensors[src].shape
     out_shape = w.graph.tensors[node.output].shape
+    transpose = token_transpose(w.graph, node)
+    if transpose is not None:
+        return _emit_token_reshape(w, node, transpose)
     if len(out_shape) != 1:
         raise HlsExportError(f"node {node.name!r} (reshape): only flattening is exported to "
                              f"hls4ml, not a reshape to {out_shape}")
@@ -618,6 +658,8 @@ def hls_graph(graph: QGraph, io_type: str = "io_parallel",
     from .transformer_graph import EMITTERS as TRANSFORMER_EMITTERS
 
     for node in graph.nodes:
+        if node.name in w.fused:
+            continue
         emitter = EMITTERS.get(node.op) or TRANSFORMER_EMITTERS.get(node.op)
         if emitter is None:
             raise HlsExportError(f"node {node.name!r}: op {node.op!r} has no hls4ml mapping")
