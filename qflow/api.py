@@ -26,6 +26,7 @@ from qflow.nn import (
     QLayerNorm,
     QLinear,
     QMaxPool2d,
+    QMulConst,
     QReLU,
     QSoftmax,
 )
@@ -49,7 +50,7 @@ SWAPS = {
     nn.Softmax: QSoftmax.from_float,
 }
 QUANTIZED_TYPES = (QLinear, QConv2d, QBatchNorm1d, QBatchNorm2d, QReLU, QAdd, QAvgPool2d,
-                   QAdaptiveAvgPool2d, QMaxPool2d, QInput, QCat, *TRANSFORMER_TYPES)
+                   QAdaptiveAvgPool2d, QMaxPool2d, QInput, QCat, QMulConst, *TRANSFORMER_TYPES)
 #: modules that do no arithmetic on values, or only hold other modules.
 PASSTHROUGH_TYPES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList,
                      nn.ModuleDict)

@@ -22,6 +22,9 @@ too, on a tensor nothing else reads)
 ``a @ b``, ``torch.matmul``, ``a.matmul(b)``            QMatmul             ``matmul``
 ``x + self.param`` (an ``nn.Parameter`` or buffer)     QAddConst           ``add_const``
 ``x.mean(d)``, ``torch.mean(x, d)`` over one dim d     QMean               ``mean``
+``x * c``, ``c * x``, ``torch.mul``, ``x.mul(c)``       QMulConst           ``mul``
+(``c`` a Python int or float: ``0.5``, ``self.scale``)
+``x / c``, ``torch.div``, ``x.div(c)``                  QMulConst (1/c)     ``div``
 =====================================================  ==================  ===============
 
 Names: the first of ``<base>``, ``<base>_1``, ``<base>_2``, ... that the owning module
@@ -36,7 +39,10 @@ moves of token axes (``x.transpose(1, 2)``, ``x.permute(0, 2, 1)``), basic slici
 turns them into ``reshape``, ``transpose`` and ``slice`` nodes; the batch dim must stay
 where it is). Anything else that computes on tensors (``sigmoid``, ``x * y``, a scalar
 added to a tensor, in-place ops, ...) has no exact fixed-point form here and is refused
-with a one-line ConfigError naming the node and the op, before the model is changed.
+with a one-line ConfigError naming the node and the op, before the model is changed. A
+product by a constant is one by a number known when the forward is traced (a Python
+int or float, also as an attribute such as ``self.scale``), finite and nonzero; a
+product of two tensors, by a parameter or by a size computed in forward is refused.
 
 In place: a module whose forward held such ops keeps its identity, submodules,
 parameters, buffers and hooks; its class becomes a subclass (made for that object, as
@@ -52,6 +58,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import linecache
+import math
 import operator
 import warnings
 from collections.abc import Callable
@@ -73,6 +80,7 @@ from qflow.nn import (
     QMatmul,
     QMaxPool2d,
     QMean,
+    QMulConst,
     QReLU,
     QSoftmax,
 )
@@ -105,6 +113,8 @@ def _sig_softmax(input, dim, dtype=None): ...
 def _sig_gelu(input, approximate="none"): ...
 def _sig_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
 def _sig_matmul(input, other, *, out=None): ...
+def _sig_mul(input, other, *, out=None): ...
+def _sig_div(input, other, *, rounding_mode=None, out=None): ...
 
 
 #: (op, target) -> (kind, signature, in place)
@@ -136,6 +146,13 @@ _OPS: dict[tuple[str, object], tuple[str, Callable, bool]] = {
     ("call_function", operator.matmul): ("matmul", _sig_matmul, False),
     ("call_function", torch.matmul): ("matmul", _sig_matmul, False),
     ("call_method", "matmul"): ("matmul", _sig_matmul, False),
+    ("call_function", operator.mul): ("mul", _sig_mul, False),
+    ("call_function", torch.mul): ("mul", _sig_mul, False),
+    ("call_method", "mul"): ("mul", _sig_mul, False),
+    ("call_function", operator.truediv): ("div", _sig_div, False),
+    ("call_function", torch.div): ("div", _sig_div, False),
+    ("call_function", torch.true_divide): ("div", _sig_div, False),
+    ("call_method", "div"): ("div", _sig_div, False),
 }
 
 
@@ -485,7 +502,7 @@ def _classify(fwd: _Forward, node: fx.Node) -> tuple[str, dict] | None:
         raise fwd.refuse(node, "out= is not supported")
     return {"relu": _relu, "add": _add, "cat": _cat, "maxpool": _maxpool, "avgpool": _avgpool,
             "gap": _gap, "softmax": _softmax, "gelu": _gelu, "layernorm": _layernorm,
-            "matmul": _matmul}[kind](fwd, node, args, in_place)
+            "matmul": _matmul, "mul": _mul, "div": _div}[kind](fwd, node, args, in_place)
 
 
 def _relu(fwd, node, args, in_place):
@@ -615,7 +632,43 @@ def _matmul(fwd, node, args, in_place):
     return "matmul", {"inputs": [a, b]}
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _by_constant(fwd, node, x, c, kind: str):
+    """A product (or quotient) of the tensor ``x`` by the constant ``c``."""
+    if isinstance(c, fx.Node) and fwd.kind.get(c) == "meta":
+        raise fwd.refuse(node, "the constant is a size computed in forward; use a number "
+                               "fixed when the module is built (self.scale = d ** -0.5)")
+    if not _is_number(c):
+        raise fwd.refuse(node)  # two tensors, a parameter, ...: no exact form
+    if c == 0 or not math.isfinite(c):
+        raise fwd.refuse(node, f"{'division' if kind == 'div' else 'product'} by {c!r}: the "
+                               "constant must be finite and nonzero")
+    x = fwd.tensor(node, x, "its tensor operand")
+    return kind, {"inputs": [x], "constant": c, "divide": kind == "div"}
+
+
+def _mul(fwd, node, args, in_place):
+    a, b = args["input"], args["other"]
+    if (_is_number(a) and not _is_number(b)) or (
+            isinstance(a, fx.Node) and fwd.kind.get(a) == "meta"):
+        a, b = b, a  # c * x
+    return _by_constant(fwd, node, a, b, "mul")
+
+
+def _div(fwd, node, args, in_place):
+    if fwd.constant(node, args.get("rounding_mode"), "rounding_mode") is not None:
+        raise fwd.refuse(node, "rounding_mode= is not supported")
+    if _is_number(args["input"]):
+        raise fwd.refuse(node)  # c / x: no exact form
+    return _by_constant(fwd, node, args["input"], args["other"], "div")
+
+
 def _make(kind: str, info: dict, config, name: str) -> nn.Module:
+    if kind in ("mul", "div"):
+        return QMulConst.from_config(config, name, info["constant"], info["divide"])
     if kind == "softmax":
         return QSoftmax.from_config(config, name, info["dim"])
     if kind == "gelu":

@@ -24,6 +24,7 @@ from qflow.nn import (
     QInput,
     QLinear,
     QMaxPool2d,
+    QMulConst,
     QReLU,
 )
 from qflow.nn.elementwise import RECIPROCAL_TYPE, _reciprocal
@@ -182,6 +183,26 @@ def _freeze_batchnorm(b: _Builder, name, module, src, shape):
     return b.cast(name, out, module.out_quant, name)
 
 
+def _freeze_mul_const(b: _Builder, name, module: QMulConst, src, shape):
+    """``x * c``: a ``scale_shift`` with the constant's code on every channel (the first
+    per-sample axis) and a zero shift, then the cast to the layer's output type."""
+    in_shape = b.shape_of(src)
+    if not in_shape:
+        raise FreezeError(f"node {name}: a product by a constant needs a per-sample axis")
+    with torch.no_grad():
+        value = module.quantized_value().reshape(1)
+    frac = _fracs(module.value_quant, 1)
+    code = _to_codes(value, frac, f"{name}.constant")
+    channels = in_shape[0]
+    zeros = np.zeros(channels, dtype=np.int64)
+    consts = {"scale": np.repeat(code, channels), "scale_frac": np.repeat(frac, channels),
+              "shift": zeros, "shift_frac": zeros.copy()}
+    probe = Node("scale_shift", name, [src], name, {}, consts)
+    out_type = infer.infer_scale_shift(probe, b.type_of(src))
+    out = b.add("scale_shift", name, [src], shape, out_type, consts=consts, source=name)
+    return b.cast(name, out, module.out_quant, name)
+
+
 def _freeze_relu(b: _Builder, name, module, src, shape):
     out = b.add("relu", name, [src], shape, infer.infer_relu(b.type_of(src)), source=name)
     return b.cast(name, out, module.out_quant, name) if module is not None else out
@@ -253,6 +274,7 @@ MODULE_FREEZERS = {
     QBatchNorm1d: _freeze_batchnorm,
     QBatchNorm2d: _freeze_batchnorm,
     QReLU: _freeze_relu,
+    QMulConst: _freeze_mul_const,
     QAvgPool2d: _freeze_avgpool,
     QAdaptiveAvgPool2d: _freeze_global_avgpool,
     nn.MaxPool2d: _freeze_maxpool,

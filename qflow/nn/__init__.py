@@ -28,6 +28,8 @@ nn.Softmax, softmax    QSoftmax                 input (``intermediate``), output
 ``x + parameter``      QAddConst                the constant (``bias``), output
                                                 (``intermediate``)
 ``x.mean(dim)``        QMean                    output (``intermediate``)
+``x * c``, ``x / c``   QMulConst                the constant (``weight`` bits, its binary
+                                                point fixed), output (``intermediate``)
 =====================  =======================  ==========================================
 
 The transformer layers run the exact integer ops of ``docs/transformer_ops.md`` in their
@@ -46,6 +48,7 @@ from .elementwise import (
     QBatchNorm2d,
     QInput,
     QMaxPool2d,
+    QMulConst,
     QReLU,
 )
 from .functional import Add
@@ -69,6 +72,7 @@ __all__ = [
     "QMatmul",
     "QMaxPool2d",
     "QMean",
+    "QMulConst",
     "QReLU",
     "QSoftmax",
 ]

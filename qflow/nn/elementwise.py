@@ -1,11 +1,14 @@
-"""Fixed-point element-wise layers: input, BatchNorm, ReLU, residual add, pooling.
+"""Fixed-point element-wise layers: input, BatchNorm, ReLU, residual add, a product by a
+constant, pooling.
 
 Each layer ends in a fixed-point cast, so no float value reaches the next layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +169,67 @@ class QAdd(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         dtype = exact_dtype(a, self)
         return self.out_quant(a.to(dtype) + b.to(dtype))
+
+
+class QMulConst(nn.Module):
+    """``x * c`` for a Python number ``c`` written in a forward (attention's
+    ``scores * self.scale``, a CNN's ``x * 0.5``; ``x / c`` is ``x * (1/c)``): the constant
+    in fixed point, the product exact, then a cast to ``intermediate``.
+
+    The constant has the ``weight`` spec's word length, sign, rounding and overflow, one
+    binary point (per tensor, not trained): the finest under which it does not overflow,
+    unless the spec fixes the integer bits. A power of two such as 0.25 is exact.
+
+    >>> import torch
+    >>> from qflow.config import QFXConfig
+    >>> mul = QMulConst.from_config(QFXConfig.with_bits(8), "mul", 8 ** -0.5)
+    >>> mul.quantized_value().item(), str(mul.value_quant.fixed_type())
+    (0.35546875, 'ap_fixed<8,0,AP_RND_CONV,AP_SAT>')
+    >>> QMulConst.from_config(QFXConfig.with_bits(8), "div", 4, divide=True).quantized_value()
+    tensor(0.2500, dtype=torch.float64)
+    """
+
+    def __init__(self, value: float, written: str = ""):
+        super().__init__()
+        self.written = written or f"x * {value!r}"
+        self.register_buffer("value", torch.tensor(float(value), dtype=torch.float64),
+                             persistent=False)
+
+    @classmethod
+    def from_config(cls, config: QFXConfig, name: str, constant: float,
+                    divide: bool = False) -> QMulConst:
+        """The layer of ``x * constant`` (``x / constant`` when ``divide``)."""
+        written = f"x {'/' if divide else '*'} {constant!r}"
+        if isinstance(constant, bool) or not isinstance(constant, int | float):
+            raise ConfigError(f"{name}: {written}: the constant must be a Python int or float")
+        if not math.isfinite(constant) or constant == 0:
+            raise ConfigError(f"{name}: {written}: the constant must be finite and nonzero")
+        value = 1.0 / constant if divide else float(constant)
+        if not math.isfinite(value) or value == 0:
+            raise ConfigError(f"{name}: {written}: 1/{constant!r} is not a finite nonzero float")
+        layer = cls(value, written)
+        layer.qflow_name = name
+        spec = config.spec_for(name, "weight")
+        layer.value_quant = FixedQuantizer(dataclasses.replace(
+            spec, per_channel=False, trainable=False, khot=0))
+        layer.value_quant.initialize(layer.value)  # not trained: the fewest integer bits
+        if float(layer.quantized_value()) == 0.0:
+            raise ConfigError(f"{name}: {written}: the constant is 0 in its type "
+                              f"{layer.value_quant.fixed_type()} (the weight spec of {name})")
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
+        return layer
+
+    def quantized_value(self) -> torch.Tensor:
+        """The constant the layer multiplies by (float64, on its fixed-point grid)."""
+        with torch.no_grad():
+            return self.value_quant(self.value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = exact_dtype(x, self)
+        return self.out_quant(x.to(dtype) * self.quantized_value().to(dtype))
+
+    def extra_repr(self) -> str:
+        return self.written
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,7 +16,9 @@ conv2d             Conv (channels-last, W and bias as initializers) → Conv2D `
                    depthwise (groups = channels in = channels out) → DepthwiseConv2D;
                    binary layers in hls4ml's XNOR form take W through a BipolarQuant
                    (:mod:`.binary`)
-scale_shift        BatchNormalization (mean 0, variance 1, ε 0: scale and shift exactly)
+scale_shift        BatchNormalization (mean 0, variance 1, ε 0: scale and shift exactly);
+                   on tokens (T, D) hls4ml scales the features D, so only a scale and shift
+                   equal for every token (a product by a constant) are exported
 relu               Relu → Activation ``<node>``
 add                Add of two tensors → Merge ``<node>``
 maxpool2d          MaxPool (channels-last) → Pooling2D when unpadded; padded: qflow's
@@ -332,13 +334,27 @@ def _emit_scale_shift(w: _Writer, node: Node) -> None:
     if node.inputs[0] in w.hwc_flat and n > 1:  # per-feature constants, (H, W, C) order
         order = hwc_order(w.hwc_flat[node.inputs[0]])
         s_codes, h_codes = s_codes[order], h_codes[order]
+    shape = w.graph.tensors[node.inputs[0]].shape
+    if len(shape) == 2:
+        # tokens (T, D): the QGraph scales along T, hls4ml's BatchNormalization along its
+        # last axis D; equal only when every token has the same scale and shift (a
+        # product by a constant), which is then repeated D times
+        if len(set(s_codes.tolist())) > 1 or len(set(h_codes.tolist())) > 1:
+            raise HlsExportError(f"node {node.name!r} (scale_shift): a scale or shift per "
+                                 f"token of a {shape[0]}x{shape[1]} token tensor: hls4ml "
+                                 "scales the last axis (features); only a uniform one is "
+                                 "exported")
+        if w.io_type == "io_stream":
+            raise HlsExportError(f"node {node.name!r} (scale_shift): token tensors are "
+                                 "exported in io_parallel only")
+        n = shape[1]
+        s_codes, h_codes = np.repeat(s_codes[:1], n), np.repeat(h_codes[:1], n)
     names = [w.init(f"{node.name}_{k}", v) for k, v in (
         ("scale", _real(s_codes, s_frac)), ("shift", _real(h_codes, h_frac)),
         ("mean", np.zeros(n)), ("var", np.ones(n)))]
-    rank = len(w.graph.tensors[node.inputs[0]].shape)
     w.nodes.append(helper.make_node(
         "BatchNormalization", [*w.names(node.inputs), *names], [node.output], name=node.name,
-        epsilon=0.0, domain=CHANNELS_LAST if rank == 3 else ""))
+        epsilon=0.0, domain=CHANNELS_LAST if len(shape) in (2, 3) else ""))
     out_t = w.type(node.output)
     w.layer(node.name, node.name, scale=weight_type(s_codes, s_frac),
             bias=weight_type(h_codes, h_frac), result=out_t)
