@@ -17,6 +17,7 @@ from qflow.errors import ConfigError
 from qflow.graph import Emulator
 from qflow.nn import QGELU, QAddConst, QLayerNorm, QMatmul, QMean, QSoftmax
 from qflow.train import calibrate, fit
+from qflow.zoo import MODELS
 from qflow.zoo.models import TinyViT
 
 
@@ -94,6 +95,34 @@ def test_tiny_vit_freeze_is_exact(arithmetic):
     mismatching, samples = _mismatching_samples(model, arithmetic)
     print(f"tiny-vit, {arithmetic}: {mismatching} of {samples} samples differ")
     assert samples > 700 and mismatching == 0
+
+
+def test_tiny_vit_mnist_builds_runs_and_freezes_exactly():
+    """The 28×28 variant (4×4 patches, 49 tokens): forward on mnist5k-shaped input, 8-bit
+    QAT briefly, then the emulator's codes equal the QAT model's on every sample."""
+    zoo = MODELS["tiny-vit-mnist"]
+    assert zoo.data == "mnist5k"
+    torch.manual_seed(0)
+    model = zoo.factory()
+    assert model.pos.shape == (1, 49, 32)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    data = dataset("mnist5k")
+    model = qflow.quantize_(model, QFXConfig.with_bits(8))
+    calibrate(model, data.x_train[:128])
+    fit(model, data.x_train[:128], data.y_train[:128], epochs=1, lr=1e-3, progress=False)
+    model.eval()
+    rng = np.random.default_rng(0)
+    x = np.concatenate([data.x_test[:48], rng.uniform(-0.3, 1.3, (14, 1, 28, 28)),
+                        np.zeros((1, 1, 28, 28)), np.ones((1, 1, 28, 28))]).astype(np.float32)
+    graph = qflow.freeze(model, torch.as_tensor(x[:2]))
+    assert sum(n.op == "softmax" for n in graph.nodes) == 4
+    codes = Emulator(graph).run(x)
+    with torch.no_grad():
+        values = model(torch.as_tensor(x)).to(torch.float64).numpy()
+    scaled = np.ldexp(values, graph.output_type.fractional)
+    assert np.array_equal(scaled, np.rint(scaled)), "model outputs off the output grid"
+    mismatching = int((scaled.astype(np.int64) != codes).any(axis=1).sum())
+    assert mismatching == 0, f"{mismatching} of {len(x)} samples differ"
 
 
 def test_functional_attention_freeze_is_exact():

@@ -2,7 +2,7 @@
 
 >>> from qflow.zoo import MODELS
 >>> sorted(MODELS)
-['binary-cnn', 'binary-mlp', 'digits-cnn', 'digits-mlp', 'jet-mlp', 'tiny-vit']
+['binary-cnn', 'binary-mlp', 'digits-cnn', 'digits-mlp', 'jet-mlp', 'tiny-vit', 'tiny-vit-mnist']
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ MODELS: dict[str, ZooModel] = {
     "binary-mlp": ZooModel(_lazy("binary_mlp"), "digits", epochs=20, method="biper"),
     # 2x2 patches of the 8x8 digits: 16 tokens, dim 32, 2 heads, 2 blocks
     "tiny-vit": ZooModel(_lazy("tiny_vit"), "digits", epochs=60, lr=2e-3),
+    # the same for 28x28 mnist5k: 4x4 patches, 49 tokens (a position embedding per token,
+    # so one model per image size)
+    "tiny-vit-mnist": ZooModel(_lazy("tiny_vit_mnist"), "mnist5k", epochs=30, lr=2e-3),
 }
 
 DATASETS: dict[str, Callable[[], Dataset]] = {

@@ -208,3 +208,13 @@ class TinyViT(nn.Module):
 
 def tiny_vit() -> nn.Module:
     return TinyViT()
+
+
+def tiny_vit_mnist() -> nn.Module:
+    """TinyViT for 28×28 MNIST: 4×4 patches, 49 tokens, otherwise as :func:`tiny_vit`.
+
+    >>> import torch
+    >>> tiny_vit_mnist()(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+    return TinyViT(image=28, patch=4)
