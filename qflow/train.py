@@ -8,6 +8,7 @@ import functools
 import math
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from qflow.errors import QflowError
+
+if TYPE_CHECKING:
+    from qflow.oscillation import OscillationTracker
 
 
 def seed_everything(seed: int) -> None:
@@ -111,6 +115,7 @@ def fit(
     checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+    oscillation: OscillationTracker | None = None,
 ) -> list[dict]:
     """Train ``model`` (float or QFX) with Adam and cross-entropy; one dict per epoch.
 
@@ -124,6 +129,9 @@ def fit(
     from that epoch: the result equals an uninterrupted run's, tensor for tensor.
     A NaN or infinite loss raises :class:`TrainingDivergedError`. ``regularizer(model)``,
     when given, is added to every step's loss (and to the loss recorded).
+    ``oscillation`` (a :class:`qflow.oscillation.OscillationTracker` of ``model``), when
+    given, is updated after every optimizer step; each epoch's row then holds its
+    ``epoch_record()`` under ``"oscillation"``, and its state travels with the checkpoint.
 
     >>> import torch
     >>> from torch import nn
@@ -147,6 +155,8 @@ def fit(
     start_epoch = 0
     if resume is not None:
         start_epoch, history = _restore(resume, model, optimizer, schedule, gen)
+        if oscillation is not None and "oscillation" in resume:
+            oscillation.load_state_dict(resume["oscillation"])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, console=None, transient=False,
@@ -166,6 +176,8 @@ def fit(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+                if oscillation is not None:
+                    oscillation.update()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
             if not math.isfinite(total):
@@ -175,15 +187,20 @@ def fit(
             record = {"epoch": epoch + 1, "loss": total / count, "lr": schedule.get_last_lr()[0]}
             if x_val is not None:
                 record["val_accuracy"] = evaluate(model, x_val, y_val)
+            if oscillation is not None:
+                record["oscillation"] = oscillation.epoch_record()
             history.append(record)
             bar.update(task, advance=1, loss=record["loss"])
             if checkpoint is not None:
-                checkpoint({
+                state = {
                     "epoch": epoch + 1, "history": [dict(r) for r in history],
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": schedule.state_dict(), "generator": gen.get_state(),
                     "torch_rng": torch.get_rng_state(),
-                })
+                }
+                if oscillation is not None:
+                    state["oscillation"] = oscillation.state_dict()
+                checkpoint(state)
     if progress:
         sys.stderr.flush()
     return history

@@ -102,6 +102,12 @@ class _BinaryLayer:
         """The deployed weight codes, ±1 (sign(0) = +1), computed in ``dtype``."""
         return sign(self.latent_function(dtype))
 
+    @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor:
+        """The deployed weight codes ±1 as int8 (in either stage: stage 1 trains the real
+        weights whose signs these are). Used by :mod:`qflow.oscillation`."""
+        return self.weight_signs(torch.float64).to(torch.int8)
+
     def _weights(self, dtype: torch.dtype) -> torch.Tensor:
         if self._stage == 1:
             return self.latent_function(dtype)

@@ -25,6 +25,7 @@ import qflow
 from qflow.api import describe, quantize_
 from qflow.errors import ConfigError, QflowError
 from qflow.methods import METHODS, config_from_dict, config_from_yaml, method_named, method_of
+from qflow.oscillation import OscillationTracker
 from qflow.outdir import OutputDirectory, read_marker
 from qflow.runs import data_source, model_source, write_run_files
 from qflow.sources import absolute_spec, module_search_path, resolve_data, resolve_model
@@ -40,7 +41,7 @@ DEFAULT_METHOD = "qfx"
 DEFAULT_BATCH_SIZE = 64
 MAX_SEED = 2**31 - 1
 PROGRESS_FILE = "progress.pt"
-PROGRESS_FORMAT = 2
+PROGRESS_FORMAT = 3  # 3: the QAT state holds the oscillation tracker's
 #: options that --resume takes from the interrupted run when they are not given again
 RESUMED_OPTIONS = ("model", "data", "epochs", "qat_epochs", "lr", "batch_size", "seed")
 
@@ -230,12 +231,13 @@ def run(args: argparse.Namespace) -> int:
             raise
         (stage / PROGRESS_FILE).unlink(missing_ok=True)
         out.commit()
-    rows, float_acc, quant_acc, elapsed = result
+    rows, float_acc, quant_acc, elapsed, oscillation = result
     console.print(_format_table(rows))
     console.print(f"float accuracy      {float_acc:6.2f} %")
     console.print(f"quantized accuracy  {quant_acc:6.2f} %  "
                   f"({method_of(settings.config).describe(settings.config)}; drop "
                   f"{float_acc - quant_acc:+.2f} points)")
+    console.print(oscillation)
     console.print(f"run written to {out.given}  ({elapsed:.1f} s)")
     return 0
 
@@ -282,6 +284,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     quantize_(qat_model, s.config)
     calibrate(qat_model, data.x_train[: s.batch_size * 4])
     ptq_acc = evaluate(qat_model, data.x_test, data.y_test)
+    # over all QAT phases; a resumed phase restores it from the saved state
+    oscillation = OscillationTracker(qat_model)
     float_state = float_model.state_dict()
     histories = list(saved["histories"]) if done > 1 else []
 
@@ -298,7 +302,7 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         history = fit(qat_model, data.x_train, data.y_train, epochs=phase.epochs,
                       lr=s.lr * phase.lr_scale, batch_size=s.batch_size, seed=s.seed + index,
                       progress=progress, description=phase.name,
-                      regularizer=phase.regularizer,
+                      regularizer=phase.regularizer, oscillation=oscillation,
                       resume=saved["state"] if saved and index == done else None,
                       checkpoint=checkpoint)
         histories.append([{**r, "phase": phase.name} for r in history])
@@ -316,6 +320,7 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         "float_history": float_history,
         "qat_history": qat_history,
         "formats": [r.__dict__ for r in rows],
+        "oscillation": oscillation.summary(),
         "seconds": round(elapsed, 2),
     }
     run_info = {
@@ -335,7 +340,7 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     }
     write_run_files(stage, qat_model=qat_model, float_model=float_model, config=s.config,
                     run_info=run_info, metrics=metrics)
-    return rows, float_acc, quant_acc, elapsed
+    return rows, float_acc, quant_acc, elapsed, oscillation.describe()
 
 
 def _load_progress(out: OutputDirectory) -> dict | None:

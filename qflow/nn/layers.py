@@ -37,6 +37,20 @@ class _QWeightLayer:
     def _float_forward(self, x, weight, bias):
         raise NotImplementedError
 
+    @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor | None:
+        """The integer codes of the deployed weight (eval mode: a folded BatchNorm with
+        its running statistics), or None while the weight quantizer has no type yet
+        (before the first forward pass). Used by :mod:`qflow.oscillation`."""
+        if not self.weight_quant.is_initialized:
+            return None
+        weight = self.weight.detach().to(torch.float64)
+        bn = self.folded_bn
+        if bn is not None:
+            scale, _ = batchnorm_scale_shift(bn, bn.running_mean, bn.running_var, torch.float64)
+            weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+        return self.weight_quant.codes(weight)
+
     def quantized_parameters(self, x: torch.Tensor):
         """The quantized weight and bias used for input ``x`` (BatchNorm folded in if set)."""
         dtype = exact_dtype(x, self)

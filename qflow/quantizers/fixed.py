@@ -197,6 +197,27 @@ class FixedQuantizer(nn.Module):
             chosen = torch.where(fits, bits, chosen)
         return chosen
 
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``x`` cast by the current type: ``cast(x) · 2^fractional``,
+        computed in float64 (exact), as int32 (int64 for 32-bit unsigned codes). Unlike a
+        forward pass this never initializes the quantizer: it must have seen a tensor.
+
+        >>> import torch
+        >>> from qflow.config import QuantSpec
+        >>> q = FixedQuantizer(QuantSpec(bits=4, signed=True, integer_bits=0))
+        >>> q.codes(torch.tensor([0.1, -0.7, 0.3])).tolist()
+        [1, -6, 2]
+        """
+        if not self._initialized:
+            raise RuntimeError("the quantizer has no type yet: it has seen no tensor")
+        values = self(x.detach().to(torch.float64))
+        integer = torch.round(self.integer_bits.detach().to(torch.float64))
+        fractional = self.spec.bits - int(self._signed) - integer
+        wide = self.spec.bits >= 32 and not self._signed
+        return torch.round(torch.ldexp(values, fractional)).to(
+            torch.int64 if wide else torch.int32)
+
     def fixed_types(self) -> list[FixedType]:
         """The current type of each channel (one entry when per tensor)."""
         bits = torch.round(self.integer_bits.detach()).reshape(-1).tolist()
