@@ -196,6 +196,45 @@ def test_bit_length_matches_python(ns):
     expected = [n.bit_length() for n in ns]
     assert tr.bit_length(np.array(ns, dtype=np.int64)).tolist() == expected
     assert tr.bit_length(torch.tensor(ns), torch).tolist() == expected
+    ns = [*ns, 0, 2**53 - 1, 2**53, 2**53 + 1, 2**62 - 1, 2**62, 2**63 - 1]
+    expected = [n.bit_length() for n in ns]
+    assert tr.bit_length_float(np.array(ns, dtype=np.int64)).tolist() == expected
+    assert tr.bit_length_float(torch.tensor(ns), torch).tolist() == expected
+
+
+def _float_sqrt_radicands():
+    """Powers of two, their predecessors, squares and their neighbours up to the largest
+    radicand the LayerNorm width rules allow (``V * 4**t < 2**62``), and random values."""
+    limit = 1 << tr.INT_LIMIT_BITS
+    powers = [1 << k for k in range(tr.INT_LIMIT_BITS)]
+    roots = [math.isqrt(limit - 1) - d for d in range(4)] + [2**k + d for k in range(31)
+                                                            for d in (-1, 0, 1)]
+    squares = [r * r + d for r in roots for d in (-1, 0, 1)]
+    rng = np.random.default_rng(0)
+    random = rng.integers(0, limit, 200_000, dtype=np.int64).tolist()
+    random += [int(r) ** 2 - 1 for r in rng.integers(1, 2**31, 20_000)]
+    ns = powers + [p - 1 for p in powers] + squares + random + [limit - 1]
+    return np.array(sorted({n for n in ns if 0 <= n < limit}), dtype=np.int64)
+
+
+def test_float_sqrt_equals_the_bitwise_one():
+    small = np.arange(1 << 20, dtype=np.int64)
+    for n in (small, _float_sqrt_radicands()):
+        expected = tr.isqrt_steps(n)
+        np.testing.assert_array_equal(tr.isqrt_float(n), expected)
+        np.testing.assert_array_equal(tr.isqrt_float(torch.from_numpy(n), torch).numpy(),
+                                      expected)
+    assert tr.isqrt_float(np.array([2**62 - 1])).tolist() == [math.isqrt(2**62 - 1)]
+
+
+@PROPERTY
+@given(st.lists(st.one_of(st.integers(0, 2**62 - 1), st.integers(0, 2**31 - 1).map(
+    lambda r: r * r), st.integers(1, 2**31 - 1).map(lambda r: r * r - 1)), min_size=1,
+    max_size=50))
+def test_float_sqrt_is_exact(ns):
+    expected = [math.isqrt(n) for n in ns]
+    assert tr.isqrt_float(np.array(ns, dtype=np.int64)).tolist() == expected
+    assert tr.isqrt_float(torch.tensor(ns), torch).tolist() == expected
 
 
 @PROPERTY
@@ -206,6 +245,32 @@ def test_shift_requantize_equals_requantize(t, shift, codes):
     expected = requantize(q, t.fractional + shift, t)
     np.testing.assert_array_equal(tr.shift_requantize(q, t.fractional + shift, t, np), expected)
     got = tr.shift_requantize(torch.from_numpy(q), t.fractional + shift, t, torch)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    np.testing.assert_array_equal(tr.shift_requantize_fast(q, t.fractional + shift, t, np),
+                                  expected)
+    got = tr.shift_requantize_fast(torch.from_numpy(q), t.fractional + shift, t, torch)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("rounding", list(Rounding))
+@pytest.mark.parametrize("shift", [1, 2, 7, 30, 61, 62])
+def test_fast_shift_requantize_equals_the_spec_at_full_width(rounding, shift):
+    t = FixedType.from_width(16, 4, signed=True, rounding=rounding, overflow=Overflow.SAT)
+    rng = np.random.default_rng(shift)
+    limit = 1 << tr.INT_LIMIT_BITS  # |q| < 2**62, as every width rule proves
+    span = min(shift + 2, tr.INT_LIMIT_BITS - 1)
+    edges = [0, 1, -1, limit - 1, -(limit - 1)]
+    for k in range(1, tr.INT_LIMIT_BITS):
+        half = 1 << (k - 1)
+        edges += [half - 1, half, half + 1, -half + 1, -half, -half - 1,
+                  3 * half, -3 * half]
+    q = np.concatenate([np.array(edges, dtype=np.int64),
+                        rng.integers(-(limit - 1), limit, 20_000, dtype=np.int64),
+                        rng.integers(-(1 << span), 1 << span, 2_000)])
+    from_fractional = t.fractional + shift
+    expected = tr.shift_requantize(q, from_fractional, t, np)
+    np.testing.assert_array_equal(tr.shift_requantize_fast(q, from_fractional, t, np), expected)
+    got = tr.shift_requantize_fast(torch.from_numpy(q), from_fractional, t, torch)
     np.testing.assert_array_equal(got.numpy(), expected)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernel
-from .types import MAX_WIDTH, FixedType, Overflow
+from .types import MAX_WIDTH, FixedType, Overflow, Rounding
 
 #: Every intermediate of every op stays below ``2**INT_LIMIT_BITS`` in magnitude: one bit of
 #: headroom below int64's range, so a bound proven with a strict inequality still fits.
@@ -96,6 +96,44 @@ def shift_requantize(q, from_fractional: int, t: FixedType, xp):
     return kernel.apply_overflow(rounded, t.width, t.signed, t.overflow, xp)
 
 
+def shift_requantize_fast(q, from_fractional: int, t: FixedType, xp):
+    """:func:`shift_requantize` with the same codes in fewer array operations: the rounding
+    becomes one addition before the shift (the torch twins' path; the exporters trace
+    :func:`shift_requantize`). With ``s`` the shift, ``h = 2**(s - 1)`` and ``floor`` the
+    shifted value, ``(q + h - 1 + b) >> s`` is ``floor + 1`` when the dropped bits exceed
+    ``h``, ``floor + b`` when they equal it and ``floor`` below: ``b`` is 1 for RND, 0 for
+    RND_MIN_INF, ``floor & 1`` for RND_CONV, ``q < 0`` for RND_ZERO and ``q >= 0`` for
+    RND_INF; TRN_ZERO adds ``2**s - 1`` to negative ``q`` (a ceiling). ``|q| < 2**62``
+    keeps every sum inside int64.
+
+    >>> t = FixedType(signed=True, integer=3, fractional=0, rounding="RND_CONV", overflow="SAT")
+    >>> shift_requantize_fast(np.array([5, 6, 7, 400]), 1, t, np).tolist()
+    [2, 3, 4, 7]
+    """
+    shift = from_fractional - t.fractional
+    if not 1 <= shift <= INT_LIMIT_BITS:
+        raise ValueError(f"a final right shift of {shift} bits is out of range 1..62")
+    below_half = (1 << (shift - 1)) - 1
+    rounding = t.rounding
+    if rounding is Rounding.TRN:
+        rounded = q >> shift
+    elif rounding is Rounding.TRN_ZERO:
+        rounded = (q + (q < 0) * ((1 << shift) - 1)) >> shift
+    elif rounding is Rounding.RND:
+        rounded = (q + (below_half + 1)) >> shift
+    elif rounding is Rounding.RND_MIN_INF:
+        rounded = (q + below_half) >> shift
+    elif rounding is Rounding.RND_CONV:
+        rounded = (q + ((q >> shift) & 1) + below_half) >> shift
+    elif rounding is Rounding.RND_ZERO:
+        rounded = (q + (q < 0) + below_half) >> shift
+    elif rounding is Rounding.RND_INF:
+        rounded = (q + (q >= 0) + below_half) >> shift
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    return kernel.apply_overflow(rounded, t.width, t.signed, t.overflow, xp)
+
+
 #: Steps of :func:`integer_sqrt`: one per result bit of a 62-bit radicand.
 ISQRT_STEPS = INT_LIMIT_BITS // 2
 
@@ -133,6 +171,27 @@ def isqrt_steps(n, xp=np):
     return root
 
 
+def isqrt_float(n, xp=np):
+    """``floor(sqrt(n))`` of int64 ``0 <= n < 2**62``, equal to :func:`integer_sqrt` (the
+    definition, which the HLS code and the exporters keep), by one float64 square root and
+    an exact correction: the torch twins' path, a few array operations instead of 31
+    steps. No range check: the caller proves it.
+
+    ``float64(n)`` is ``n`` below ``2**53`` and within ``2**8`` of it above, so
+    ``sqrt(float64(n))`` is within ``2**-19`` of ``sqrt(n)``, and within ``2**-18`` after
+    its own rounding (half an ulp of a value ``<= 2**31``). Its floor ``r`` is therefore
+    ``floor(sqrt(n))`` or one off either way: ``r - 1`` when ``r**2 > n``, then ``r + 1``
+    when ``(r + 1)**2 <= n``, is exact. Every product stays below
+    ``(2**31 + 1)**2 < 2**63``.
+
+    >>> isqrt_float(np.array([0, 1, 15, 16, 17, 2**62 - 1])).tolist()
+    [0, 1, 3, 4, 4, 2147483647]
+    """
+    root = xp.asarray(xp.floor(xp.sqrt(xp.asarray(n, dtype=xp.float64))), dtype=xp.int64)
+    root = xp.where(root * root > n, root - 1, root)
+    return root + ((root + 1) * (root + 1) <= n)
+
+
 def bit_length(n, xp=np):
     """Bits of int64 ``n >= 0`` (``int.bit_length``), by a 6-step binary search of shifts
     and comparisons: the leading-zero count an HLS priority encoder gives.
@@ -146,6 +205,19 @@ def bit_length(n, xp=np):
         n = xp.where(high, n >> step, n)
         length = length + xp.where(high, step, 0)
     return length + (n != 0)
+
+
+def bit_length_float(n, xp=np):
+    """:func:`bit_length` of int64 ``n >= 0`` from the exponent of ``float64(n)`` (the torch
+    twins' path, equal codes): that exponent is the bit length, or one more where the
+    conversion rounded ``n`` up to the next power of two, which ``n >> (e - 1) == 0``
+    detects; ``n = 0`` has exponent 0. Exact for every ``0 <= n < 2**63``.
+
+    >>> bit_length_float(np.array([0, 1, 2, 255, 256, 2**62, 2**62 - 1])).tolist()
+    [0, 1, 2, 8, 9, 63, 62]
+    """
+    exponent = xp.asarray(xp.frexp(xp.asarray(n, dtype=xp.float64))[1], dtype=xp.int64)
+    return exponent + ((n >> xp.clip(exponent - 1, 0, None)) != 0) + (n == 0) - 1
 
 
 def narrowest_type(lo: int, hi: int, fractional: int) -> FixedType:
@@ -311,9 +383,10 @@ def exp_codes(diff, arg_shift: int, xp=np):
     return frac_pow >> whole
 
 
-def softmax_kernel(codes, widths: SoftmaxWidths, axis: int, xp):
+def softmax_kernel(codes, widths: SoftmaxWidths, axis: int, xp, fast: bool = False):
     """:func:`fixed_softmax` on an ``xp`` int64 array whose types and row length
-    ``widths`` has checked (the torch twin calls this too).
+    ``widths`` has checked (the torch twin calls this too, with ``fast``: the same codes
+    by :func:`shift_requantize_fast`).
 
     >>> t_in = FixedType.parse("ap_fixed<4,2>")
     >>> t_out = FixedType.parse("ap_ufixed<4,0,AP_TRN,AP_SAT>")
@@ -326,7 +399,8 @@ def softmax_kernel(codes, widths: SoftmaxWidths, axis: int, xp):
     exps = exp_codes(diff, widths.arg_shift, xp)
     total = xp.sum(exps, axis=axis, keepdims=True)  # >= 2**EXP_FRAC_BITS: the max's own term
     reciprocal = (1 << widths.reciprocal_frac) // total
-    return shift_requantize(exps * reciprocal, widths.reciprocal_frac, widths.out_type, xp)
+    requantize = shift_requantize_fast if fast else shift_requantize
+    return requantize(exps * reciprocal, widths.reciprocal_frac, widths.out_type, xp)
 
 
 def fixed_softmax(codes, in_type: FixedType, out_type: FixedType, axis: int = -1) -> np.ndarray:
@@ -424,9 +498,12 @@ def _along(vector, axis: int, ndim: int, length: int, name: str):
     return vector.reshape(shape)
 
 
-def layernorm_kernel(codes, gamma, beta, widths: LayerNormWidths, axis: int, xp):
+def layernorm_kernel(codes, gamma, beta, widths: LayerNormWidths, axis: int, xp,
+                     fast: bool = False):
     """:func:`fixed_layernorm` on ``xp`` int64 arrays whose types and row length
-    ``widths`` has checked (the torch twin calls this too).
+    ``widths`` has checked (the torch twin calls this too, with ``fast``: the same codes
+    by :func:`bit_length_float`, :func:`isqrt_float` and
+    :func:`shift_requantize_fast`).
 
     >>> t = FixedType.parse("ap_fixed<8,3,AP_RND_CONV,AP_SAT>")
     >>> w = layernorm_widths(t, t, t, t, 2)
@@ -442,16 +519,19 @@ def layernorm_kernel(codes, gamma, beta, widths: LayerNormWidths, axis: int, xp)
     total = xp.sum(codes, axis=axis, keepdims=True)  # N * mean, never rounded
     spread = n * xp.sum(codes * codes, axis=axis, keepdims=True) - total * total  # N**2 * var
     centred = n * codes - total  # N * (q - mean)
-    norm_shift = (INT_LIMIT_BITS - bit_length(spread, xp)) >> 1
-    root = integer_sqrt(spread << (2 * norm_shift), xp)  # in [2**30, 2**31), or 0
+    bits = bit_length_float(spread, xp) if fast else bit_length(spread, xp)
+    norm_shift = (INT_LIMIT_BITS - bits) >> 1
+    scaled = spread << (2 * norm_shift)  # in [2**60, 2**62), or 0
+    root = isqrt_float(scaled, xp) if fast else integer_sqrt(scaled, xp)  # [2**30, 2**31)
     root = xp.where(root == 0, 1, root)  # zero variance: every centred value is 0 anyway
     reciprocal = (1 << widths.reciprocal_frac) // root
     drop = widths.reciprocal_frac - widths.norm_frac
     magnitude = ((xp.abs(centred) << norm_shift) * reciprocal + (1 << (drop - 1))) >> drop
     norm = xp.where(centred < 0, -magnitude, magnitude)  # rounded half away from zero
     result = norm * gamma + (beta << widths.beta_shift)
-    return shift_requantize(result, widths.norm_frac + widths.gamma_type.fractional,
-                            widths.out_type, xp)
+    requantize = shift_requantize_fast if fast else shift_requantize
+    return requantize(result, widths.norm_frac + widths.gamma_type.fractional,
+                      widths.out_type, xp)
 
 
 def fixed_layernorm(codes, in_type: FixedType, gamma_codes, gamma_type: FixedType,
@@ -530,8 +610,10 @@ def gelu_widths(in_type: FixedType, out_type: FixedType) -> GeluWidths:
     return GeluWidths(in_type, out_type, arg_shift, arg_limit, product_frac, max_product)
 
 
-def gelu_kernel(codes, widths: GeluWidths, xp):
-    """:func:`fixed_gelu` on an ``xp`` int64 array whose types ``widths`` has checked.
+def gelu_kernel(codes, widths: GeluWidths, xp, fast: bool = False):
+    """:func:`fixed_gelu` on an ``xp`` int64 array whose types ``widths`` has checked
+    (the torch twin calls this too, with ``fast``: the same codes by
+    :func:`shift_requantize_fast`).
 
     >>> t = FixedType.parse("ap_fixed<8,3,AP_RND_CONV,AP_SAT>")
     >>> gelu_kernel(np.array([-32, 0, 32]), gelu_widths(t, t), np).tolist()
@@ -548,7 +630,8 @@ def gelu_kernel(codes, widths: GeluWidths, xp):
     gap = GELU_CLIP_CODE - arg  # c - min(|x|, c) >= 0
     tail = GELU_CURVE_CODE * gap * gap  # 0.1444 * gap**2 = 1 - |erf| ~ in [0, 0.904]
     factor = xp.where(codes >= 0, (2 << GELU_FACTOR_FRAC_BITS) - tail, tail)  # 1 + erf
-    return shift_requantize(codes * factor, widths.product_frac, widths.out_type, xp)
+    requantize = shift_requantize_fast if fast else shift_requantize
+    return requantize(codes * factor, widths.product_frac, widths.out_type, xp)
 
 
 def fixed_gelu(codes, in_type: FixedType, out_type: FixedType) -> np.ndarray:

@@ -89,7 +89,7 @@ def _along(vector: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 class _FixedSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, widths: SoftmaxWidths, axis: int):
-        codes = softmax_kernel(_codes(x, widths.in_type, "x"), widths, axis, torch)
+        codes = softmax_kernel(_codes(x, widths.in_type, "x"), widths, axis, torch, fast=True)
         ctx.axis = axis
         ctx.save_for_backward(x)
         return _values(codes, widths.out_type, x.dtype)
@@ -115,7 +115,7 @@ def fixed_softmax(x: torch.Tensor, in_type: FixedType, out_type: FixedType,
     """
     widths = softmax_widths(in_type, out_type, reduced_length(x.shape, axis))
     if not x.is_floating_point():
-        return softmax_kernel(x.to(torch.int64), widths, axis, torch)
+        return softmax_kernel(x.to(torch.int64), widths, axis, torch, fast=True)
     return _FixedSoftmax.apply(x, widths, axis)
 
 
@@ -134,7 +134,8 @@ class _FixedLayerNorm(torch.autograd.Function):
     def forward(ctx, x, gamma, beta, widths: LayerNormWidths, axis: int):
         codes = layernorm_kernel(_codes(x, widths.in_type, "x"),
                                  _codes(gamma, widths.gamma_type, "gamma"),
-                                 _codes(beta, widths.beta_type, "beta"), widths, axis, torch)
+                                 _codes(beta, widths.beta_type, "beta"), widths, axis, torch,
+                                 fast=True)
         ctx.meta = (widths, axis)
         ctx.save_for_backward(x, gamma, beta)
         return _values(codes, widths.out_type, x.dtype)
@@ -174,7 +175,7 @@ def fixed_layernorm(x: torch.Tensor, in_type: FixedType, gamma: torch.Tensor,
                               reduced_length(x.shape, axis))
     if not x.is_floating_point():
         return layernorm_kernel(x.to(torch.int64), _codes(gamma, gamma_type, "gamma"),
-                                _codes(beta, beta_type, "beta"), widths, axis, torch)
+                                _codes(beta, beta_type, "beta"), widths, axis, torch, fast=True)
     return _FixedLayerNorm.apply(x, gamma, beta, widths, axis)
 
 
@@ -184,7 +185,7 @@ def fixed_layernorm(x: torch.Tensor, in_type: FixedType, gamma: torch.Tensor,
 class _FixedGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, widths: GeluWidths):
-        codes = gelu_kernel(_codes(x, widths.in_type, "x"), widths, torch)
+        codes = gelu_kernel(_codes(x, widths.in_type, "x"), widths, torch, fast=True)
         ctx.save_for_backward(x)
         return _values(codes, widths.out_type, x.dtype)
 
@@ -207,7 +208,7 @@ def fixed_gelu(x: torch.Tensor, in_type: FixedType, out_type: FixedType) -> torc
     """
     widths = gelu_widths(in_type, out_type)
     if not x.is_floating_point():
-        return gelu_kernel(x.to(torch.int64), widths, torch)
+        return gelu_kernel(x.to(torch.int64), widths, torch, fast=True)
     return _FixedGelu.apply(x, widths)
 
 
