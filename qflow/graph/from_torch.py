@@ -28,6 +28,7 @@ from qflow.nn import (
     QReLU,
 )
 from qflow.nn.elementwise import RECIPROCAL_TYPE, _reciprocal
+from qflow.ofq.layers import STATSQ_TYPES, StatsQConv2d, StatsQLinear
 from qflow.quantizers import FixedQuantizer
 
 from . import from_torch_transformer as transformer_freeze
@@ -41,7 +42,7 @@ class FreezeError(QflowError):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, QUANTIZED_TYPES + BINARY_TYPES)
+        return (isinstance(m, QUANTIZED_TYPES + BINARY_TYPES + STATSQ_TYPES)
                 or super().is_leaf_module(m, qualname))
 
 
@@ -168,6 +169,50 @@ def _freeze_binary(b: _Builder, name, module, src, shape):
     return b.cast(name, out, module.out_quant, name)
 
 
+def _freeze_statsq(b: _Builder, name, module, src, shape):
+    """A StatsQ layer: ``conv2d``/``dense`` with the odd integer weight codes 2k + 1
+    (fraction 0, no bias) -> ``scale_shift`` (per-row multiplier codes with their own
+    fractions, the bias as the shift) -> ``cast`` to the layer's output type. A dense
+    layer on tokens (features last) is transposed around the ``scale_shift``, which
+    scales the first per-sample axis."""
+    with torch.no_grad():
+        weight = module.odd_codes()
+        scale, scale_frac = (t.cpu().numpy() for t in module.multiplier())
+        bias_q = module.quantized_bias(torch.float64)
+    channels = weight.shape[0]
+    consts = {"weight": _to_codes(weight, np.zeros(channels, np.int64), f"{name}.weight"),
+              "weight_frac": np.zeros(channels, dtype=np.int64)}
+    op, attrs = ("conv2d", _conv_attrs(module)) if isinstance(module, StatsQConv2d) else (
+        "dense", {})
+    probe = Node(op, name, [src], name, attrs, consts)
+    acc = b.add(op, name, [src], shape, infer.infer_weighted(probe, b.type_of(src)),
+                attrs=attrs, consts=consts, source=name)
+    rank = len(shape)
+    turned = isinstance(module, StatsQLinear) and rank > 1
+    if turned:  # (..., features) -> (features, ...)
+        perm = [rank - 1, *range(rank - 1)]
+        acc = transformer_freeze._op(b, "transpose", f"{name}_features_first", [acc],
+                                     tuple(shape[p] for p in perm), attrs={"perm": perm},
+                                     source=name)
+    consts = {"scale": scale.astype(np.int64), "scale_frac": scale_frac.astype(np.int64)}
+    if bias_q is None:
+        consts.update(shift=np.zeros(channels, np.int64), shift_frac=np.zeros(channels, np.int64))
+    else:
+        shift_frac = _fracs(module.bias_quant, channels)
+        consts.update(shift=_to_codes(bias_q, shift_frac, f"{name}.bias"), shift_frac=shift_frac)
+    ss_name = f"{name}_scale_shift"
+    probe = Node("scale_shift", ss_name, [acc], ss_name, {}, consts)
+    ss_type = infer.infer_scale_shift(probe, b.type_of(acc))
+    out = b.add("scale_shift", ss_name, [acc], b.shape_of(acc), ss_type, consts=consts,
+                source=name)
+    out = b.cast(name, out, module.out_quant, name)
+    if turned:  # back to (..., features)
+        perm = [*range(1, rank), 0]
+        out = transformer_freeze._op(b, "transpose", f"{name}_features_last", [out], shape,
+                                     attrs={"perm": perm}, source=name)
+    return out
+
+
 def _freeze_batchnorm(b: _Builder, name, module, src, shape):
     channels = module.num_features
     dummy = torch.zeros((1, channels) + (1,) * (len(shape) - 1), dtype=torch.float64)
@@ -271,6 +316,8 @@ MODULE_FREEZERS = {
     QConv2d: _freeze_weighted,
     BinaryLinear: _freeze_binary,
     BinaryConv2d: _freeze_binary,
+    StatsQLinear: _freeze_statsq,
+    StatsQConv2d: _freeze_statsq,
     QBatchNorm1d: _freeze_batchnorm,
     QBatchNorm2d: _freeze_batchnorm,
     QReLU: _freeze_relu,

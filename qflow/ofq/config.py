@@ -1,0 +1,239 @@
+"""OFQ configuration: a frozen, keyword-only dataclass with a JSON/YAML round trip.
+
+Parsing is by allow-list, as for :class:`qflow.QFXConfig`: every key must be a field,
+every value must have the field's type; anything else is a one-line ConfigError.
+
+>>> from qflow.ofq.config import OFQConfig
+>>> cfg = OFQConfig(weight_bits=2, overrides={"head": {"weight_bits": 4}})
+>>> cfg.overrides["head"]
+StatsQOverride(statsq=None, weight_bits=4)
+>>> OFQConfig.from_yaml(cfg.to_yaml()) == cfg
+True
+>>> OFQConfig.from_dict({"weight_bits": 1})
+Traceback (most recent call last):
+qflow.errors.ConfigError: config.weight_bits: expected an integer from 2 to 8, got 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import yaml
+
+from qflow.config import LayerOverride, QFXConfig, method_key_checked
+from qflow.errors import ConfigError
+from qflow.yamlfile import load_json_text, load_yaml
+
+OFQ_CONFIG_VERSION = 1
+#: StatsQ weight widths (the sign included: 2^b levels)
+MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8
+#: widths of the fixed-point multiplier that deploys each row's scale
+MIN_MULTIPLIER_BITS, MAX_MULTIPLIER_BITS = 4, 24
+
+
+def _integer(value, path: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{path}: expected an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _under_fixed(message: str) -> str:
+    """A QFX config error's message, placed under ``config.fixed``."""
+    if message.startswith("config."):
+        return "config.fixed." + message.removeprefix("config.")
+    return "config.fixed: " + message.removeprefix("config: ")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsQOverride:
+    """Per-layer OFQ settings: ``statsq`` (quantize a weight layer's weights with StatsQ,
+    or keep them QFX fixed point; ``None`` keeps the default) and ``weight_bits`` (its
+    own StatsQ width)."""
+
+    statsq: bool | None = None
+    weight_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.statsq is not None and not isinstance(self.statsq, bool):
+            raise ConfigError(f"statsq: expected true or false, got {self.statsq!r}")
+        if self.weight_bits is not None:
+            _integer(self.weight_bits, "weight_bits", MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
+
+    @classmethod
+    def parse(cls, value, path: str) -> StatsQOverride:
+        if isinstance(value, StatsQOverride):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping with statsq and/or weight_bits, "
+                              f"got {type(value).__name__}")
+        unknown = sorted(set(value) - {"statsq", "weight_bits"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: statsq, "
+                              "weight_bits)")
+        try:
+            return cls(**value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}.{exc}") from None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in (("statsq", self.statsq), ("weight_bits", self.weight_bits))
+                if v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class OFQConfig:
+    """OFQ (oscillation-free quantization, ICML 2023): StatsQ weights.
+
+    Every ``nn.Conv2d`` / ``nn.Linear`` except the first and the last weight layer (in
+    forward order) gets StatsQ weights; everything else is quantized by QFX with
+    ``fixed`` (so the first and last layers' weights have ``fixed.weight.bits``, 8 by
+    default, and activations and intermediates are QFX power-of-two fixed point).
+
+    - ``weight_bits``: StatsQ width b (2 to 8): 2^b mid-rise levels per output row;
+    - ``multiplier_bits``: width B (4 to 24) of the signed fixed-point multiplier that
+      deploys each row's scale s/2^b; each row has its own binary point (the
+      multiplier is normalized: its code lies in [2^(B−2), 2^(B−1)));
+    - ``fixed``: the QFX config of the model input, the first and last weight layers,
+      the StatsQ layers' bias and output, and every other tensor (BatchNorms are kept
+      as their own layers: OFQ quantizes with ``fold_batchnorm`` off);
+    - ``overrides``: layer-name pattern (a name or a regular expression, as in QFX) ->
+      ``{"statsq": bool, "weight_bits": int}``, applied in order.
+
+    Not yet: confidence-guided annealing, query-key reparameterization, distillation
+    and LSQ activations (``docs/ofq.md``).
+    """
+
+    version: int = OFQ_CONFIG_VERSION
+    weight_bits: int = 4
+    multiplier_bits: int = 16
+    fixed: QFXConfig = field(default_factory=QFXConfig)
+    overrides: dict = field(default_factory=dict)
+    #: the method name in recipes and registries (qflow.methods)
+    METHOD: ClassVar[str] = "ofq"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or self.version != OFQ_CONFIG_VERSION:
+            raise ConfigError(f"config version {self.version!r} is not supported "
+                              f"(this qflow reads {OFQ_CONFIG_VERSION})")
+        _integer(self.weight_bits, "config.weight_bits", MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
+        _integer(self.multiplier_bits, "config.multiplier_bits", MIN_MULTIPLIER_BITS,
+                 MAX_MULTIPLIER_BITS)
+        if not isinstance(self.fixed, QFXConfig):
+            raise ConfigError(f"config.fixed: expected a QFXConfig, got "
+                              f"{type(self.fixed).__name__}")
+        if not isinstance(self.overrides, Mapping):
+            raise ConfigError(f"config.overrides: expected a mapping of layer patterns, got "
+                              f"{type(self.overrides).__name__}")
+        overrides = {}
+        for pattern, value in self.overrides.items():
+            LayerOverride(pattern=pattern)  # a string and a valid regex, or ConfigError
+            overrides[pattern] = StatsQOverride.parse(value, f"config.overrides[{pattern!r}]")
+        object.__setattr__(self, "overrides", overrides)
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    # -- per layer -----------------------------------------------------------------
+    def layer_settings(self, layer: str, statsq: bool) -> tuple[bool, int]:
+        """(StatsQ or not, its width) of weight layer ``layer`` whose default is
+        ``statsq``, after every matching override in order."""
+        bits = self.weight_bits
+        for pattern, override in self.overrides.items():
+            if LayerOverride(pattern=pattern).matches(layer):
+                statsq = statsq if override.statsq is None else override.statsq
+                bits = bits if override.weight_bits is None else override.weight_bits
+        return statsq, bits
+
+    def check_overrides(self, layers: list[str]) -> None:
+        """Every override must reach one of ``layers`` (the model's weight layers)."""
+        for pattern in self.overrides:
+            if not any(LayerOverride(pattern=pattern).matches(name) for name in layers):
+                raise ConfigError(f"override pattern {pattern!r} matches no weight layer "
+                                  f"(those are: {', '.join(layers) or 'none'})")
+
+    def replace_bits(self, bits: int | None = None, *, weight_bits: int | None = None,
+                     act_bits: int | None = None) -> OFQConfig:
+        """A copy with the command line's word lengths: ``bits`` and ``weight_bits``
+        set the StatsQ width (``weight_bits`` wins), ``act_bits`` the activations and
+        input of ``fixed``; the first and last layers' weights keep their width."""
+        statsq = weight_bits if weight_bits is not None else bits
+        changed = self
+        if statsq is not None and statsq != self.weight_bits:
+            _integer(statsq, "--bits/--weight-bits (OFQ StatsQ width)", MIN_WEIGHT_BITS,
+                     MAX_WEIGHT_BITS)
+            changed = dataclasses.replace(changed, weight_bits=statsq)
+        if act_bits is not None:
+            fixed = self.fixed.replace_bits(act_bits=act_bits)
+            if fixed != self.fixed:
+                changed = dataclasses.replace(changed, fixed=fixed)
+        return changed
+
+    # -- serialization -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain data, led by ``method: ofq``; ``fixed`` is a QFX config's data."""
+        fixed = self.fixed.to_dict()
+        fixed.pop("method")
+        return {"method": self.METHOD, "version": self.version,
+                "weight_bits": self.weight_bits, "multiplier_bits": self.multiplier_bits,
+                "fixed": fixed,
+                "overrides": {p: o.to_dict() for p, o in self.overrides.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> OFQConfig:
+        """Build from plain data; missing keys keep their defaults and ``fixed`` given in
+        part keeps QFX's defaults for the rest. A ``method`` key, when present, must say
+        ``ofq``."""
+        data = method_key_checked(data, cls.METHOD)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"config: unknown key {unknown[0]!r} (allowed: "
+                              f"{', '.join(sorted(names))})")
+        kwargs = dict(data)
+        if "version" in kwargs:
+            version = kwargs["version"]
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise ConfigError(f"config.version: expected an integer, got {version!r}")
+        if "fixed" in kwargs:
+            fixed = kwargs["fixed"]
+            if not isinstance(fixed, dict):
+                raise ConfigError(f"config.fixed: expected a mapping, got "
+                                  f"{type(fixed).__name__}")
+            try:
+                kwargs["fixed"] = QFXConfig.from_dict(fixed)
+            except ConfigError as exc:
+                raise ConfigError(_under_fixed(str(exc))) from None
+        if "overrides" in kwargs and not isinstance(kwargs["overrides"], dict):
+            raise ConfigError(f"config.overrides: expected a mapping of layer patterns, got "
+                              f"{type(kwargs['overrides']).__name__}")
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> OFQConfig:
+        """Parse a JSON config (malformed JSON is a one-line ConfigError).
+
+        >>> OFQConfig.from_json('{"method": "ofq", "weight_bits": 3}').weight_bits
+        3
+        """
+        return cls.from_dict(load_json_text(text, error=ConfigError))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str | bytes) -> OFQConfig:
+        """Parse a YAML recipe (an empty document is the default config).
+
+        >>> cfg = OFQConfig.from_yaml("weight_bits: 2\\nfixed: {activation: {bits: 6}}")
+        >>> cfg.weight_bits, cfg.fixed.activation.bits
+        (2, 6)
+        """
+        data = load_yaml(text, error=ConfigError)
+        return cls.from_dict({} if data is None else data)

@@ -1,0 +1,230 @@
+"""StatsQ weight layers: StatsQLinear and StatsQConv2d.
+
+StatsQ (OFQ, ICML 2023) quantizes each output row r of a weight W with a scale taken
+from the weights' statistics, recomputed at every step and never learned:
+
+    s_r = 2 · mean(|W_r|)                               (detached)
+    k   = clamp(floor(W · 2^(b−1) / s_r), −2^(b−1), 2^(b−1) − 1)
+    W_q = s_r · (k + ½) / 2^(b−1)                       mid-rise: 2^b levels, none at 0
+
+with the identity (straight-through) gradient ``∂W_q/∂W = 1``. A row whose weights are
+all zero (s_r = 0) quantizes to zero.
+
+The level k + ½ is the odd integer c = 2k + 1 at scale s_r / 2^b, so a layer deploys as
+an integer dense or convolution with the odd codes c, followed by a per-row fixed-point
+multiplier m_r and the bias:
+
+    acc = Σ x · c                                       integers (x: the input codes)
+    y   = cast(acc · m_r + bias_q)                      a ``scale_shift``, then a ``cast``
+
+``m_r`` is s_r / 2^b rounded to the nearest B-bit signed fixed-point number with its
+own binary point F_r per row (``multiplier_codes``): the code M_r = round(s_r/2^b · 2^F_r)
+lies in [2^(B−2), 2^(B−1)) (B − 1 significant bits), m_r = M_r · 2^(−F_r); B is the
+config's ``multiplier_bits``. ``bias_q`` is the bias cast by the QFX ``bias`` format of
+``fixed`` and ``y`` by its ``activation`` format.
+
+Eval mode computes exactly this, in float64 (every value is a dyadic rational whose
+significant bits stay below 53: the odd codes and the input codes give an integer sum,
+multiplied by the B-bit M_r), so that the frozen graph equals the eval output code for
+code. Training (float32) uses the float s_r / 2^b instead of its fixed-point rounding
+m_r: the difference is at most one part in 2^(B−1) of each row's scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qflow.errors import ConfigError
+from qflow.nn.functional import exact_dtype
+from qflow.quantizers import FixedQuantizer
+
+
+def statsq_scale(weight: torch.Tensor) -> torch.Tensor:
+    """s = 2 · mean(|W|) per output row (dimension 0), detached.
+
+    >>> statsq_scale(torch.tensor([[1.0, -3.0], [0.5, 0.5]])).tolist()
+    [4.0, 1.0]
+    """
+    w = weight.detach()
+    return 2 * w.abs().reshape(w.shape[0], -1).mean(dim=1)
+
+
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def statsq_index(weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None):
+    """The level index k of every weight (as float), in the weight's dtype.
+
+    >>> statsq_index(torch.tensor([[1.0, -3.0, 0.2, 2.9]]), 2).tolist()  # s = 3.55
+    [[0.0, -2.0, 0.0, 1.0]]
+    """
+    n = 2 ** (bits - 1)
+    w = weight.detach()
+    s = statsq_scale(w) if scale is None else scale.to(w.dtype)
+    s = _rows(s, w)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    k = torch.floor(w * n / safe).clamp(-n, n - 1)
+    return torch.where(s > 0, k, torch.zeros_like(k))
+
+
+def statsq_levels(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The quantized weight s · (k + ½) / 2^(b−1) with the identity gradient.
+
+    >>> w = torch.tensor([[1.0, -3.0, 0.2, 2.9]], requires_grad=True)
+    >>> q = statsq_levels(w, 2)
+    >>> [round(v, 4) for v in q.tolist()[0]]
+    [0.8875, -2.6625, 0.8875, 2.6625]
+    >>> q.sum().backward(); w.grad.tolist()
+    [[1.0, 1.0, 1.0, 1.0]]
+    """
+    s = statsq_scale(weight)
+    k = statsq_index(weight, bits, s)
+    levels = _rows(s, weight) * (k + 0.5) / 2 ** (bits - 1)
+    return weight + (levels.to(weight.dtype) - weight).detach()
+
+
+def multiplier_codes(scale: torch.Tensor, bits: int, multiplier_bits: int):
+    """(codes M, fractions F) of the fixed-point multipliers m = M · 2^(−F) of the row
+    scales ``scale / 2^bits``: per row, the nearest ``multiplier_bits``-bit signed
+    value with M in [2^(B−2), 2^(B−1)) (ties to even); a zero scale gives M = F = 0.
+
+    >>> m, f = multiplier_codes(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64), 2, 8)
+    >>> m.tolist(), f.tolist()
+    ([96, 64, 0], [7, 8, 0])
+    """
+    v = scale.to(torch.float64) / 2 ** bits
+    _, exponent = torch.frexp(v)  # v = mantissa · 2^exponent, mantissa in [½, 1)
+    frac = multiplier_bits - 1 - exponent.to(torch.int64)
+    codes = torch.round(torch.ldexp(v, frac))
+    top = codes == 2 ** (multiplier_bits - 1)  # rounded up out of the signed range
+    codes = torch.where(top, codes / 2, codes)
+    frac = torch.where(top, frac - 1, frac)
+    zero = v == 0
+    return (torch.where(zero, torch.zeros_like(codes), codes).to(torch.int64),
+            torch.where(zero, torch.zeros_like(frac), frac))
+
+
+def _copy_parameters(layer: nn.Module, module: nn.Module) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(module.weight)
+        if module.bias is not None:
+            layer.bias.copy_(module.bias)
+
+
+class _StatsQLayer:
+    """Shared behaviour of StatsQLinear and StatsQConv2d (mixed in before the torch class)."""
+
+    def _setup(self, fixed, name: str, *, bits: int, multiplier_bits: int,
+               bias_quant: FixedQuantizer | None = None) -> None:
+        self.qflow_name = name
+        self.bits = int(bits)
+        self.multiplier_bits = int(multiplier_bits)
+        channels = self.weight.shape[0]
+        self.bias_quant = bias_quant if bias_quant is not None else FixedQuantizer(
+            fixed.spec_for(name, "bias"), channels=channels)
+        self.out_quant = FixedQuantizer(fixed.spec_for(name, "activation"))
+
+    # -- the deployed form -------------------------------------------------------------
+    def odd_codes(self) -> torch.Tensor:
+        """The deployed weight codes 2k + 1 (odd integers in [−2^b + 1, 2^b − 1]), as
+        float64, from the float64 weight."""
+        return 2 * statsq_index(self.weight.detach().to(torch.float64), self.bits) + 1
+
+    @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor:
+        """The odd integer codes as int16. Used by :mod:`qflow.oscillation`."""
+        return self.odd_codes().to(torch.int16)
+
+    def multiplier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes M, fractions F) of each row's multiplier m = M · 2^(−F)."""
+        return multiplier_codes(statsq_scale(self.weight.to(torch.float64)), self.bits,
+                                self.multiplier_bits)
+
+    def multiplier_values(self) -> torch.Tensor:
+        codes, frac = self.multiplier()
+        return torch.ldexp(codes.to(torch.float64), -frac)
+
+    def quantized_bias(self, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias_quant(self.bias.to(dtype))
+
+    def _float_forward(self, x, weight):
+        raise NotImplementedError
+
+    def _channel_shape(self, y: torch.Tensor) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = exact_dtype(x, self)
+        x = x.to(dtype)
+        if self.training:
+            y = self._float_forward(x, statsq_levels(self.weight, self.bits).to(dtype))
+            bias = self.quantized_bias(dtype)
+            return self.out_quant(y if bias is None else y + bias.reshape(self._channel_shape(y)))
+        acc = self._float_forward(x, self.odd_codes().to(dtype))
+        shape = self._channel_shape(acc)
+        y = acc * self.multiplier_values().reshape(shape)
+        bias = self.quantized_bias(dtype)
+        return self.out_quant(y if bias is None else y + bias.reshape(shape))
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, weight_bits={self.bits}, "
+                f"multiplier_bits={self.multiplier_bits}")
+
+
+class StatsQLinear(_StatsQLayer, nn.Linear):
+    """``nn.Linear`` with StatsQ weights (see the module docstring).
+
+    >>> import torch
+    >>> from qflow.config import QFXConfig
+    >>> layer = StatsQLinear.from_float(torch.nn.Linear(6, 3), QFXConfig(), "fc", bits=2)
+    >>> layer.eval()(torch.randn(4, 6)).shape
+    torch.Size([4, 3])
+    >>> sorted(set(layer.weight_codes().flatten().tolist())) <= [-3, -1, 1, 3]
+    True
+    """
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, fixed, name: str, *, bits: int = 4,
+                   multiplier_bits: int = 16, bias_quant: FixedQuantizer | None = None):
+        layer = cls(module.in_features, module.out_features, bias=module.bias is not None)
+        _copy_parameters(layer, module)
+        layer._setup(fixed, name, bits=bits, multiplier_bits=multiplier_bits,
+                     bias_quant=bias_quant)
+        return layer
+
+    def _float_forward(self, x, weight):
+        return F.linear(x, weight)
+
+    def _channel_shape(self, y):
+        return (-1,)  # the output features are the last axis
+
+
+class StatsQConv2d(_StatsQLayer, nn.Conv2d):
+    """``nn.Conv2d`` (zero padding) with StatsQ weights."""
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, fixed, name: str, *, bits: int = 4,
+                   multiplier_bits: int = 16, bias_quant: FixedQuantizer | None = None):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ConfigError(f"{name}: only explicit zero padding is supported (got "
+                              f"padding={module.padding!r}, padding_mode="
+                              f"{module.padding_mode!r})")
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size,
+                    stride=module.stride, padding=module.padding, dilation=module.dilation,
+                    groups=module.groups, bias=module.bias is not None)
+        _copy_parameters(layer, module)
+        layer._setup(fixed, name, bits=bits, multiplier_bits=multiplier_bits,
+                     bias_quant=bias_quant)
+        return layer
+
+    def _float_forward(self, x, weight):
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def _channel_shape(self, y):
+        return (1, -1) + (1,) * (y.dim() - 2)
+
+
+STATSQ_TYPES = (StatsQConv2d, StatsQLinear)

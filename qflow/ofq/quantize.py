@@ -1,0 +1,87 @@
+"""OFQ's handler (what ``qflow.quantize_`` runs for an ``OFQConfig``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import fx, nn
+
+from qflow.api import quantize_qfx
+from qflow.errors import ConfigError
+
+from .config import OFQConfig
+from .layers import STATSQ_TYPES, StatsQConv2d, StatsQLinear
+
+_WEIGHT_TYPES = {nn.Conv2d: StatsQConv2d, nn.Linear: StatsQLinear}
+
+
+def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
+    """Make ``model`` an OFQ QAT model, in place; returns ``model``.
+
+    The model is quantized by QFX with ``config.fixed`` (BatchNorm folding off: a
+    BatchNorm stays a ``scale_shift`` layer of its own), then every QFX weight layer
+    except the first and the last (in the order the forward pass calls them, found with
+    torch.fx), as changed by ``config.overrides``, becomes a
+    :class:`~qflow.ofq.layers.StatsQLinear` or :class:`~qflow.ofq.layers.StatsQConv2d`
+    with the weights, bias and bias format of the QFX layer it replaces. An error
+    leaves the model as it was.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import qflow
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+    ...                       nn.Linear(16, 3))
+    >>> model = qflow.quantize_(model, qflow.OFQConfig(weight_bits=2))
+    >>> [type(m).__name__ for m in model]
+    ['QInput', 'QLinear', 'QReLU', 'StatsQLinear', 'QReLU', 'QLinear']
+    >>> model.eval()(torch.rand(2, 8)).shape
+    torch.Size([2, 3])
+    """
+    plan = _plan(model, config)
+    fixed = dataclasses.replace(config.fixed, fold_batchnorm=False)
+    quantize_qfx(model, fixed)
+    for name, bits in plan:
+        qlayer = model.get_submodule(name)
+        layer = _WEIGHT_TYPES[_float_type(qlayer)].from_float(
+            qlayer, fixed, name, bits=bits, multiplier_bits=config.multiplier_bits,
+            bias_quant=qlayer.bias_quant)
+        _replace(model, name, layer)
+    model.qflow_config = config
+    return model
+
+
+def _float_type(module: nn.Module) -> type:
+    return nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+
+
+def _plan(model: nn.Module, config: OFQConfig) -> list[tuple[str, int]]:
+    """(name, StatsQ width) of the layers to quantize with StatsQ (nothing changed)."""
+    try:
+        graph = fx.Tracer().trace(model)
+    except Exception as exc:  # fx raises many types for untraceable code
+        reason = str(exc).strip().splitlines()
+        raise ConfigError("ofq: finding the first and last weight layers needs a model "
+                          f"that torch.fx can trace: {reason[0] if reason else exc!r}") from None
+    modules = dict(model.named_modules())
+    order: list[str] = []
+    for node in graph.nodes:
+        if (node.op == "call_module" and type(modules[node.target]) in _WEIGHT_TYPES
+                and node.target not in order):
+            order.append(node.target)
+    config.check_overrides(order)
+    plan = []
+    for position, name in enumerate(order):
+        statsq, bits = config.layer_settings(name, 0 < position < len(order) - 1)
+        if statsq:
+            plan.append((name, bits))
+    return plan
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def statsq_layers(model: nn.Module) -> list[StatsQConv2d | StatsQLinear]:
+    """The StatsQ layers of ``model``, in registration order."""
+    return [m for m in model.modules() if isinstance(m, STATSQ_TYPES)]
