@@ -30,13 +30,30 @@ from qflow.yamlfile import load_json_text, load_yaml
 class Phase:
     """One training phase after quantization: ``epochs`` of :func:`qflow.train.fit` at
     ``lr_scale`` times the float learning rate. ``prepare(model)`` runs before it (a
-    BiPer stage switch, say); ``regularizer(model)`` is added to the loss."""
+    BiPer stage switch, say); ``regularizer(model)`` is added to the loss.
+    ``lr_schedule`` is fit's ("cosine" or "constant"); ``step_hook(model)``, when given,
+    makes the phase's :class:`qflow.train.StepHook` (OFQ's annealing); ``distill``, when
+    given, is (α, T): the phase distils from the float model (fit's ``teacher``)."""
 
     name: str
     epochs: int
     lr_scale: float = 1.0
     prepare: Callable[[Any], None] | None = None
     regularizer: Callable[[Any], Any] | None = None
+    lr_schedule: str = "cosine"
+    step_hook: Callable[[Any], Any] | None = None
+    distill: tuple[float, float] | None = None
+
+    def fit_options(self, model, teacher=None) -> dict:
+        """The keyword arguments of :func:`qflow.train.fit` that this phase sets, for
+        ``model`` (its step hook is made here) and the float ``teacher`` (used only when
+        the phase distils)."""
+        options = {"regularizer": self.regularizer, "lr_schedule": self.lr_schedule,
+                   "step_hook": None if self.step_hook is None else self.step_hook(model)}
+        if self.distill is not None and teacher is not None:
+            alpha, temperature = self.distill
+            options.update(teacher=teacher, distill_alpha=alpha, temperature=temperature)
+        return options
 
 
 @dataclass(frozen=True)

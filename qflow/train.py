@@ -8,10 +8,11 @@ import functools
 import math
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
@@ -98,6 +99,50 @@ class TrainingDivergedError(QflowError, FloatingPointError):
     """The training loss became NaN or infinite (the data's scale or the learning rate)."""
 
 
+#: the learning-rate schedules of :func:`fit`
+LR_SCHEDULES = ("cosine", "constant")
+
+
+class StepHook(Protocol):
+    """What :func:`fit` calls around every optimizer step (``step_hook``): a training
+    constraint such as OFQ's confidence-guided annealing (:mod:`qflow.ofq.cga`).
+
+    ``before_step()`` runs after the backward pass (gradients are set),
+    ``after_step()`` right after ``optimizer.step()`` (before the learning-rate schedule
+    and the oscillation tracker); ``epoch_record()`` is stored in each epoch's history row
+    under ``key``. A hook keeps no state that must survive a checkpoint."""
+
+    key: str
+
+    def before_step(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def epoch_record(self) -> dict: ...
+
+
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor,
+                      teacher_logits: torch.Tensor, *, alpha: float,
+                      temperature: float) -> torch.Tensor:
+    """(1 − α)·CE(logits, labels) + α·T²·KL(softmax(teacher/T) ‖ softmax(logits/T)).
+
+    Cross-entropy and KL are means over the batch (KL summed over the classes); the
+    teacher's logits carry no gradient.
+
+    >>> x = torch.tensor([[2.0, 0.0]]); y = torch.tensor([0])
+    >>> float(distillation_loss(x, y, x, alpha=1.0, temperature=2.0))
+    0.0
+    """
+    hard = F.cross_entropy(logits, labels)
+    if alpha == 0:
+        return hard
+    t = float(temperature)
+    soft = F.kl_div(F.log_softmax(logits / t, dim=1),
+                    F.log_softmax(teacher_logits.detach() / t, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1 - alpha) * hard + alpha * t * t * soft
+
+
 def fit(
     model: nn.Module,
     x_train,
@@ -116,10 +161,16 @@ def fit(
     resume: dict | None = None,
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
     oscillation: OscillationTracker | None = None,
+    lr_schedule: str = "cosine",
+    step_hook: StepHook | None = None,
+    teacher: nn.Module | None = None,
+    distill_alpha: float = 0.5,
+    temperature: float = 1.0,
 ) -> list[dict]:
     """Train ``model`` (float or QFX) with Adam and cross-entropy; one dict per epoch.
 
-    The learning rate follows a cosine schedule to zero. Shuffling is seeded by ``seed``.
+    The learning rate follows a cosine schedule to zero (``lr_schedule="cosine"``) or
+    stays at ``lr`` (``"constant"``). Shuffling is seeded by ``seed``.
     Calls :func:`keep_freed_memory` first (steadier and faster steps on the CPU).
 
     ``checkpoint``, when given, is called after every epoch with the complete training
@@ -132,6 +183,11 @@ def fit(
     ``oscillation`` (a :class:`qflow.oscillation.OscillationTracker` of ``model``), when
     given, is updated after every optimizer step; each epoch's row then holds its
     ``epoch_record()`` under ``"oscillation"``, and its state travels with the checkpoint.
+    ``step_hook`` (a :class:`StepHook`), when given, runs around every optimizer step and
+    its ``epoch_record()`` goes into each row under its ``key``.
+    ``teacher`` (a model put in eval mode and run without gradients), when given, makes
+    the loss :func:`distillation_loss` with ``distill_alpha`` (α) and ``temperature``
+    (T); without it the loss is plain cross-entropy.
 
     >>> import torch
     >>> from torch import nn
@@ -143,13 +199,25 @@ def fit(
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if teacher is not None:
+        if not 0 <= distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {distill_alpha}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        teacher.eval()
     keep_freed_memory()
     x_t = torch.as_tensor(x_train, dtype=torch.float32)
     y_t = torch.as_tensor(y_train, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, (len(x_t) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch or 1)
+    if lr_schedule == "constant":
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
+    else:
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer,
+                                                              epochs * steps_per_epoch or 1)
     loss_fn = nn.CrossEntropyLoss()
     history: list[dict] = []
     start_epoch = 0
@@ -170,11 +238,22 @@ def fit(
             for start in range(0, len(x_t), batch_size):
                 idx = order[start:start + batch_size]
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x_t[idx]), y_t[idx])
+                logits = model(x_t[idx])
+                if teacher is None:
+                    loss = loss_fn(logits, y_t[idx])
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x_t[idx])
+                    loss = distillation_loss(logits, y_t[idx], teacher_logits,
+                                             alpha=distill_alpha, temperature=temperature)
                 if regularizer is not None:
                     loss = loss + regularizer(model)
                 loss.backward()
+                if step_hook is not None:
+                    step_hook.before_step()
                 optimizer.step()
+                if step_hook is not None:
+                    step_hook.after_step()
                 schedule.step()
                 if oscillation is not None:
                     oscillation.update()
@@ -189,6 +268,8 @@ def fit(
                 record["val_accuracy"] = evaluate(model, x_val, y_val)
             if oscillation is not None:
                 record["oscillation"] = oscillation.epoch_record()
+            if step_hook is not None:
+                record[step_hook.key] = step_hook.epoch_record()
             history.append(record)
             bar.update(task, advance=1, loss=record["loss"])
             if checkpoint is not None:
@@ -204,6 +285,11 @@ def fit(
     if progress:
         sys.stderr.flush()
     return history
+
+
+def _constant(step: int) -> float:
+    """The factor of ``lr_schedule="constant"`` (a module function: schedulers pickle)."""
+    return 1.0
 
 
 def _restore(state: dict, model: nn.Module, optimizer, schedule, gen) -> tuple[int, list]:

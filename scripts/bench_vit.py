@@ -197,14 +197,15 @@ def _integer_softmax(attn: Attention, config, path: str) -> fx.GraphModule:
 
 def qat_phases(model: nn.Module, data, config, *, qat_epochs: int, lr: float,
                batch_size: int, seed: int) -> None:
-    """The method's QAT phases, as ``qflow quantize`` runs them after calibration."""
+    """The method's QAT phases, as ``qflow quantize`` runs them after calibration (but
+    without a teacher: no phase distils)."""
     method = method_of(config)
     for index, phase in enumerate(method.phases(config, qat_epochs), start=1):
         if phase.prepare is not None:
             phase.prepare(model)
         fit(model, data.x_train, data.y_train, epochs=phase.epochs, lr=lr * phase.lr_scale,
             batch_size=batch_size, seed=seed + index, progress=False, description=phase.name,
-            regularizer=phase.regularizer)
+            **phase.fit_options(model))
     if method.finish is not None:
         method.finish(model, data.x_train)
 

@@ -288,6 +288,7 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     oscillation = OscillationTracker(qat_model)
     float_state = float_model.state_dict()
     histories = list(saved["histories"]) if done > 1 else []
+    hooks = {}  # phase name -> its step hook (OFQ's CGA), for metrics.json and the console
 
     def save_qat(index: int, finished: list, state: dict) -> None:
         save(index, state, float_model=float_state, float_history=float_history,
@@ -299,13 +300,15 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         if index < done:
             continue  # finished before the interruption: its end state is in the next one's
         checkpoint = functools.partial(save_qat, index, list(histories))
+        options = phase.fit_options(qat_model, teacher=float_model)
         history = fit(qat_model, data.x_train, data.y_train, epochs=phase.epochs,
                       lr=s.lr * phase.lr_scale, batch_size=s.batch_size, seed=s.seed + index,
-                      progress=progress, description=phase.name,
-                      regularizer=phase.regularizer, oscillation=oscillation,
+                      progress=progress, description=phase.name, oscillation=oscillation,
                       resume=saved["state"] if saved and index == done else None,
-                      checkpoint=checkpoint)
+                      checkpoint=checkpoint, **options)
         histories.append([{**r, "phase": phase.name} for r in history])
+        if options["step_hook"] is not None and phase.epochs > 0:
+            hooks[phase.name] = options["step_hook"]
     if method.finish is not None:  # BiPer re-estimates its BatchNorm statistics
         method.finish(qat_model, data.x_train)
     qat_history = [r for h in histories for r in h]
@@ -323,6 +326,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         "oscillation": oscillation.summary(),
         "seconds": round(elapsed, 2),
     }
+    for hook in hooks.values():  # OFQ: metrics["cga"], the frozen fraction at the end
+        metrics[hook.key] = hook.summary()
     run_info = {
         "method": method.name,
         "model": s.model,
@@ -340,7 +345,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     }
     write_run_files(stage, qat_model=qat_model, float_model=float_model, config=s.config,
                     run_info=run_info, metrics=metrics)
-    return rows, float_acc, quant_acc, elapsed, oscillation.describe()
+    notes = "\n".join([oscillation.describe(), *(h.describe() for h in hooks.values())])
+    return rows, float_acc, quant_acc, elapsed, notes
 
 
 def _load_progress(out: OutputDirectory) -> dict | None:

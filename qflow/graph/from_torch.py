@@ -29,6 +29,7 @@ from qflow.nn import (
 )
 from qflow.nn.elementwise import RECIPROCAL_TYPE, _reciprocal
 from qflow.ofq.layers import STATSQ_TYPES, StatsQConv2d, StatsQLinear
+from qflow.ofq.lsq import LSQ_TYPES, LSQConv2d, LSQLinear
 from qflow.quantizers import FixedQuantizer
 
 from . import from_torch_transformer as transformer_freeze
@@ -42,7 +43,7 @@ class FreezeError(QflowError):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, QUANTIZED_TYPES + BINARY_TYPES + STATSQ_TYPES)
+        return (isinstance(m, QUANTIZED_TYPES + BINARY_TYPES + STATSQ_TYPES + LSQ_TYPES)
                 or super().is_leaf_module(m, qualname))
 
 
@@ -170,25 +171,25 @@ def _freeze_binary(b: _Builder, name, module, src, shape):
 
 
 def _freeze_statsq(b: _Builder, name, module, src, shape):
-    """A StatsQ layer: ``conv2d``/``dense`` with the odd integer weight codes 2k + 1
-    (fraction 0, no bias) -> ``scale_shift`` (per-row multiplier codes with their own
-    fractions, the bias as the shift) -> ``cast`` to the layer's output type. A dense
-    layer on tokens (features last) is transposed around the ``scale_shift``, which
-    scales the first per-sample axis."""
+    """A StatsQ or LSQ layer: ``conv2d``/``dense`` with the integer weight codes (StatsQ:
+    the odd 2k + 1, LSQ: k; fraction 0, no bias) -> ``scale_shift`` (per-row multiplier
+    codes with their own fractions, the bias as the shift) -> ``cast`` to the layer's
+    output type. A dense layer on tokens (features last) is transposed around the
+    ``scale_shift``, which scales the first per-sample axis."""
     with torch.no_grad():
-        weight = module.odd_codes()
+        weight = module.deployed_codes()
         scale, scale_frac = (t.cpu().numpy() for t in module.multiplier())
         bias_q = module.quantized_bias(torch.float64)
     channels = weight.shape[0]
     consts = {"weight": _to_codes(weight, np.zeros(channels, np.int64), f"{name}.weight"),
               "weight_frac": np.zeros(channels, dtype=np.int64)}
-    op, attrs = ("conv2d", _conv_attrs(module)) if isinstance(module, StatsQConv2d) else (
+    op, attrs = ("conv2d", _conv_attrs(module)) if isinstance(module, nn.Conv2d) else (
         "dense", {})
     probe = Node(op, name, [src], name, attrs, consts)
     acc = b.add(op, name, [src], shape, infer.infer_weighted(probe, b.type_of(src)),
                 attrs=attrs, consts=consts, source=name)
     rank = len(shape)
-    turned = isinstance(module, StatsQLinear) and rank > 1
+    turned = isinstance(module, nn.Linear) and rank > 1
     if turned:  # (..., features) -> (features, ...)
         perm = [rank - 1, *range(rank - 1)]
         acc = transformer_freeze._op(b, "transpose", f"{name}_features_first", [acc],
@@ -318,6 +319,8 @@ MODULE_FREEZERS = {
     BinaryConv2d: _freeze_binary,
     StatsQLinear: _freeze_statsq,
     StatsQConv2d: _freeze_statsq,
+    LSQLinear: _freeze_statsq,
+    LSQConv2d: _freeze_statsq,
     QBatchNorm1d: _freeze_batchnorm,
     QBatchNorm2d: _freeze_batchnorm,
     QReLU: _freeze_relu,

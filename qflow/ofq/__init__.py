@@ -4,9 +4,9 @@
 first and the last StatsQ weights (per-row scale 2·mean|W|, mid-rise levels, identity
 gradient; :mod:`qflow.ofq.layers`); the rest is QFX fixed point. ``qflow.freeze`` turns a
 StatsQ layer into ``dense``/``conv2d`` (odd integer weights) → ``scale_shift`` (per-row
-fixed-point multiplier, bias) → ``cast`` nodes. Confidence-guided annealing,
-query-key reparameterization and distillation are not implemented yet. See
-``docs/ofq.md``.
+fixed-point multiplier, bias) → ``cast`` nodes. Training is a QAT phase, then
+confidence-guided annealing (:mod:`qflow.ofq.cga`), both distilling from the float model
+by default. Query-key reparameterization is not implemented yet. See ``docs/ofq.md``.
 
 This module imports without torch (the config and the method's registration); the
 layers and the handler load on first use.
@@ -19,12 +19,13 @@ layers and the handler load on first use.
 'ofq-w2a8'
 >>> method.describe(config)
 'OFQ (StatsQ weights 2-bit, multiplier 16-bit), activations 8-bit, first/last layers 8-bit'
->>> [(p.name, p.epochs) for p in method.phases(config, 5)]
-[('QAT', 5)]
+>>> [(p.name, p.epochs, p.lr_schedule) for p in method.phases(config, 5)]
+[('QAT', 5, 'cosine'), ('CGA', 2, 'constant')]
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from qflow.methods import Method, Phase, register_method
@@ -33,6 +34,9 @@ from .config import OFQConfig, StatsQOverride
 
 #: learning rate of the QAT phase, relative to the float training's (as QFX's)
 QAT_LR_SCALE = 1 / 3
+#: CGA's constant learning rate, relative to the QAT phase's initial one: the OFQ
+#: reference recipe's minimum (1e-5) over its base learning rate (5e-4)
+CGA_LR_FRACTION = 1 / 50
 
 _LAZY = {
     "quantize_ofq": ".quantize",
@@ -41,6 +45,7 @@ _LAZY = {
     "StatsQLinear": ".layers",
     "statsq_levels": ".layers",
     "multiplier_codes": ".layers",
+    "ConfidenceGuidedAnnealing": ".cga",
 }
 
 
@@ -56,17 +61,43 @@ def _quantize(model, config: OFQConfig):
     return quantize_ofq(model, config)
 
 
+def cga_epochs(config: OFQConfig, epochs: int) -> int:
+    """CGA's epochs: ``config.cga_epochs``, else a third of the QAT ``epochs`` rounded up;
+    none for LSQ weights (CGA acts on StatsQ layers)."""
+    if config.weight_quantizer != "statsq":
+        return 0
+    return -(-epochs // 3) if config.cga_epochs is None else config.cga_epochs
+
+
 def phases(config: OFQConfig, epochs: int) -> list[Phase]:
-    """One QAT phase of ``epochs`` (annealing is not implemented yet)."""
-    return [Phase("QAT", epochs, lr_scale=QAT_LR_SCALE)]
+    """The QAT phase of ``epochs`` (cosine learning rate from a third of the float one),
+    then CGA (:mod:`qflow.ofq.cga`) at a constant learning rate of ``CGA_LR_FRACTION``
+    of the QAT one, when it has epochs. Both distil from the float model when
+    ``config.distill``."""
+    distill = (config.distill_alpha, config.distill_temperature) if config.distill else None
+    qat = Phase("QAT", epochs, lr_scale=QAT_LR_SCALE, distill=distill)
+    count = cga_epochs(config, epochs)
+    if count == 0:
+        return [qat]
+    return [qat, Phase("CGA", count, lr_scale=QAT_LR_SCALE * CGA_LR_FRACTION,
+                       lr_schedule="constant", step_hook=functools.partial(_cga, config),
+                       distill=distill)]
+
+
+def _cga(config: OFQConfig, model):
+    from .cga import ConfidenceGuidedAnnealing
+
+    return ConfidenceGuidedAnnealing(model, br=config.cga_br)
 
 
 def _tag(config: OFQConfig) -> str:
-    return f"ofq-w{config.weight_bits}a{config.fixed.activation.bits}"
+    lsq = "-lsq" if config.weight_quantizer == "lsq" else ""
+    return f"ofq{lsq}-w{config.weight_bits}a{config.fixed.activation.bits}"
 
 
 def _describe(config: OFQConfig) -> str:
-    return (f"OFQ (StatsQ weights {config.weight_bits}-bit, multiplier "
+    quantizer = "LSQ" if config.weight_quantizer == "lsq" else "StatsQ"
+    return (f"OFQ ({quantizer} weights {config.weight_bits}-bit, multiplier "
             f"{config.multiplier_bits}-bit), activations {config.fixed.activation.bits}-bit, "
             f"first/last layers {config.fixed.weight.bits}-bit")
 
@@ -74,5 +105,6 @@ def _describe(config: OFQConfig) -> str:
 register_method(Method(name="ofq", config_type=OFQConfig, quantize=_quantize,
                        phases=phases, tag=_tag, describe=_describe))
 
-__all__ = ["OFQConfig", "StatsQConv2d", "StatsQLinear", "StatsQOverride", "multiplier_codes",
-           "phases", "quantize_ofq", "statsq_layers", "statsq_levels"]
+__all__ = ["CGA_LR_FRACTION", "ConfidenceGuidedAnnealing", "OFQConfig", "StatsQConv2d",
+           "StatsQLinear", "StatsQOverride", "cga_epochs", "multiplier_codes", "phases",
+           "quantize_ofq", "statsq_layers", "statsq_levels"]

@@ -33,12 +33,45 @@ OFQ_CONFIG_VERSION = 1
 MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8
 #: widths of the fixed-point multiplier that deploys each row's scale
 MIN_MULTIPLIER_BITS, MAX_MULTIPLIER_BITS = 4, 24
+#: the weight quantizers: OFQ's StatsQ, or the learned-scale LSQ baseline
+WEIGHT_QUANTIZERS = ("statsq", "lsq")
 
 
 def _integer(value, path: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{path}: expected an integer from {low} to {high}, got {value!r}")
     return value
+
+
+#: the training fields (CGA and distillation), in to_dict's order
+_TRAINING_FIELDS = ("cga_epochs", "cga_br", "distill", "distill_alpha", "distill_temperature")
+
+
+def _number(value, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _check_training(config) -> None:
+    """Check (and make floats of) the CGA and distillation fields of an OFQConfig."""
+    if config.cga_epochs is not None:
+        _integer(config.cga_epochs, "config.cga_epochs", 0, 10**6)
+    br = _number(config.cga_br, "config.cga_br")
+    if not 0 <= br < 0.5:
+        raise ConfigError(f"config.cga_br: expected a number in [0, 0.5), got {br!r}")
+    if not isinstance(config.distill, bool):
+        raise ConfigError(f"config.distill: expected true or false, got {config.distill!r}")
+    alpha = _number(config.distill_alpha, "config.distill_alpha")
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"config.distill_alpha: expected a number in [0, 1], got {alpha!r}")
+    temperature = _number(config.distill_temperature, "config.distill_temperature")
+    if not 0 < temperature <= 100:
+        raise ConfigError(f"config.distill_temperature: expected a number in (0, 100], got "
+                          f"{temperature!r}")
+    for name, value in (("cga_br", br), ("distill_alpha", alpha),
+                        ("distill_temperature", temperature)):
+        object.__setattr__(config, name, value)
 
 
 def _under_fixed(message: str) -> str:
@@ -97,21 +130,35 @@ class OFQConfig:
     - ``multiplier_bits``: width B (4 to 24) of the signed fixed-point multiplier that
       deploys each row's scale s/2^b; each row has its own binary point (the
       multiplier is normalized: its code lies in [2^(B−2), 2^(B−1)));
+    - ``weight_quantizer``: ``"statsq"`` (OFQ) or ``"lsq"`` (the baseline: a learned
+      per-row scale, mid-tread codes k in [−2^(b−1), 2^(b−1) − 1]; ``qflow.ofq.lsq``),
+      for the layers that the first/last rule and ``overrides`` give ``statsq: true``;
     - ``fixed``: the QFX config of the model input, the first and last weight layers,
       the StatsQ layers' bias and output, and every other tensor (BatchNorms are kept
       as their own layers: OFQ quantizes with ``fold_batchnorm`` off);
     - ``overrides``: layer-name pattern (a name or a regular expression, as in QFX) ->
-      ``{"statsq": bool, "weight_bits": int}``, applied in order.
+      ``{"statsq": bool, "weight_bits": int}``, applied in order;
+    - ``cga_epochs``: epochs of confidence-guided annealing after QAT (``None``: a third
+      of the QAT epochs, rounded up; 0: none); ``cga_br``: its boundary range BR, in
+      quantization steps (weights farther than BR from a rounding threshold are frozen,
+      :mod:`qflow.ofq.cga`);
+    - ``distill``: QAT and CGA distil from the float model, with the loss
+      (1 − α)·CE + α·T²·KL; α = ``distill_alpha``, T = ``distill_temperature``.
 
-    Not yet: confidence-guided annealing, query-key reparameterization, distillation
-    and LSQ activations (``docs/ofq.md``).
+    Not yet: query-key reparameterization and LSQ activations (``docs/ofq.md``).
     """
 
     version: int = OFQ_CONFIG_VERSION
     weight_bits: int = 4
     multiplier_bits: int = 16
+    weight_quantizer: str = "statsq"
     fixed: QFXConfig = field(default_factory=QFXConfig)
     overrides: dict = field(default_factory=dict)
+    cga_epochs: int | None = None
+    cga_br: float = 0.005
+    distill: bool = True
+    distill_alpha: float = 0.5
+    distill_temperature: float = 1.0
     #: the method name in recipes and registries (qflow.methods)
     METHOD: ClassVar[str] = "ofq"
 
@@ -122,6 +169,10 @@ class OFQConfig:
         _integer(self.weight_bits, "config.weight_bits", MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
         _integer(self.multiplier_bits, "config.multiplier_bits", MIN_MULTIPLIER_BITS,
                  MAX_MULTIPLIER_BITS)
+        if not isinstance(self.weight_quantizer, str) or \
+                self.weight_quantizer not in WEIGHT_QUANTIZERS:
+            raise ConfigError(f"config.weight_quantizer: expected one of "
+                              f"{', '.join(WEIGHT_QUANTIZERS)}, got {self.weight_quantizer!r}")
         if not isinstance(self.fixed, QFXConfig):
             raise ConfigError(f"config.fixed: expected a QFXConfig, got "
                               f"{type(self.fixed).__name__}")
@@ -133,6 +184,7 @@ class OFQConfig:
             LayerOverride(pattern=pattern)  # a string and a valid regex, or ConfigError
             overrides[pattern] = StatsQOverride.parse(value, f"config.overrides[{pattern!r}]")
         object.__setattr__(self, "overrides", overrides)
+        _check_training(self)
 
     def __hash__(self) -> int:
         return hash(self.to_json())
@@ -179,8 +231,10 @@ class OFQConfig:
         fixed.pop("method")
         return {"method": self.METHOD, "version": self.version,
                 "weight_bits": self.weight_bits, "multiplier_bits": self.multiplier_bits,
+                "weight_quantizer": self.weight_quantizer,
                 "fixed": fixed,
-                "overrides": {p: o.to_dict() for p, o in self.overrides.items()}}
+                "overrides": {p: o.to_dict() for p, o in self.overrides.items()},
+                **{k: getattr(self, k) for k in _TRAINING_FIELDS}}
 
     @classmethod
     def from_dict(cls, data: dict) -> OFQConfig:

@@ -133,10 +133,18 @@ class _StatsQLayer:
         float64, from the float64 weight."""
         return 2 * statsq_index(self.weight.detach().to(torch.float64), self.bits) + 1
 
+    def deployed_codes(self) -> torch.Tensor:
+        """The integer weight codes the frozen layer multiplies by (float64)."""
+        return self.odd_codes()
+
+    def _train_weight(self) -> torch.Tensor:
+        """The quantized weight of the training forward pass, with its gradient."""
+        return statsq_levels(self.weight, self.bits)
+
     @torch.no_grad()
     def weight_codes(self) -> torch.Tensor:
-        """The odd integer codes as int16. Used by :mod:`qflow.oscillation`."""
-        return self.odd_codes().to(torch.int16)
+        """The integer codes as int16. Used by :mod:`qflow.oscillation`."""
+        return self.deployed_codes().to(torch.int16)
 
     def multiplier(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes M, fractions F) of each row's multiplier m = M · 2^(−F)."""
@@ -160,10 +168,10 @@ class _StatsQLayer:
         dtype = exact_dtype(x, self)
         x = x.to(dtype)
         if self.training:
-            y = self._float_forward(x, statsq_levels(self.weight, self.bits).to(dtype))
+            y = self._float_forward(x, self._train_weight().to(dtype))
             bias = self.quantized_bias(dtype)
             return self.out_quant(y if bias is None else y + bias.reshape(self._channel_shape(y)))
-        acc = self._float_forward(x, self.odd_codes().to(dtype))
+        acc = self._float_forward(x, self.deployed_codes().to(dtype))
         shape = self._channel_shape(acc)
         y = acc * self.multiplier_values().reshape(shape)
         bias = self.quantized_bias(dtype)

@@ -11,8 +11,11 @@ from qflow.errors import ConfigError
 
 from .config import OFQConfig
 from .layers import STATSQ_TYPES, StatsQConv2d, StatsQLinear
+from .lsq import LSQ_TYPES, LSQConv2d, LSQLinear
 
 _WEIGHT_TYPES = {nn.Conv2d: StatsQConv2d, nn.Linear: StatsQLinear}
+#: the layer types of each ``weight_quantizer``, by the float type they replace
+_QUANTIZER_TYPES = {"statsq": _WEIGHT_TYPES, "lsq": {nn.Conv2d: LSQConv2d, nn.Linear: LSQLinear}}
 
 
 def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
@@ -23,8 +26,9 @@ def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
     except the first and the last (in the order the forward pass calls them, found with
     torch.fx), as changed by ``config.overrides``, becomes a
     :class:`~qflow.ofq.layers.StatsQLinear` or :class:`~qflow.ofq.layers.StatsQConv2d`
-    with the weights, bias and bias format of the QFX layer it replaces. An error
-    leaves the model as it was.
+    with the weights, bias and bias format of the QFX layer it replaces (an
+    :class:`~qflow.ofq.lsq.LSQLinear` / :class:`~qflow.ofq.lsq.LSQConv2d` with
+    ``weight_quantizer: lsq``). An error leaves the model as it was.
 
     >>> import torch
     >>> from torch import nn
@@ -40,9 +44,10 @@ def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
     plan = _plan(model, config)
     fixed = dataclasses.replace(config.fixed, fold_batchnorm=False)
     quantize_qfx(model, fixed)
+    types = _QUANTIZER_TYPES[config.weight_quantizer]
     for name, bits in plan:
         qlayer = model.get_submodule(name)
-        layer = _WEIGHT_TYPES[_float_type(qlayer)].from_float(
+        layer = types[_float_type(qlayer)].from_float(
             qlayer, fixed, name, bits=bits, multiplier_bits=config.multiplier_bits,
             bias_quant=qlayer.bias_quant)
         _replace(model, name, layer)
@@ -85,3 +90,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def statsq_layers(model: nn.Module) -> list[StatsQConv2d | StatsQLinear]:
     """The StatsQ layers of ``model``, in registration order."""
     return [m for m in model.modules() if isinstance(m, STATSQ_TYPES)]
+
+
+def lsq_layers(model: nn.Module) -> list[LSQConv2d | LSQLinear]:
+    """The LSQ layers of ``model`` (``weight_quantizer: lsq``), in registration order."""
+    return [m for m in model.modules() if isinstance(m, LSQ_TYPES)]

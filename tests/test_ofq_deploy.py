@@ -1,0 +1,192 @@
+"""OFQ deployed: the LSQ baseline's layers (learned per-row scales, integer codes with a
+fixed-point multiplier) equal their frozen graph code for code, and 2-bit OFQ tiny-vit
+runs (StatsQ and LSQ weights), as a user makes them with ``qflow quantize``, export to
+every target checked here and verify with 0 mismatching samples on every artifact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qflow
+from qflow.cli.main import main
+from qflow.errors import ConfigError
+from qflow.graph import emulate, freeze
+from qflow.ofq import OFQConfig
+from qflow.ofq.lsq import LSQConv2d, LSQLinear, lsq_index, lsq_initial_scale, lsq_levels
+from qflow.ofq.quantize import lsq_layers, statsq_layers
+from qflow.oscillation import OscillationTracker, tracked_layers
+
+
+# -- the config ----------------------------------------------------------------------
+def test_weight_quantizer_round_trip_and_errors():
+    cfg = OFQConfig(weight_bits=2, weight_quantizer="lsq")
+    assert OFQConfig.from_json(cfg.to_json()) == cfg
+    assert OFQConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert OFQConfig.from_dict({}).weight_quantizer == "statsq"
+    for bad in ("LSQ", "pact", 1, None):
+        with pytest.raises(ConfigError, match=r"config\.weight_quantizer: expected one "
+                                              r"of statsq, lsq, got") as info:
+            OFQConfig.from_dict({"weight_quantizer": bad})
+        assert "\n" not in str(info.value)
+
+
+# -- LSQ by hand -----------------------------------------------------------------------
+def test_lsq_levels_codes_and_gradients_by_hand():
+    w = torch.tensor([[0.3, -0.9, 0.05, 2.0, -2.0],
+                      [1.0, 1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    s = torch.tensor([0.5, 0.0], requires_grad=True)
+    # b = 2: codes -2..1; w/s = 0.6, -1.8, 0.1, 4 -> 1 (clamped), -4 -> -2 (clamped)
+    assert lsq_index(w, s, 2).tolist() == [[1, -2, 0, 1, -2], [0, 0, 0, 0, 0]]
+    q = lsq_levels(w, s, 2)
+    assert q.tolist() == [[0.5, -1.0, 0.0, 0.5, -1.0], [0.0] * 5]
+    q.sum().backward()
+    assert w.grad[0].tolist() == [1, 1, 1, 0, 0]  # clamped weights get no gradient
+    # ds: (k − w/s) inside the range, k outside, times 1/sqrt(N·Q_P) = 1/sqrt(5)
+    expected = (0.4 - 0.2 - 0.1 + 1 - 2) / 5 ** 0.5
+    assert abs(s.grad[0].item() - expected) < 1e-6
+    # b = 3: codes -4..3; the scale is a negative step's |s|
+    assert lsq_index(w.detach(), torch.tensor([-0.5, 1.0]), 3).tolist()[0] == [1, -2, 0, 3, -4]
+    # Esser et al.'s initial scale, 2·mean|W|/sqrt(Q_P)
+    init = lsq_initial_scale(torch.tensor([[1.0, -3.0, 2.0, 0.0]]), 4)
+    assert torch.allclose(init, torch.tensor([3.0 / 7 ** 0.5]))
+
+
+def test_lsq_layer_learns_its_scale_and_is_tracked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 3))
+    qflow.quantize_(model, OFQConfig(weight_bits=2, weight_quantizer="lsq"))
+    layer = model[3]
+    assert isinstance(layer, LSQLinear) and lsq_layers(model) == [layer]
+    assert statsq_layers(model) == []
+    assert layer.qflow_name == "2"  # model[0] is the input quantizer
+    assert "2.weight_scale" in dict(model.named_parameters())  # learned, checkpointed
+    assert tracked_layers(model)["2"] is layer
+    codes = layer.weight_codes()
+    assert codes.dtype == torch.int16 and int(codes.min()) >= -2 and int(codes.max()) <= 1
+    tracker = OscillationTracker(model)
+    before = layer.weight_scale.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    model.train()
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        tracker.update()
+    assert not torch.equal(layer.weight_scale.detach(), before)  # learned
+    assert tracker.summary()["layers"]["2"]["weights"] == 16 * 16
+
+
+# -- the deployment identity ---------------------------------------------------------
+CASES = [("dense", (24,)), ("tokens", (6, 24)), ("conv", (3, 7, 7))]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("multiplier_bits", [8, 16])
+@pytest.mark.parametrize("kind, shape", CASES)
+def test_lsq_deployment_identity_on_random_layers(bits, multiplier_bits, kind, shape):
+    seed = 100 * bits + multiplier_bits + len(kind)
+    torch.manual_seed(seed)
+    bias = seed % 2 == 0
+    if kind == "conv":
+        layer = nn.Conv2d(3, 5, 3, padding=1, stride=1 + seed % 2, bias=bias)
+    else:
+        layer = nn.Linear(24, 9, bias=bias)
+    with torch.no_grad():  # rows of very different scales
+        layer.weight.mul_(torch.logspace(-2, 1, layer.weight.shape[0]).reshape(
+            -1, *([1] * (layer.weight.dim() - 1))))
+    model = qflow.quantize_(nn.Sequential(layer), OFQConfig(
+        weight_bits=bits, multiplier_bits=multiplier_bits, weight_quantizer="lsq",
+        overrides={"0": {"statsq": True}}))
+    lsq = model[1]
+    assert isinstance(lsq, LSQConv2d if kind == "conv" else LSQLinear)
+    with torch.no_grad():  # learned scales: anywhere from a third to three times the init
+        lsq.weight_scale.mul_(torch.exp(torch.empty_like(lsq.weight_scale).uniform_(-1.1, 1.1)))
+    x = torch.randn(64, *shape) * 3
+    model.train()
+    model(x)  # initializes the formats from data
+    model.eval()
+    graph = freeze(model, x[:4])
+    with torch.no_grad():
+        y = model(x).numpy()
+    ref = emulate(graph, x.numpy()) * graph.output_type.lsb
+    assert int((y != ref).sum()) == 0
+    ops = [n.op for n in graph.nodes]
+    expected = ["conv2d" if kind == "conv" else "dense", "scale_shift", "cast"]
+    if kind == "tokens":
+        expected = ["dense", "transpose", "scale_shift", "cast", "transpose"]
+    assert ops == expected
+    weight = graph.nodes[0].consts["weight"]
+    assert int(weight.min()) >= -(2 ** (bits - 1)) and int(weight.max()) <= 2 ** (bits - 1) - 1
+    assert np.array_equal(weight, lsq.weight_codes().numpy())
+    scale = graph.nodes[ops.index("scale_shift")].consts["scale"]
+    assert int(scale.max()) < 2 ** (multiplier_bits - 1)
+    assert int(scale.min()) >= 2 ** (multiplier_bits - 2)
+
+
+# -- tiny-vit through the command line ------------------------------------------------------
+def _quantize(out, *extra):
+    assert main(["quantize", "--method", "ofq", "--model", "tiny-vit", "--bits", "2",
+                 "--epochs", "1", "--qat-epochs", "1", "--quiet", "--out", str(out),
+                 *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def statsq_run(tmp_path_factory):
+    return _quantize(tmp_path_factory.mktemp("ofq-statsq") / "run")
+
+
+@pytest.fixture(scope="module")
+def lsq_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ofq-lsq")
+    recipe = root / "lsq.yaml"
+    recipe.write_text("method: ofq\nweight_quantizer: lsq\nweight_bits: 2\n")
+    return _quantize(root / "run", "--recipe", str(recipe))
+
+
+def _export_and_verify(run, target, out) -> set[str]:
+    """Export ``run`` to ``target``, verify; the artifacts that ran (each with 0
+    mismatching samples)."""
+    assert main(["export", str(run), "--target", target, "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] and report["mismatching_samples"] == 0
+    ran = [r for r in report["results"] if r["role"] != "reference"]
+    for row in ran:
+        assert (row["status"], row["mismatching_samples"]) == ("ok", 0), row
+        assert row["samples"] == report["samples"] > 500, row
+    return {r["artifact"] for r in ran}
+
+
+def test_statsq_tiny_vit_exports_to_onnx(statsq_run, tmp_path):
+    assert _export_and_verify(statsq_run, "onnx", tmp_path / "onnx") == {
+        "QAT model (torch eval)", "int_onnx"}
+
+
+def test_statsq_tiny_vit_ultra96_is_refused_at_the_first_per_row_multiplier(
+        statsq_run, tmp_path, capsys):
+    # a StatsQ dense layer on tokens freezes to dense -> transpose to (features, tokens)
+    # -> scale_shift (one multiplier per feature, axis 0) -> cast -> transpose back;
+    # hls4ml's BatchNormalization scales the last axis, so the per-feature multipliers
+    # on the (32, 16) transposed tensor have no hls4ml form: the export says so
+    capsys.readouterr()
+    out = tmp_path / "ultra96"
+    assert main(["export", str(statsq_run), "--target", "ultra96", "--out", str(out)]) != 0
+    error = " ".join(capsys.readouterr().err.split())
+    assert ("node 'blocks_0_attn_q_scale_shift' (scale_shift): a scale or shift per token "
+            "of a 32x16 token tensor: hls4ml scales the last axis (features)") in error
+    assert not (out / "export.json").exists()
+
+
+def test_lsq_tiny_vit_exports_to_cpu(lsq_run, tmp_path):
+    config = json.loads((lsq_run / "config.json").read_text())
+    assert config["weight_quantizer"] == "lsq" and config["weight_bits"] == 2
+    artifacts = _export_and_verify(lsq_run, "cpu", tmp_path / "cpu")
+    assert artifacts == {"QAT model (torch eval)", "int_onnx", "tvm"}
