@@ -17,17 +17,14 @@ qflow.errors.ConfigError: config.estimator: expected 'biper' or 'ste', got 'xnor
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import yaml
-
-from qflow.config import LayerOverride, QFXConfig, method_key_checked
+from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
-from qflow.yamlfile import load_json_text, load_yaml
+from qflow.method_config import FixedMethodConfig
 
 BIPER_CONFIG_VERSION = 1
 ESTIMATORS = ("biper", "ste")
@@ -49,13 +46,6 @@ def _epochs(value, path: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{path}: expected an integer >= 0 or null, got {value!r}")
     return value
-
-
-def _under_fixed(message: str) -> str:
-    """A QFX config error's message, placed under ``config.fixed``."""
-    if message.startswith("config."):
-        return "config.fixed." + message.removeprefix("config.")
-    return "config.fixed: " + message.removeprefix("config: ")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +83,7 @@ class BinaryOverride:
 
 
 @dataclass(frozen=True, kw_only=True)
-class BiPerConfig:
+class BiPerConfig(FixedMethodConfig):
     """BiPer binary networks (binary weights and activations, two-stage training).
 
     Every ``nn.Conv2d`` / ``nn.Linear`` except the first and the last weight layer (in
@@ -163,13 +153,6 @@ class BiPerConfig:
                 omega0 = omega0 if override.omega0 is None else override.omega0
         return binary, omega0
 
-    def check_overrides(self, layers: list[str]) -> None:
-        """Every override must reach one of ``layers`` (the model's weight layers)."""
-        for pattern in self.overrides:
-            if not any(LayerOverride(pattern=pattern).matches(name) for name in layers):
-                raise ConfigError(f"override pattern {pattern!r} matches no weight layer "
-                                  f"(those are: {', '.join(layers) or 'none'})")
-
     def stage_epochs(self, qat_epochs: int) -> tuple[int, int]:
         """Epochs of stage 1 and stage 2 (``None`` fields take ``qat_epochs``)."""
         first = qat_epochs if self.stage1_epochs is None else self.stage1_epochs
@@ -186,8 +169,7 @@ class BiPerConfig:
     # -- serialization -------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain data, led by ``method: biper``; ``fixed`` is a QFX config's data."""
-        fixed = self.fixed.to_dict()
-        fixed.pop("method")
+        fixed = self.fixed_dict()
         return {"method": self.METHOD, "version": self.version, "omega0": self.omega0,
                 "estimator": self.estimator, "tau1": self.tau1, "tau2": self.tau2,
                 "stage1_epochs": self.stage1_epochs, "stage2_epochs": self.stage2_epochs,
@@ -199,55 +181,8 @@ class BiPerConfig:
         """Build from plain data; missing keys keep their defaults and ``fixed`` given in
         part keeps QFX's defaults for the rest. A ``method`` key, when present, must say
         ``biper``."""
-        data = method_key_checked(data, cls.METHOD)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"config: unknown key {unknown[0]!r} (allowed: "
-                              f"{', '.join(sorted(names))})")
-        kwargs = dict(data)
-        if "version" in kwargs:
-            version = kwargs["version"]
-            if isinstance(version, bool) or not isinstance(version, int):
-                raise ConfigError(f"config.version: expected an integer, got {version!r}")
+        kwargs = cls.checked_kwargs(data)
         if "estimator" in kwargs and not isinstance(kwargs["estimator"], str):
             raise ConfigError(f"config.estimator: expected 'biper' or 'ste', got "
                               f"{kwargs['estimator']!r}")
-        if "fixed" in kwargs:
-            fixed = kwargs["fixed"]
-            if not isinstance(fixed, dict):
-                raise ConfigError(f"config.fixed: expected a mapping, got "
-                                  f"{type(fixed).__name__}")
-            try:
-                kwargs["fixed"] = QFXConfig.from_dict(fixed)
-            except ConfigError as exc:
-                raise ConfigError(_under_fixed(str(exc))) from None
-        if "overrides" in kwargs and not isinstance(kwargs["overrides"], dict):
-            raise ConfigError(f"config.overrides: expected a mapping of layer patterns, got "
-                              f"{type(kwargs['overrides']).__name__}")
         return cls(**kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> BiPerConfig:
-        """Parse a JSON config (malformed JSON is a one-line ConfigError).
-
-        >>> BiPerConfig.from_json('{"method": "biper", "omega0": 5}').omega0
-        5.0
-        """
-        return cls.from_dict(load_json_text(text, error=ConfigError))
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, text: str | bytes) -> BiPerConfig:
-        """Parse a YAML recipe (an empty document is the default config).
-
-        >>> BiPerConfig.from_yaml("estimator: ste\\nfixed: {weight: {bits: 6}}").fixed.weight.bits
-        6
-        """
-        data = load_yaml(text, error=ConfigError)
-        return cls.from_dict({} if data is None else data)

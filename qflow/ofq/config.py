@@ -17,16 +17,13 @@ qflow.errors.ConfigError: config.weight_bits: expected an integer from 2 to 8, g
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import yaml
-
-from qflow.config import LayerOverride, QFXConfig, method_key_checked
+from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
-from qflow.yamlfile import load_json_text, load_yaml
+from qflow.method_config import FixedMethodConfig
 
 OFQ_CONFIG_VERSION = 1
 #: StatsQ weight widths (the sign included: 2^b levels)
@@ -74,13 +71,6 @@ def _check_training(config) -> None:
         object.__setattr__(config, name, value)
 
 
-def _under_fixed(message: str) -> str:
-    """A QFX config error's message, placed under ``config.fixed``."""
-    if message.startswith("config."):
-        return "config.fixed." + message.removeprefix("config.")
-    return "config.fixed: " + message.removeprefix("config: ")
-
-
 @dataclass(frozen=True, kw_only=True)
 class StatsQOverride:
     """Per-layer OFQ settings: ``statsq`` (quantize a weight layer's weights with StatsQ,
@@ -118,7 +108,7 @@ class StatsQOverride:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OFQConfig:
+class OFQConfig(FixedMethodConfig):
     """OFQ (oscillation-free quantization, ICML 2023): StatsQ weights.
 
     Every ``nn.Conv2d`` / ``nn.Linear`` except the first and the last weight layer (in
@@ -200,13 +190,6 @@ class OFQConfig:
                 bits = bits if override.weight_bits is None else override.weight_bits
         return statsq, bits
 
-    def check_overrides(self, layers: list[str]) -> None:
-        """Every override must reach one of ``layers`` (the model's weight layers)."""
-        for pattern in self.overrides:
-            if not any(LayerOverride(pattern=pattern).matches(name) for name in layers):
-                raise ConfigError(f"override pattern {pattern!r} matches no weight layer "
-                                  f"(those are: {', '.join(layers) or 'none'})")
-
     def replace_bits(self, bits: int | None = None, *, weight_bits: int | None = None,
                      act_bits: int | None = None) -> OFQConfig:
         """A copy with the command line's word lengths: ``bits`` and ``weight_bits``
@@ -227,8 +210,7 @@ class OFQConfig:
     # -- serialization -------------------------------------------------------------
     def to_dict(self) -> dict:
         """Plain data, led by ``method: ofq``; ``fixed`` is a QFX config's data."""
-        fixed = self.fixed.to_dict()
-        fixed.pop("method")
+        fixed = self.fixed_dict()
         return {"method": self.METHOD, "version": self.version,
                 "weight_bits": self.weight_bits, "multiplier_bits": self.multiplier_bits,
                 "weight_quantizer": self.weight_quantizer,
@@ -241,53 +223,5 @@ class OFQConfig:
         """Build from plain data; missing keys keep their defaults and ``fixed`` given in
         part keeps QFX's defaults for the rest. A ``method`` key, when present, must say
         ``ofq``."""
-        data = method_key_checked(data, cls.METHOD)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"config: unknown key {unknown[0]!r} (allowed: "
-                              f"{', '.join(sorted(names))})")
-        kwargs = dict(data)
-        if "version" in kwargs:
-            version = kwargs["version"]
-            if isinstance(version, bool) or not isinstance(version, int):
-                raise ConfigError(f"config.version: expected an integer, got {version!r}")
-        if "fixed" in kwargs:
-            fixed = kwargs["fixed"]
-            if not isinstance(fixed, dict):
-                raise ConfigError(f"config.fixed: expected a mapping, got "
-                                  f"{type(fixed).__name__}")
-            try:
-                kwargs["fixed"] = QFXConfig.from_dict(fixed)
-            except ConfigError as exc:
-                raise ConfigError(_under_fixed(str(exc))) from None
-        if "overrides" in kwargs and not isinstance(kwargs["overrides"], dict):
-            raise ConfigError(f"config.overrides: expected a mapping of layer patterns, got "
-                              f"{type(kwargs['overrides']).__name__}")
+        kwargs = cls.checked_kwargs(data)
         return cls(**kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> OFQConfig:
-        """Parse a JSON config (malformed JSON is a one-line ConfigError).
-
-        >>> OFQConfig.from_json('{"method": "ofq", "weight_bits": 3}').weight_bits
-        3
-        """
-        return cls.from_dict(load_json_text(text, error=ConfigError))
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, text: str | bytes) -> OFQConfig:
-        """Parse a YAML recipe (an empty document is the default config).
-
-        >>> cfg = OFQConfig.from_yaml("weight_bits: 2\\nfixed: {activation: {bits: 6}}")
-        >>> cfg.weight_bits, cfg.fixed.activation.bits
-        (2, 6)
-        """
-        data = load_yaml(text, error=ConfigError)
-        return cls.from_dict({} if data is None else data)

@@ -182,17 +182,9 @@ class _StatsQLayer:
                 f"multiplier_bits={self.multiplier_bits}")
 
 
-class StatsQLinear(_StatsQLayer, nn.Linear):
-    """``nn.Linear`` with StatsQ weights (see the module docstring).
-
-    >>> import torch
-    >>> from qflow.config import QFXConfig
-    >>> layer = StatsQLinear.from_float(torch.nn.Linear(6, 3), QFXConfig(), "fc", bits=2)
-    >>> layer.eval()(torch.randn(4, 6)).shape
-    torch.Size([4, 3])
-    >>> sorted(set(layer.weight_codes().flatten().tolist())) <= [-3, -1, 1, 3]
-    True
-    """
+class _LinearForm:
+    """An ``nn.Linear`` weight layer: construction from the float layer, the product,
+    the output features on the last axis."""
 
     @classmethod
     def from_float(cls, module: nn.Linear, fixed, name: str, *, bits: int = 4,
@@ -210,8 +202,9 @@ class StatsQLinear(_StatsQLayer, nn.Linear):
         return (-1,)  # the output features are the last axis
 
 
-class StatsQConv2d(_StatsQLayer, nn.Conv2d):
-    """``nn.Conv2d`` (zero padding) with StatsQ weights."""
+class _Conv2dForm:
+    """An ``nn.Conv2d`` weight layer (explicit zero padding only): construction from the
+    float layer, the convolution, the output channels on axis 1."""
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, fixed, name: str, *, bits: int = 4,
@@ -233,6 +226,23 @@ class StatsQConv2d(_StatsQLayer, nn.Conv2d):
 
     def _channel_shape(self, y):
         return (1, -1) + (1,) * (y.dim() - 2)
+
+
+class StatsQLinear(_LinearForm, _StatsQLayer, nn.Linear):
+    """``nn.Linear`` with StatsQ weights (see the module docstring).
+
+    >>> import torch
+    >>> from qflow.config import QFXConfig
+    >>> layer = StatsQLinear.from_float(torch.nn.Linear(6, 3), QFXConfig(), "fc", bits=2)
+    >>> layer.eval()(torch.randn(4, 6)).shape
+    torch.Size([4, 3])
+    >>> sorted(set(layer.weight_codes().flatten().tolist())) <= [-3, -1, 1, 3]
+    True
+    """
+
+
+class StatsQConv2d(_Conv2dForm, _StatsQLayer, nn.Conv2d):
+    """``nn.Conv2d`` (zero padding) with StatsQ weights."""
 
 
 STATSQ_TYPES = (StatsQConv2d, StatsQLinear)

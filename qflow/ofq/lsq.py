@@ -27,13 +27,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from qflow.errors import ConfigError
 from qflow.quantizers import FixedQuantizer
 
-from .layers import _copy_parameters, _rows, _StatsQLayer, multiplier_codes
+from .layers import _Conv2dForm, _LinearForm, _rows, _StatsQLayer, multiplier_codes
 
 
 def lsq_range(bits: int) -> tuple[int, int]:
@@ -128,7 +126,7 @@ class _LSQLayer(_StatsQLayer):
         return f"{super().extra_repr()}, lsq"
 
 
-class LSQLinear(_LSQLayer, nn.Linear):
+class LSQLinear(_LinearForm, _LSQLayer, nn.Linear):
     """``nn.Linear`` with LSQ weights (see the module docstring).
 
     >>> import torch
@@ -140,45 +138,9 @@ class LSQLinear(_LSQLayer, nn.Linear):
     True
     """
 
-    @classmethod
-    def from_float(cls, module: nn.Linear, fixed, name: str, *, bits: int = 4,
-                   multiplier_bits: int = 16, bias_quant: FixedQuantizer | None = None):
-        layer = cls(module.in_features, module.out_features, bias=module.bias is not None)
-        _copy_parameters(layer, module)
-        layer._setup(fixed, name, bits=bits, multiplier_bits=multiplier_bits,
-                     bias_quant=bias_quant)
-        return layer
 
-    def _float_forward(self, x, weight):
-        return F.linear(x, weight)
-
-    def _channel_shape(self, y):
-        return (-1,)
-
-
-class LSQConv2d(_LSQLayer, nn.Conv2d):
+class LSQConv2d(_Conv2dForm, _LSQLayer, nn.Conv2d):
     """``nn.Conv2d`` (zero padding) with LSQ weights."""
-
-    @classmethod
-    def from_float(cls, module: nn.Conv2d, fixed, name: str, *, bits: int = 4,
-                   multiplier_bits: int = 16, bias_quant: FixedQuantizer | None = None):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ConfigError(f"{name}: only explicit zero padding is supported (got "
-                              f"padding={module.padding!r}, padding_mode="
-                              f"{module.padding_mode!r})")
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size,
-                    stride=module.stride, padding=module.padding, dilation=module.dilation,
-                    groups=module.groups, bias=module.bias is not None)
-        _copy_parameters(layer, module)
-        layer._setup(fixed, name, bits=bits, multiplier_bits=multiplier_bits,
-                     bias_quant=bias_quant)
-        return layer
-
-    def _float_forward(self, x, weight):
-        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-
-    def _channel_shape(self, y):
-        return (1, -1) + (1,) * (y.dim() - 2)
 
 
 LSQ_TYPES = (LSQConv2d, LSQLinear)
