@@ -24,6 +24,7 @@ from qflow.ofq.layers import (
     statsq_index,
     statsq_levels,
 )
+from qflow.ofq.lsq import LSQConv2d, LSQLinear
 from qflow.oscillation import tracked_layers
 
 
@@ -130,19 +131,16 @@ def test_layer_codes_are_odd_and_training_uses_float_levels():
 
 
 # -- the deployment identity ---------------------------------------------------------
-def _single_statsq(layer: nn.Module, bits: int, multiplier_bits: int) -> nn.Module:
-    model = nn.Sequential(layer)
-    return qflow.quantize_(model, OFQConfig(weight_bits=bits, multiplier_bits=multiplier_bits,
-                                            overrides={"0": {"statsq": True}}))
-
-
 CASES = [("dense", (24,)), ("tokens", (6, 24)), ("conv", (3, 7, 7))]
 
 
+@pytest.mark.parametrize("quantizer", ["statsq", "lsq"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("multiplier_bits", [8, 16])
 @pytest.mark.parametrize("kind, shape", CASES)
-def test_deployment_identity_on_random_layers(bits, multiplier_bits, kind, shape):
+def test_deployment_identity_on_random_layers(quantizer, bits, multiplier_bits, kind, shape):
+    """The integer codes with the fixed-point multiplier (the frozen graph, run by the
+    emulator) give exactly the QAT model's eval outputs."""
     seed = 100 * bits + multiplier_bits + len(kind)
     torch.manual_seed(seed)
     bias = seed % 2 == 0
@@ -153,8 +151,15 @@ def test_deployment_identity_on_random_layers(bits, multiplier_bits, kind, shape
     with torch.no_grad():  # rows of very different scales
         layer.weight.mul_(torch.logspace(-2, 1, layer.weight.shape[0]).reshape(
             -1, *([1] * (layer.weight.dim() - 1))))
-    model = _single_statsq(layer, bits, multiplier_bits)
-    assert isinstance(model[1], StatsQConv2d if kind == "conv" else StatsQLinear)
+    model = qflow.quantize_(nn.Sequential(layer), OFQConfig(
+        weight_bits=bits, multiplier_bits=multiplier_bits, weight_quantizer=quantizer,
+        overrides={"0": {"statsq": True}}))
+    types = {"statsq": (StatsQConv2d, StatsQLinear), "lsq": (LSQConv2d, LSQLinear)}[quantizer]
+    assert isinstance(model[1], types[0] if kind == "conv" else types[1])
+    if quantizer == "lsq":
+        with torch.no_grad():  # learned scales: from a third to three times the init
+            scale = model[1].weight_scale
+            scale.mul_(torch.exp(torch.empty_like(scale).uniform_(-1.1, 1.1)))
     x = torch.randn(64, *shape) * 3
     model.train()
     model(x)  # initializes the formats from data
@@ -170,7 +175,11 @@ def test_deployment_identity_on_random_layers(bits, multiplier_bits, kind, shape
         expected = ["dense", "transpose", "scale_shift", "cast", "transpose"]
     assert ops == expected
     weight = graph.nodes[0].consts["weight"]
-    assert bool((weight % 2 != 0).all()) and int(np.abs(weight).max()) < 2 ** bits
+    assert np.array_equal(weight, model[1].weight_codes().numpy())
+    if quantizer == "statsq":  # odd codes 2k + 1
+        assert bool((weight % 2 != 0).all()) and int(np.abs(weight).max()) < 2 ** bits
+    else:
+        assert -(2 ** (bits - 1)) <= int(weight.min()) <= int(weight.max()) < 2 ** (bits - 1)
     scale = graph.nodes[ops.index("scale_shift")].consts["scale"]
     assert int(scale.max()) < 2 ** (multiplier_bits - 1)
     assert int(scale.min()) >= 2 ** (multiplier_bits - 2)
