@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 
 import yaml
 
@@ -26,6 +27,34 @@ def under_fixed(message: str) -> str:
     if message.startswith("config."):
         return "config.fixed." + message.removeprefix("config.")
     return "config.fixed: " + message.removeprefix("config: ")
+
+
+class LayerSettings:
+    """Mixin for a frozen dataclass of per-layer settings whose fields are all optional
+    (``None``: keep the config's value): parsing from a mapping and back."""
+
+    @classmethod
+    def parse(cls, value, path: str):
+        """``value`` (a mapping of field names, or an instance) as an instance; anything
+        else is a one-line ConfigError under ``path``."""
+        if isinstance(value, cls):
+            return value
+        keys = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping with {' and/or '.join(keys)}, "
+                              f"got {type(value).__name__}")
+        unknown = sorted(set(value) - set(keys))
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: "
+                              f"{', '.join(keys)})")
+        try:
+            return cls(**value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}.{exc}") from None
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
 
 
 class FixedMethodConfig:

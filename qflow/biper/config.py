@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
-from qflow.method_config import FixedMethodConfig
+from qflow.method_config import FixedMethodConfig, LayerSettings
 
 BIPER_CONFIG_VERSION = 1
 ESTIMATORS = ("biper", "ste")
@@ -49,7 +49,7 @@ def _epochs(value, path: str) -> int | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class BinaryOverride:
+class BinaryOverride(LayerSettings):
     """Per-layer BiPer settings: ``binary`` (make a weight layer binary or keep it
     fixed-point; ``None`` keeps the default) and ``omega0`` (its own frequency)."""
 
@@ -61,25 +61,6 @@ class BinaryOverride:
             raise ConfigError(f"binary: expected true or false, got {self.binary!r}")
         if self.omega0 is not None:
             object.__setattr__(self, "omega0", _number(self.omega0, "omega0", positive=True))
-
-    @classmethod
-    def parse(cls, value, path: str) -> BinaryOverride:
-        if isinstance(value, BinaryOverride):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping with binary and/or omega0, "
-                              f"got {type(value).__name__}")
-        unknown = sorted(set(value) - {"binary", "omega0"})
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: binary, omega0)")
-        try:
-            return cls(**value)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}.{exc}") from None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in (("binary", self.binary), ("omega0", self.omega0))
-                if v is not None}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,6 +34,7 @@ from torch import nn
 from qflow.errors import ConfigError
 from qflow.nn.elementwise import TrainingBatchNorm
 from qflow.nn.functional import channel_moments, exact_dtype, update_running_stats
+from qflow.nn.layers import conv2d_like
 from qflow.quantizers import FixedQuantizer
 
 from .functions import BinaryActivation, ClippedSign, PeriodicSign, sign
@@ -229,13 +230,7 @@ class BinaryConv2d(_BinaryLayer, nn.Conv2d):
     @classmethod
     def from_float(cls, module: nn.Conv2d, fixed, name: str, *, omega0: float = 20.0,
                    estimator: str = "biper", norm=None, norm_name: str | None = None):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ConfigError(f"{name}: only explicit zero padding is supported (got "
-                              f"padding={module.padding!r}, padding_mode="
-                              f"{module.padding_mode!r})")
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size,
-                    stride=module.stride, padding=module.padding, dilation=module.dilation,
-                    groups=module.groups, bias=module.bias is not None)
+        layer = conv2d_like(cls, module, name)
         layer.load_state_dict(module.state_dict())
         layer._setup(fixed, name, omega0=omega0, estimator=estimator, norm=norm,
                      norm_name=norm_name)

@@ -13,6 +13,17 @@ from qflow.quantizers import FixedQuantizer
 from .functional import batch_statistics, batchnorm_scale_shift, exact_dtype
 
 
+def conv2d_like(cls: type, module: nn.Conv2d, name: str) -> nn.Conv2d:
+    """A new ``cls`` (an ``nn.Conv2d`` subclass) shaped as ``module``, its parameters not
+    copied; ``module`` must pad with explicit zeros (a one-line ConfigError otherwise)."""
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise ConfigError(f"{name}: only explicit zero padding is supported (got "
+                          f"padding={module.padding!r}, padding_mode={module.padding_mode!r})")
+    return cls(module.in_channels, module.out_channels, module.kernel_size,
+               stride=module.stride, padding=module.padding, dilation=module.dilation,
+               groups=module.groups, bias=module.bias is not None)
+
+
 class _QWeightLayer:
     """Shared behaviour of QLinear and QConv2d (mixed in before the torch class)."""
 

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
-from qflow.method_config import FixedMethodConfig
+from qflow.method_config import FixedMethodConfig, LayerSettings
 
 OFQ_CONFIG_VERSION = 1
 #: StatsQ weight widths (the sign included: 2^b levels)
@@ -72,7 +72,7 @@ def _check_training(config) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StatsQOverride:
+class StatsQOverride(LayerSettings):
     """Per-layer OFQ settings: ``statsq`` (quantize a weight layer's weights with StatsQ,
     or keep them QFX fixed point; ``None`` keeps the default) and ``weight_bits`` (its
     own StatsQ width)."""
@@ -85,26 +85,6 @@ class StatsQOverride:
             raise ConfigError(f"statsq: expected true or false, got {self.statsq!r}")
         if self.weight_bits is not None:
             _integer(self.weight_bits, "weight_bits", MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
-
-    @classmethod
-    def parse(cls, value, path: str) -> StatsQOverride:
-        if isinstance(value, StatsQOverride):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping with statsq and/or weight_bits, "
-                              f"got {type(value).__name__}")
-        unknown = sorted(set(value) - {"statsq", "weight_bits"})
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: statsq, "
-                              "weight_bits)")
-        try:
-            return cls(**value)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}.{exc}") from None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in (("statsq", self.statsq), ("weight_bits", self.weight_bits))
-                if v is not None}
 
 
 @dataclass(frozen=True, kw_only=True)

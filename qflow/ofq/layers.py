@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qflow.errors import ConfigError
 from qflow.nn.functional import exact_dtype
+from qflow.nn.layers import conv2d_like
 from qflow.quantizers import FixedQuantizer
 
 
@@ -209,13 +209,7 @@ class _Conv2dForm:
     @classmethod
     def from_float(cls, module: nn.Conv2d, fixed, name: str, *, bits: int = 4,
                    multiplier_bits: int = 16, bias_quant: FixedQuantizer | None = None):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ConfigError(f"{name}: only explicit zero padding is supported (got "
-                              f"padding={module.padding!r}, padding_mode="
-                              f"{module.padding_mode!r})")
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size,
-                    stride=module.stride, padding=module.padding, dilation=module.dilation,
-                    groups=module.groups, bias=module.bias is not None)
+        layer = conv2d_like(cls, module, name)
         _copy_parameters(layer, module)
         layer._setup(fixed, name, bits=bits, multiplier_bits=multiplier_bits,
                      bias_quant=bias_quant)
