@@ -61,7 +61,7 @@ def test_replace_bits_sets_the_statsq_width_and_activations():
     ({"weight_bits": "4"}, "config.weight_bits: expected an integer from 2 to 8, got '4'"),
     ({"weight_bits": True}, "config.weight_bits: expected an integer from 2 to 8, got True"),
     ({"multiplier_bits": 3}, "config.multiplier_bits: expected an integer from 4 to 24"),
-    ({"version": 2}, "config version 2 is not supported"),
+    ({"version": 3}, "config version 3 is not supported"),
     ({"wieght_bits": 2}, "config: unknown key 'wieght_bits'"),
     ({"method": "biper"}, "biper"),
     ({"fixed": {"weight": {"bits": 0}}}, "config.fixed.weight"),

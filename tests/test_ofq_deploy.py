@@ -1,7 +1,7 @@
 """OFQ deployed: the LSQ baseline's layers (learned per-row scales, integer codes with a
 fixed-point multiplier) equal their frozen graph code for code, and 2-bit OFQ tiny-vit
 runs (StatsQ and LSQ weights), as a user makes them with ``qflow quantize``, export to
-every target checked here and verify with 0 mismatching samples on every artifact."""
+cpu, onnx and ultra96 and verify with 0 mismatching samples on every artifact."""
 
 from __future__ import annotations
 
@@ -121,19 +121,29 @@ def test_statsq_tiny_vit_exports_to_onnx(statsq_run, tmp_path):
         "QAT model (torch eval)", "int_onnx"}
 
 
-def test_statsq_tiny_vit_ultra96_is_refused_at_the_first_per_row_multiplier(
-        statsq_run, tmp_path, capsys):
+def test_statsq_tiny_vit_exports_to_ultra96(statsq_run, tmp_path):
     # a StatsQ dense layer on tokens freezes to dense -> transpose to (features, tokens)
-    # -> scale_shift (one multiplier per feature, axis 0) -> cast -> transpose back;
-    # hls4ml's BatchNormalization scales the last axis, so the per-feature multipliers
-    # on the (32, 16) transposed tensor have no hls4ml form: the export says so
-    capsys.readouterr()
+    # -> scale_shift (one multiplier per feature) -> cast -> transpose back; the hls4ml
+    # project has no transposes there: the multipliers scale the features of the
+    # (tokens, features) tensor, hls4ml's last axis
     out = tmp_path / "ultra96"
-    assert main(["export", str(statsq_run), "--target", "ultra96", "--out", str(out)]) != 0
-    error = " ".join(capsys.readouterr().err.split())
-    assert ("node 'blocks_0_attn_q_scale_shift' (scale_shift): a scale or shift per token "
-            "of a 32x16 token tensor: hls4ml scales the last axis (features)") in error
-    assert not (out / "export.json").exists()
+    assert _export_and_verify(statsq_run, "ultra96", out) == {
+        "QAT model (torch eval)", "int_onnx", "hls_csim"}
+    report = json.loads((out / "report.json").read_text())
+    # QKR: 4 heads (2 blocks × 2), each a 32×32 layer on 16 tokens where q and k had d = 16
+    tokens, dim, d, heads = 16, 32, 16, 4
+    qkr, plain = (heads * (tokens * dim * dim + tokens * tokens * dim),
+                  heads * (2 * tokens * d * dim + tokens * tokens * d))
+    assert report["estimate"]["notes"] == [
+        f"QKR: 4 heads as 32×32 (head width 16) products: {qkr:,} multiplications per "
+        f"sample for the attention scores, where separate q and k take {plain:,} "
+        f"({qkr - plain:+,})"]
+    layers = report["layers"]
+    classes = [(row["qgraph_node"], row["class"]) for row in layers]
+    at = classes.index(("blocks_0_attn_qk_0", "PointwiseConv1D"))
+    assert classes[at + 1:at + 3] == [("blocks_0_attn_qk_0_scale_shift", "BatchNormalization"),
+                                      ("blocks_0_attn_qk_0_cast", "Activation")]
+    assert "Transpose" not in {cls for _, cls in classes[at:at + 3]}
 
 
 def test_lsq_tiny_vit_exports_to_cpu(lsq_run, tmp_path):

@@ -192,6 +192,12 @@ def test_phases_and_config():
     assert all(p.distill == (0.5, 1.0) for p in phases)
     assert [p.epochs for p in method_of(config).phases(config, 1)] == [1, 1]
     assert [p.name for p in method_of(config).phases(config, 0)] == ["QAT"]
+    # the LSQ baseline: the same epochs and learning rates, nothing frozen
+    lsq = OFQConfig(weight_bits=2, weight_quantizer="lsq")
+    lsq_phases = method_of(lsq).phases(lsq, 7)
+    assert [(p.name, p.epochs, p.lr_schedule, p.lr_scale, p.step_hook) for p in lsq_phases] == [
+        ("QAT", 7, "cosine", phases[0].lr_scale, None),
+        ("constant lr", 3, "constant", phases[1].lr_scale, None)]
     off = OFQConfig(cga_epochs=0, distill=False)
     assert [(p.name, p.distill) for p in method_of(off).phases(off, 5)] == [("QAT", None)]
     assert OFQConfig.from_yaml(OFQConfig(cga_epochs=4, cga_br=0.01, distill_temperature=2)

@@ -185,6 +185,8 @@ def _freeze_statsq(b: _Builder, name, module, src, shape):
               "weight_frac": np.zeros(channels, dtype=np.int64)}
     op, attrs = ("conv2d", _conv_attrs(module)) if isinstance(module, nn.Conv2d) else (
         "dense", {})
+    if getattr(module, "qkr_head_dim", None):  # OFQ's QKR: the estimate reports its cost
+        attrs = {"qkr_head_dim": int(module.qkr_head_dim)}
     probe = Node(op, name, [src], name, attrs, consts)
     acc = b.add(op, name, [src], shape, infer.infer_weighted(probe, b.type_of(src)),
                 attrs=attrs, consts=consts, source=name)

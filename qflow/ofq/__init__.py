@@ -62,25 +62,27 @@ def _quantize(model, config: OFQConfig):
 
 
 def cga_epochs(config: OFQConfig, epochs: int) -> int:
-    """CGA's epochs: ``config.cga_epochs``, else a third of the QAT ``epochs`` rounded up;
-    none for LSQ weights (CGA acts on StatsQ layers)."""
-    if config.weight_quantizer != "statsq":
-        return 0
+    """Epochs of the phase after QAT: ``config.cga_epochs``, else a third of the QAT
+    ``epochs`` rounded up."""
     return -(-epochs // 3) if config.cga_epochs is None else config.cga_epochs
 
 
 def phases(config: OFQConfig, epochs: int) -> list[Phase]:
     """The QAT phase of ``epochs`` (cosine learning rate from a third of the float one),
-    then CGA (:mod:`qflow.ofq.cga`) at a constant learning rate of ``CGA_LR_FRACTION``
-    of the QAT one, when it has epochs. Both distil from the float model when
+    then, when it has epochs, CGA (:mod:`qflow.ofq.cga`) at a constant learning rate of
+    ``CGA_LR_FRACTION`` of the QAT one. LSQ weights (the baseline) get the same second
+    phase without freezing (``"constant lr"``): the same epochs and learning rates, so
+    that CGA is the only difference. Both phases distil from the float model when
     ``config.distill``."""
     distill = (config.distill_alpha, config.distill_temperature) if config.distill else None
     qat = Phase("QAT", epochs, lr_scale=QAT_LR_SCALE, distill=distill)
     count = cga_epochs(config, epochs)
     if count == 0:
         return [qat]
-    return [qat, Phase("CGA", count, lr_scale=QAT_LR_SCALE * CGA_LR_FRACTION,
-                       lr_schedule="constant", step_hook=functools.partial(_cga, config),
+    statsq = config.weight_quantizer == "statsq"
+    return [qat, Phase("CGA" if statsq else "constant lr", count,
+                       lr_scale=QAT_LR_SCALE * CGA_LR_FRACTION, lr_schedule="constant",
+                       step_hook=functools.partial(_cga, config) if statsq else None,
                        distill=distill)]
 
 

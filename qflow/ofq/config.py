@@ -25,7 +25,8 @@ from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
 from qflow.method_config import FixedMethodConfig, LayerSettings
 
-OFQ_CONFIG_VERSION = 1
+#: 2: the ``qkr`` field (version-1 data, written before it, reads as ``qkr: false``)
+OFQ_CONFIG_VERSION = 2
 #: StatsQ weight widths (the sign included: 2^b levels)
 MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8
 #: widths of the fixed-point multiplier that deploys each row's scale
@@ -103,6 +104,9 @@ class OFQConfig(FixedMethodConfig):
     - ``weight_quantizer``: ``"statsq"`` (OFQ) or ``"lsq"`` (the baseline: a learned
       per-row scale, mid-tread codes k in [−2^(b−1), 2^(b−1) − 1]; ``qflow.ofq.lsq``),
       for the layers that the first/last rule and ``overrides`` give ``statsq: true``;
+    - ``qkr``: query-key reparameterization (:mod:`qflow.ofq.qkr`): every attention whose
+      scores are ``q @ kᵀ`` of two linear layers gets one C × C layer per head in their
+      place, quantized like the other layers (a model without one is left as it is);
     - ``fixed``: the QFX config of the model input, the first and last weight layers,
       the StatsQ layers' bias and output, and every other tensor (BatchNorms are kept
       as their own layers: OFQ quantizes with ``fold_batchnorm`` off);
@@ -115,13 +119,14 @@ class OFQConfig(FixedMethodConfig):
     - ``distill``: QAT and CGA distil from the float model, with the loss
       (1 − α)·CE + α·T²·KL; α = ``distill_alpha``, T = ``distill_temperature``.
 
-    Not yet: query-key reparameterization and LSQ activations (``docs/ofq.md``).
+    Not yet: LSQ activations (``docs/ofq.md``).
     """
 
     version: int = OFQ_CONFIG_VERSION
     weight_bits: int = 4
     multiplier_bits: int = 16
     weight_quantizer: str = "statsq"
+    qkr: bool = True
     fixed: QFXConfig = field(default_factory=QFXConfig)
     overrides: dict = field(default_factory=dict)
     cga_epochs: int | None = None
@@ -143,6 +148,8 @@ class OFQConfig(FixedMethodConfig):
                 self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise ConfigError(f"config.weight_quantizer: expected one of "
                               f"{', '.join(WEIGHT_QUANTIZERS)}, got {self.weight_quantizer!r}")
+        if not isinstance(self.qkr, bool):
+            raise ConfigError(f"config.qkr: expected true or false, got {self.qkr!r}")
         if not isinstance(self.fixed, QFXConfig):
             raise ConfigError(f"config.fixed: expected a QFXConfig, got "
                               f"{type(self.fixed).__name__}")
@@ -193,7 +200,7 @@ class OFQConfig(FixedMethodConfig):
         fixed = self.fixed_dict()
         return {"method": self.METHOD, "version": self.version,
                 "weight_bits": self.weight_bits, "multiplier_bits": self.multiplier_bits,
-                "weight_quantizer": self.weight_quantizer,
+                "weight_quantizer": self.weight_quantizer, "qkr": self.qkr,
                 "fixed": fixed,
                 "overrides": {p: o.to_dict() for p, o in self.overrides.items()},
                 **{k: getattr(self, k) for k in _TRAINING_FIELDS}}
@@ -202,6 +209,9 @@ class OFQConfig(FixedMethodConfig):
     def from_dict(cls, data: dict) -> OFQConfig:
         """Build from plain data; missing keys keep their defaults and ``fixed`` given in
         part keeps QFX's defaults for the rest. A ``method`` key, when present, must say
-        ``ofq``."""
+        ``ofq``. Version-1 data (before ``qkr``) reads as ``qkr: false``, the model it
+        was written for."""
+        if isinstance(data, Mapping) and data.get("version") == 1 and "qkr" not in data:
+            data = {**data, "version": OFQ_CONFIG_VERSION, "qkr": False}
         kwargs = cls.checked_kwargs(data)
         return cls(**kwargs)

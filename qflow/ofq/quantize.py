@@ -9,6 +9,7 @@ from torch import fx, nn
 from qflow.api import quantize_qfx
 from qflow.errors import ConfigError
 
+from . import qkr
 from .config import OFQConfig
 from .layers import STATSQ_TYPES, StatsQConv2d, StatsQLinear
 from .lsq import LSQ_TYPES, LSQConv2d, LSQLinear
@@ -21,6 +22,8 @@ _QUANTIZER_TYPES = {"statsq": _WEIGHT_TYPES, "lsq": {nn.Conv2d: LSQConv2d, nn.Li
 def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
     """Make ``model`` an OFQ QAT model, in place; returns ``model``.
 
+    With ``config.qkr``, every attention whose scores are ``q @ kᵀ`` of two linear
+    layers first gets one C × C layer per head in their place (:mod:`qflow.ofq.qkr`).
     The model is quantized by QFX with ``config.fixed`` (BatchNorm folding off: a
     BatchNorm stays a ``scale_shift`` layer of its own), then every QFX weight layer
     except the first and the last (in the order the forward pass calls them, found with
@@ -41,7 +44,9 @@ def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
     >>> model.eval()(torch.rand(2, 8)).shape
     torch.Size([2, 3])
     """
-    plan = _plan(model, config)
+    # planned on a reparameterized copy: an error leaves the model as it was
+    plan = _plan(qkr.reparameterized(model) if config.qkr else model, config)
+    heads = qkr.reparameterize_qk(model) if config.qkr else {}
     fixed = dataclasses.replace(config.fixed, fold_batchnorm=False)
     quantize_qfx(model, fixed)
     types = _QUANTIZER_TYPES[config.weight_quantizer]
@@ -51,6 +56,8 @@ def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
             qlayer, fixed, name, bits=bits, multiplier_bits=config.multiplier_bits,
             bias_quant=qlayer.bias_quant)
         _replace(model, name, layer)
+    for name, head_dim in heads.items():  # the estimate counts their extra products
+        model.get_submodule(name).qkr_head_dim = head_dim
     model.qflow_config = config
     return model
 

@@ -117,6 +117,8 @@ def export_hls(graph: QGraph, out_dir: Path, target, options) -> dict[str, str]:
                      + ("" if estimate.fits() else "[/]"))
     for warning in estimate.warnings:
         options.progress(f"[yellow]warning:[/] {warning}")
+    for note in estimate.notes:
+        options.progress(note)
     if not target.processing_system:
         options.progress(f"no board files: {target.name} has no processing system")
     return {**artifacts, "hls_csim": HLS_DIR}

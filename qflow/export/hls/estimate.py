@@ -89,6 +89,8 @@ class ResourceEstimate:
     settings: dict = field(default_factory=dict)
     #: DSP, LUT, FF and BRAM36 of the layers the reuse factor does not fold (FOLDED_OPS)
     unfolded: dict = field(default_factory=dict)
+    #: facts worth a line that are not warnings (what OFQ's QKR costs)
+    notes: list[str] = field(default_factory=list)
 
     def fits_at_some_reuse(self) -> bool:
         """Whether the layers the reuse factor does not fold are within every budget (if
@@ -137,7 +139,7 @@ class ResourceEstimate:
                 "totals": dict(self.totals), "budget": dict(self.budget),
                 "unfolded": dict(self.unfolded), "fits_at_some_reuse": self.fits_at_some_reuse(),
                 "utilisation": util, "fits": self.fits(), "verdict": self.verdict(),
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "notes": list(self.notes)}
 
     def table(self) -> Table:
         s = self.settings
@@ -716,6 +718,7 @@ def estimate_resources(graph: QGraph, target: TargetSpec, *, io_type: str, reuse
     fifo_tensors = _fifo_tensors(graph) if ctx.stream else set()
     layers, warnings = [], []
     from .estimate_transformer import ESTIMATORS as TRANSFORMER_ESTIMATORS
+    from .estimate_transformer import qkr_note
 
     for node in graph.nodes:
         if node.op in TRANSFORMER_ESTIMATORS:
@@ -747,4 +750,5 @@ def estimate_resources(graph: QGraph, target: TargetSpec, *, io_type: str, reuse
     settings = {"target": target.name, "part": target.part, "clock_mhz": target.clock_mhz,
                 "io_type": io_type, "strategy": strategy, "reuse_factor": reuse_factor,
                 "dsp_primitive": ctx.primitive}
-    return ResourceEstimate(layers, totals, budget, warnings, settings, unfolded)
+    notes = [note for note in (qkr_note(graph),) if note]
+    return ResourceEstimate(layers, totals, budget, warnings, settings, unfolded, notes)

@@ -53,7 +53,7 @@ from .estimate import (
     dsp_per_product,
 )
 from .onnx_graph import token_transpose
-from .transformer_graph import row_geometry
+from .transformer_graph import row_geometry, token_feature_requant
 
 #: cycles per quotient bit of the row divider, per step of the square root
 DIVIDER_CYCLES_PER_BIT = 1
@@ -202,12 +202,28 @@ def _matmul(ctx: _Context, node: Node) -> LayerEstimate:
 
 def _moves(ctx: _Context, node: Node) -> LayerEstimate:
     """transpose and slice: wires; the output registers of io_parallel. A patch
-    embedding's transpose is part of the in-place Reshape before it: nothing at all."""
+    embedding's transpose is part of the in-place Reshape before it, and the transposes
+    around a per-feature requantization are not exported: nothing at all."""
     est = LayerEstimate(node.name, node.op)
     producer = next((n for n in ctx.graph.nodes if n.output == node.inputs[0]), None)
-    if producer is None or token_transpose(ctx.graph, producer) is not node:
-        _output_registers(ctx, est, node.output)
+    if producer is not None and token_transpose(ctx.graph, producer) is node:
+        return est
+    if token_feature_requant(ctx.graph, node) is not None or _ends_requant(ctx, node):
+        return est
+    _output_registers(ctx, est, node.output)
     return est
+
+
+def _ends_requant(ctx: _Context, back: Node) -> bool:
+    """Whether ``back`` is the transpose that closes a :func:`token_feature_requant`."""
+    producers = {n.output: n for n in ctx.graph.nodes}
+    node = back
+    for _ in range(3):  # back <- cast <- scale_shift <- the opening transpose
+        node = producers.get(node.inputs[0])
+        if node is None:
+            return False
+    chain = token_feature_requant(ctx.graph, node)
+    return chain is not None and chain[2] is back
 
 
 def _mean(ctx: _Context, node: Node) -> LayerEstimate:
@@ -248,3 +264,25 @@ ESTIMATORS = {
     "mean": _mean,
     "add_const": _add_const,
 }
+
+
+def qkr_note(graph) -> str | None:
+    """What OFQ's query-key reparameterization costs, in multiplications per sample: each
+    head's C × C dense layer (T·C² for T tokens) and its scores against the C-wide input
+    (T²·C), where separate q and k of head width d take 2·T·d·C and T²·d. None without
+    QKR layers (dense nodes with a ``qkr_head_dim``)."""
+    heads = [n for n in graph.nodes if n.op == "dense" and n.attrs.get("qkr_head_dim")]
+    if not heads:
+        return None
+    qkr = plain = 0
+    widths = set()
+    for node in heads:
+        tokens, features = graph.tensors[node.inputs[0]].shape[-2:]
+        d = int(node.attrs["qkr_head_dim"])
+        widths.add((features, d))
+        qkr += tokens * features * features + tokens * tokens * features
+        plain += 2 * tokens * d * features + tokens * tokens * d
+    shapes = ", ".join(f"{c}×{c} (head width {d})" for c, d in sorted(widths))
+    return (f"QKR: {len(heads)} heads as {shapes} products: {qkr:,} multiplications per "
+            f"sample for the attention scores, where separate q and k take {plain:,} "
+            f"({qkr - plain:+,})")

@@ -18,7 +18,8 @@ conv2d             Conv (channels-last, W and bias as initializers) → Conv2D `
                    (:mod:`.binary`)
 scale_shift        BatchNormalization (mean 0, variance 1, ε 0: scale and shift exactly);
                    on tokens (T, D) hls4ml scales the features D, so only a scale and shift
-                   equal for every token (a product by a constant) are exported
+                   equal for every token (a product by a constant) are exported, or one per
+                   feature between two transposes (:mod:`.transformer_graph`)
 relu               Relu → Activation ``<node>``
 add                Add of two tensors → Merge ``<node>``
 maxpool2d          MaxPool (channels-last) → Pooling2D when unpadded; padded: qflow's
@@ -326,20 +327,27 @@ def _is_depthwise(graph: QGraph, node: Node) -> bool:
     return int(node.attrs["groups"]) == channels == out_channels
 
 
-def _emit_scale_shift(w: _Writer, node: Node) -> None:
+def _emit_scale_shift(w: _Writer, node: Node, *, source: str | None = None,
+                      features_last: bool = False) -> None:
+    """BatchNormalization of ``source`` (default: the node's input). ``features_last``:
+    the node scales the rows of a transposed (features, tokens) tensor and is exported on
+    ``source``, the (tokens, features) tensor before the transpose, where the rows are
+    hls4ml's last axis (:func:`.transformer_graph.token_feature_requant`)."""
     c = node.consts
+    source = source or node.inputs[0]
     s_codes, s_frac = common_grid(c["scale"], c["scale_frac"])
     h_codes, h_frac = common_grid(c["shift"], c["shift_frac"])
     n = len(s_codes)
-    if node.inputs[0] in w.hwc_flat and n > 1:  # per-feature constants, (H, W, C) order
-        order = hwc_order(w.hwc_flat[node.inputs[0]])
+    if source in w.hwc_flat and n > 1:  # per-feature constants, (H, W, C) order
+        order = hwc_order(w.hwc_flat[source])
         s_codes, h_codes = s_codes[order], h_codes[order]
-    shape = w.graph.tensors[node.inputs[0]].shape
+    shape = w.graph.tensors[source].shape
     if len(shape) == 2:
         # tokens (T, D): the QGraph scales along T, hls4ml's BatchNormalization along its
         # last axis D; equal only when every token has the same scale and shift (a
         # product by a constant), which is then repeated D times
-        if len(set(s_codes.tolist())) > 1 or len(set(h_codes.tolist())) > 1:
+        if not features_last and (len(set(s_codes.tolist())) > 1
+                                  or len(set(h_codes.tolist())) > 1):
             raise HlsExportError(f"node {node.name!r} (scale_shift): a scale or shift per "
                                  f"token of a {shape[0]}x{shape[1]} token tensor: hls4ml "
                                  "scales the last axis (features); only a uniform one is "
@@ -347,13 +355,14 @@ def _emit_scale_shift(w: _Writer, node: Node) -> None:
         if w.io_type == "io_stream":
             raise HlsExportError(f"node {node.name!r} (scale_shift): token tensors are "
                                  "exported in io_parallel only")
-        n = shape[1]
-        s_codes, h_codes = np.repeat(s_codes[:1], n), np.repeat(h_codes[:1], n)
+        if not features_last or n == 1:  # one value for every token: repeat it D times
+            n = shape[1]
+            s_codes, h_codes = np.repeat(s_codes[:1], n), np.repeat(h_codes[:1], n)
     names = [w.init(f"{node.name}_{k}", v) for k, v in (
         ("scale", _real(s_codes, s_frac)), ("shift", _real(h_codes, h_frac)),
         ("mean", np.zeros(n)), ("var", np.ones(n)))]
     w.nodes.append(helper.make_node(
-        "BatchNormalization", [*w.names(node.inputs), *names], [node.output], name=node.name,
+        "BatchNormalization", [*w.names([source]), *names], [node.output], name=node.name,
         epsilon=0.0, domain=CHANNELS_LAST if len(shape) in (2, 3) else ""))
     out_t = w.type(node.output)
     w.layer(node.name, node.name, scale=weight_type(s_codes, s_frac),
@@ -604,12 +613,14 @@ def _emit_concat(w: _Writer, node: Node) -> None:
         acc = name
 
 
-def _emit_cast(w: _Writer, node: Node) -> None:
+def _emit_cast(w: _Writer, node: Node, *, output: str | None = None) -> None:
+    """The cast of the node's input into ``output`` (default: the node's output)."""
     out_t = w.type(node.output)
+    output = output or node.output
     mode = _quant_mode(out_t)
     if mode is None:
         w.nodes.append(helper.make_node(
-            "FixedCast", w.names(node.inputs), [node.output], name=node.name, domain=QFLOW_DOMAIN,
+            "FixedCast", w.names(node.inputs), [output], name=node.name, domain=QFLOW_DOMAIN,
             qflow_type=out_t.to_ap()))
         w.layer(node.name, node.name, result=out_t)
         return
@@ -618,7 +629,7 @@ def _emit_cast(w: _Writer, node: Node) -> None:
     zero = w.init(f"{node.name}_zeropt", np.array(0.0, np.float32))
     bits = w.init(f"{node.name}_bitwidth", np.array(float(out_t.width), np.float32))
     w.nodes.append(helper.make_node(
-        "Quant", [*w.names(node.inputs), scale, zero, bits], [node.output], name=node.name,
+        "Quant", [*w.names(node.inputs), scale, zero, bits], [output], name=node.name,
         domain=QONNX_DOMAIN, signed=int(out_t.signed), narrow=narrow, rounding_mode=rounding))
     # hls4ml turns the Quant into a linear Activation called <node>_act
     w.layer(node.name, node.name, hls_name="{}_act", result=out_t)

@@ -14,7 +14,10 @@ softmax            ``FixedSoftmax`` (:mod:`.softmax`, ``hls/qflow_softmax.h``)
 layernorm          ``FixedLayerNorm`` (:mod:`.layernorm`), gamma and beta codes in its config
 gelu               ``FixedGELU`` (:mod:`.gelu`)
 matmul             ``ActivationMatMul`` (:mod:`.matmul`), two inputs, per-sample matrices
-transpose          ``FixedTranspose`` (:mod:`.transpose`), per-sample matrices
+transpose          ``FixedTranspose`` (:mod:`.transpose`), per-sample matrices; a transpose
+                   there and back around a per-feature scale_shift and cast (a frozen
+                   multiplier per output feature): BatchNormalization and cast on the
+                   tokens, no transpose (:func:`token_feature_requant`)
 slice              ``FixedSlice`` (:mod:`.token_slice`)
 add_const          ``FixedAddConst`` (:mod:`.add_const`), the constant's codes in its config
 mean               ``FixedMean`` (:mod:`.token_mean`), rank 1 or 2
@@ -44,6 +47,8 @@ from .onnx_graph import (
     QFLOW_DOMAIN,
     ZERO_BIAS_TYPE,
     HlsExportError,
+    _emit_cast,
+    _emit_scale_shift,
     _weights,
     channels_last,
     pool_sum_type,
@@ -187,8 +192,48 @@ def emit_matmul(w, node: Node) -> None:
     w.layer(node.name, node.name, accum=out_t, result=out_t)
 
 
+def token_feature_requant(graph, node: Node) -> tuple[Node, Node, Node] | None:
+    """(scale_shift, cast, transpose back) when ``node`` transposes tokens (T, D) to
+    (D, T) only for a per-row (per-feature) requantization: its one reader a scale_shift,
+    whose one reader a cast, whose one reader the [1, 0] transpose back to (T, D). That
+    is how a dense layer on tokens with a multiplier per output feature freezes (OFQ's
+    StatsQ and LSQ layers). Element-wise ops commute with the transposes, so the chain is
+    exported as a BatchNormalization on (T, D), scaling hls4ml's last axis, and a cast:
+    no value moves. None for any other transpose."""
+    if node.op != "transpose" or len(graph.tensors[node.inputs[0]].shape) != 2:
+        return None
+    readers = graph.consumers()
+    chain = [node]
+    for op in ("scale_shift", "cast", "transpose"):
+        tensor = chain[-1].output
+        nxt = readers.get(tensor, [])
+        if tensor == graph.output or len(nxt) != 1 or nxt[0].op != op:
+            return None
+        chain.append(nxt[0])
+    if not all(_swaps_axes(t) for t in (node, chain[-1])):
+        return None
+    return chain[1], chain[2], chain[3]
+
+
+def _swaps_axes(node: Node) -> bool:
+    perm = node.attrs.get("perm")
+    return isinstance(perm, (list, tuple)) and [int(p) for p in perm] == [1, 0]
+
+
+def _emit_feature_requant(w, node: Node, chain: tuple[Node, Node, Node]) -> None:
+    scale_shift, cast, back = chain
+    _parallel(w, back)
+    w.extra_shapes[scale_shift.output] = w.shape(node.inputs[0])
+    _emit_scale_shift(w, scale_shift, source=node.inputs[0], features_last=True)
+    _emit_cast(w, cast, output=back.output)
+    w.fused.update((scale_shift.name, cast.name, back.name))
+
+
 def emit_transpose(w, node: Node) -> None:
     _parallel(w, node)
+    chain = token_feature_requant(w.graph, node)
+    if chain is not None:
+        return _emit_feature_requant(w, node, chain)
     shape = w.graph.tensors[node.inputs[0]].shape
     if len(shape) != 2:
         _fail(node, f"a tensor of shape {shape}: only per-sample matrices (rank 2) are "
