@@ -13,6 +13,7 @@ True
 from .biper import BiPerConfig  # registers the BiPer method (torch-free)
 from .config import LayerOverride, QFXConfig, QuantSpec, SpecOverride
 from .errors import ConfigError, QflowError
+from .hawq import HAWQConfig  # registers the HAWQ method (torch-free)
 from .ofq import OFQConfig  # registers the OFQ method (torch-free)
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ _LAZY = {
 __all__ = [
     "BiPerConfig",
     "ConfigError",
+    "HAWQConfig",
     "LayerOverride",
     "OFQConfig",
     "QFXConfig",

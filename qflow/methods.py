@@ -73,6 +73,14 @@ class Method:
     #: (model, training inputs) -> None, run once after the last phase (BiPer
     #: re-estimates its BatchNorm statistics); None when a method needs nothing
     finish: Callable[[Any, Any], None] | None = None
+    #: (a model copy, config, two input samples) -> None: what ``qflow quantize`` runs
+    #: before training to refuse a model or config the method cannot use; None:
+    #: ``quantize_`` on the copy
+    check: Callable[[Any, Any, Any], None] | None = None
+    #: (config, float model, data, progress) -> (the config ``quantize_`` gets, a report
+    #: saved as ``<name>.json`` in the run, one line for the console), for a method that
+    #: chooses its config from data after float training (HAWQ); None for the others
+    resolve: Callable[..., tuple[Any, dict, str]] | None = None
     extra: dict = field(default_factory=dict)
 
 

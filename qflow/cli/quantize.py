@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import math
 import platform
@@ -24,6 +25,7 @@ from rich.table import Table
 import qflow
 from qflow.api import describe, quantize_
 from qflow.errors import ConfigError, QflowError
+from qflow.jsonfile import write_json
 from qflow.methods import METHODS, config_from_dict, config_from_yaml, method_named, method_of
 from qflow.oscillation import OscillationTracker
 from qflow.outdir import OutputDirectory, read_marker
@@ -70,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, default=None,
                    help="word length of activations and input (replaces --bits and the "
                         "recipe's)")
+    p.add_argument("--budget", action="append", default=None, metavar="QUANTITY=FRACTION",
+                   help="HAWQ budget, a fraction of the all-8-bit model's: size=0.6 (weight "
+                        "bits), bops=0.3 (bit operations); repeat for several; replaces the "
+                        "recipe's (default size=0.5)")
     p.add_argument("--epochs", type=int, default=None,
                    help="float training epochs (default: the zoo model's, else 20)")
     p.add_argument("--qat-epochs", type=int, default=None,
@@ -134,6 +140,12 @@ def build_config(args: argparse.Namespace, note=lambda message: None):
         config = method_named(default).config_type()
     changed = config.replace_bits(args.bits, weight_bits=args.weight_bits,
                                   act_bits=args.act_bits)
+    if getattr(args, "budget", None):
+        if method_of(changed).name != "hawq":
+            raise ConfigError(f"--budget is for --method hawq, not {method_of(changed).name}")
+        from qflow.hawq import parse_budget
+
+        changed = dataclasses.replace(changed, budget=dict(map(parse_budget, args.budget)))
     if args.recipe is not None and changed != config:
         describe = method_of(config).describe
         note(f"the command line's word lengths replace the recipe's: {describe(config)} -> "
@@ -281,7 +293,13 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     _warn_if_not_learning(console, float_acc, data)
 
     qat_model = copy.deepcopy(float_model)
-    quantize_(qat_model, s.config)
+    quant_config, resolved = s.config, None
+    if method.resolve is not None:  # HAWQ: the config comes from the float model and data
+        quant_config, report, line = method.resolve(
+            s.config, float_model, data, None if quiet else console.print)
+        resolved = (report, line)
+        console.print(line)
+    quantize_(qat_model, quant_config)
     calibrate(qat_model, data.x_train[: s.batch_size * 4])
     ptq_acc = evaluate(qat_model, data.x_test, data.y_test)
     # over all QAT phases; a resumed phase restores it from the saved state
@@ -343,8 +361,10 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    write_run_files(stage, qat_model=qat_model, float_model=float_model, config=s.config,
+    write_run_files(stage, qat_model=qat_model, float_model=float_model, config=quant_config,
                     run_info=run_info, metrics=metrics)
+    if resolved is not None:  # what the config was chosen from (hawq.json)
+        write_json(stage / f"{method.name}.json", resolved[0])
     notes = "\n".join([oscillation.describe(), *(h.describe() for h in hooks.values())])
     return rows, float_acc, quant_acc, elapsed, notes
 
@@ -420,7 +440,11 @@ def _check_model(build_model, data: Dataset, config) -> None:
         if top >= outputs:
             raise QflowError(f"y_{split} has label {top} but the model has {outputs} outputs "
                              f"(labels must be 0..{outputs - 1})")
-    quantize_(copy.deepcopy(model), config)  # unsupported layers, overrides matching nothing
+    check = method_of(config).check
+    if check is None:  # unsupported layers, overrides matching nothing
+        quantize_(copy.deepcopy(model), config)
+    else:
+        check(copy.deepcopy(model), config, sample)
 
 
 def _warn_if_not_learning(console, float_acc: float, data: Dataset) -> None:

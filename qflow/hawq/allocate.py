@@ -1,0 +1,146 @@
+"""HAWQ bit allocation: the Pareto frontier by dynamic programming, the budgeted choice
+by an integer linear program.
+
+Each layer i takes one width b from its candidates, at a sensitivity Ω_i(b)
+(:mod:`qflow.hawq.sensitivity`) and costs c_k(i, b) per budgeted quantity k:
+
+    size   n_i · b                      weight bits (biases are not counted)
+    bops   MACs_i · b · a_i             bit operations, a_i the width of the layer's input
+
+The choice minimizes Σ Ω_i(b_i) subject to Σ c_k(i, b_i) ≤ B_k for every budget, exactly,
+with ``scipy.optimize.milp`` (binary x_ib, one width per layer). Budgets are fractions of
+the same model with every layer at 8 bits (``size=0.6``: at most 60 % of the 8-bit
+weight bits). The frontier over one cost (the trade-off the choice sits on) comes from a
+dynamic program that keeps, layer by layer, the least Ω for every reachable cost and
+drops dominated points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qflow.errors import ConfigError
+
+#: what a budget can bound
+QUANTITIES = ("size", "bops")
+REFERENCE_BITS = 8
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """One layer's candidates: width -> Ω, and what its costs are made of: ``weights``
+    values, ``macs`` products per sample, an input of ``input_bits`` bits."""
+
+    name: str
+    omega: dict[int, float]
+    weights: int
+    macs: int
+    input_bits: int
+
+    @property
+    def widths(self) -> list[int]:
+        return sorted(self.omega)
+
+    def cost(self, quantity: str, bits: int) -> int:
+        """The layer's ``quantity`` at weight width ``bits``."""
+        if quantity == "size":
+            return self.weights * bits
+        if quantity == "bops":
+            return self.macs * bits * self.input_bits
+        raise ValueError(f"unknown quantity {quantity!r}")
+
+
+def reference_cost(layers: list[LayerCosts], quantity: str) -> int:
+    """The cost of the model with every layer at 8 bits (what a budget is a fraction of)."""
+    return sum(layer.cost(quantity, REFERENCE_BITS) for layer in layers)
+
+
+def pareto_front(layers: list[LayerCosts], quantity: str) -> list[tuple[int, float, dict]]:
+    """(cost, ΣΩ, widths) of every configuration no other beats on both, by cost.
+
+    >>> a = LayerCosts("a", {2: 4.0, 8: 0.0}, weights=1, macs=1, input_bits=8)
+    >>> b = LayerCosts("b", {2: 1.0, 8: 0.0}, weights=1, macs=1, input_bits=8)
+    >>> [(c, o) for c, o, _ in pareto_front([a, b], "size")]
+    [(4, 5.0), (10, 1.0), (16, 0.0)]
+    """
+    front: list[tuple[int, float, dict]] = [(0, 0.0, {})]
+    for layer in layers:
+        merged: dict[int, tuple[float, dict]] = {}
+        for cost, total, widths in front:
+            for b in layer.widths:
+                c, o = cost + layer.cost(quantity, b), total + layer.omega[b]
+                if c not in merged or o < merged[c][0]:
+                    merged[c] = (o, {**widths, layer.name: b})
+        front, best = [], float("inf")
+        for c in sorted(merged):
+            o, widths = merged[c]
+            if o < best:
+                front.append((c, o, widths))
+                best = o
+    return front
+
+
+def choose(layers: list[LayerCosts], budgets: dict[str, float]) -> dict[str, int]:
+    """The widths of least ΣΩ within every budget (fractions of the 8-bit cost); a
+    one-line ConfigError naming the smallest feasible budget when none fits.
+
+    >>> a = LayerCosts("a", {2: 4.0, 8: 0.0}, weights=1, macs=1, input_bits=8)
+    >>> b = LayerCosts("b", {2: 1.0, 8: 0.0}, weights=1, macs=1, input_bits=8)
+    >>> choose([a, b], {"size": 10 / 16})
+    {'a': 8, 'b': 2}
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    check_budgets(layers, budgets)
+    index = [(i, b) for i, layer in enumerate(layers) for b in layer.widths]
+    omega = np.array([layers[i].omega[b] for i, b in index])
+    one_each = np.zeros((len(layers), len(index)))
+    for j, (i, _) in enumerate(index):
+        one_each[i, j] = 1
+    constraints = [LinearConstraint(one_each, 1, 1)]
+    for quantity, fraction in budgets.items():
+        row = np.array([[layers[i].cost(quantity, b) for i, b in index]], dtype=float)
+        constraints.append(LinearConstraint(row, -np.inf,
+                                            fraction * reference_cost(layers, quantity)))
+    # the objective is scaled to order 1: milp's tolerances are absolute
+    scale = float(np.abs(omega).max()) or 1.0
+    result = milp(omega / scale, constraints=constraints, integrality=np.ones(len(index)),
+                  bounds=Bounds(0, 1))
+    if not result.success:  # the checks above make this unreachable for feasible budgets
+        raise ConfigError(f"no width allocation within {_budget_text(budgets)}: "
+                          f"{result.message}")
+    chosen = {}
+    for j, (i, b) in enumerate(index):
+        if result.x[j] > 0.5:
+            chosen[layers[i].name] = b
+    return chosen
+
+
+def check_budgets(layers: list[LayerCosts], budgets: dict[str, float]) -> None:
+    """A one-line ConfigError when a budget is below the cheapest configuration (every
+    layer at its narrowest allowed width: costs grow with the width, so that one is the
+    cheapest in every quantity at once), naming the smallest feasible budget."""
+    for quantity, fraction in budgets.items():
+        smallest = sum(min(layer.cost(quantity, b) for b in layer.widths) for layer in layers)
+        reference = reference_cost(layers, quantity)
+        if smallest > fraction * reference:
+            raise ConfigError(
+                f"budget {quantity}={fraction:g} is infeasible: the smallest configuration "
+                f"(every layer at its narrowest allowed width) needs "
+                f"{quantity}={_ceil(smallest / reference):g}")
+
+
+def total(layers: list[LayerCosts], widths: dict[str, int], quantity: str) -> int:
+    """The cost of ``widths`` in ``quantity``."""
+    return sum(layer.cost(quantity, widths[layer.name]) for layer in layers)
+
+
+def _ceil(value: float, digits: int = 3) -> float:
+    """``value`` rounded up at ``digits`` decimals (a feasible budget, not one just under)."""
+    return float(np.ceil(value * 10**digits) / 10**digits)
+
+
+def _budget_text(budgets: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in budgets.items())

@@ -1,0 +1,173 @@
+"""HAWQ configuration: a frozen, keyword-only dataclass with a JSON/YAML round trip.
+
+>>> from qflow.hawq.config import HAWQConfig
+>>> cfg = HAWQConfig(budget={"size": 0.6}, overrides={"head": 8})
+>>> HAWQConfig.from_yaml(cfg.to_yaml()) == cfg
+True
+>>> HAWQConfig.from_dict({"budget": {"size": 0}})
+Traceback (most recent call last):
+qflow.errors.ConfigError: config.budget.size: expected a fraction of the 8-bit ... got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from qflow.config import LayerOverride, QFXConfig
+from qflow.errors import ConfigError
+from qflow.method_config import FixedMethodConfig
+
+from .allocate import QUANTITIES
+
+HAWQ_CONFIG_VERSION = 1
+MIN_WIDTH, MAX_WIDTH = 2, 16
+MAX_BUDGET = 4.0
+
+
+def _integer(value, path: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{path}: expected an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _number(value, path: str, low: float, high: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        raise ConfigError(f"{path}: expected {what} in ({low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``"size=0.6"`` -> ("size", 0.6), as the command line's ``--budget`` gives it.
+
+    >>> parse_budget("bops=0.25")
+    ('bops', 0.25)
+    """
+    name, sep, value = text.partition("=")
+    if not sep or name not in QUANTITIES:
+        raise ConfigError(f"--budget {text!r}: expected QUANTITY=FRACTION with QUANTITY one "
+                          f"of {', '.join(QUANTITIES)} (e.g. size=0.6)")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"--budget {text!r}: {value!r} is not a number") from None
+    _number(number, f"--budget {name}", 0, MAX_BUDGET, "a fraction of the 8-bit model's")
+    return name, number
+
+
+@dataclass(frozen=True, kw_only=True)
+class HAWQConfig(FixedMethodConfig):
+    """HAWQ mixed precision: per-layer weight widths chosen by Hessian sensitivity within
+    budgets, then QFX QAT with those widths.
+
+    - ``widths``: the candidate weight widths (2 to 16), default 2, 3, 4, 6, 8;
+    - ``budget``: quantity -> fraction of the same model with every weight layer at 8 bits:
+      ``size`` (weight bits) and/or ``bops`` (products × weight bits × input bits);
+    - ``pin_first_last``: the first and last weight layers (forward order) keep
+      ``fixed.weight.bits``; ``overrides``: layer pattern (a name or a regular
+      expression) -> width, pinned too (applied after the first/last rule, in order);
+    - ``fixed``: the QFX config of everything else (activations, input, biases) and the
+      base of the chosen config;
+    - ``samples``: training samples in the Hessian batch; ``tol``, ``rel_error``,
+      ``max_probes``: Hutchinson's stopping rule (:mod:`qflow.hawq.sensitivity`);
+      ``seed``: its probes' seed.
+
+    The chosen widths become a :class:`qflow.QFXConfig` with one weight override per
+    layer: that is what ``qflow quantize --method hawq`` trains and saves as the run's
+    ``config.json`` (re-run it with ``--recipe``, edit it like any QFX recipe).
+    """
+
+    version: int = HAWQ_CONFIG_VERSION
+    widths: tuple = (2, 3, 4, 6, 8)
+    budget: dict = field(default_factory=lambda: {"size": 0.5})
+    pin_first_last: bool = True
+    overrides: dict = field(default_factory=dict)
+    fixed: QFXConfig = field(default_factory=QFXConfig)
+    samples: int = 512
+    tol: float = 0.01
+    rel_error: float = 0.05
+    max_probes: int = 200
+    seed: int = 0
+    METHOD: ClassVar[str] = "hawq"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or self.version != HAWQ_CONFIG_VERSION:
+            raise ConfigError(f"config version {self.version!r} is not supported "
+                              f"(this qflow reads {HAWQ_CONFIG_VERSION})")
+        if isinstance(self.widths, (str, bytes)) or not isinstance(self.widths, (list, tuple)) \
+                or not self.widths:
+            raise ConfigError(f"config.widths: expected a list of widths, got {self.widths!r}")
+        widths = tuple(sorted({_integer(b, "config.widths[]", MIN_WIDTH, MAX_WIDTH)
+                               for b in self.widths}))
+        object.__setattr__(self, "widths", widths)
+        if not isinstance(self.budget, Mapping) or not self.budget:
+            raise ConfigError(f"config.budget: expected a mapping of {' and/or '.join(QUANTITIES)} "
+                              f"to fractions, got {self.budget!r}")
+        budget = {}
+        for name, value in self.budget.items():
+            if name not in QUANTITIES:
+                raise ConfigError(f"config.budget: unknown quantity {name!r} (known: "
+                                  f"{', '.join(QUANTITIES)})")
+            budget[name] = _number(value, f"config.budget.{name}", 0, MAX_BUDGET,
+                                   "a fraction of the 8-bit model's")
+        object.__setattr__(self, "budget", budget)
+        if not isinstance(self.pin_first_last, bool):
+            raise ConfigError(f"config.pin_first_last: expected true or false, got "
+                              f"{self.pin_first_last!r}")
+        if not isinstance(self.overrides, Mapping):
+            raise ConfigError(f"config.overrides: expected a mapping of layer patterns to "
+                              f"widths, got {type(self.overrides).__name__}")
+        for pattern, bits in self.overrides.items():
+            LayerOverride(pattern=pattern)  # a string and a valid regex, or ConfigError
+            _integer(bits, f"config.overrides[{pattern!r}]", MIN_WIDTH, MAX_WIDTH)
+        object.__setattr__(self, "overrides", dict(self.overrides))
+        if not isinstance(self.fixed, QFXConfig):
+            raise ConfigError(f"config.fixed: expected a QFXConfig, got "
+                              f"{type(self.fixed).__name__}")
+        _integer(self.samples, "config.samples", 1, 10**6)
+        _integer(self.max_probes, "config.max_probes", 1, 10**6)
+        _integer(self.seed, "config.seed", 0, 2**31 - 1)
+        object.__setattr__(self, "tol", _number(self.tol, "config.tol", 0, 0.5, "a number"))
+        object.__setattr__(self, "rel_error", _number(self.rel_error, "config.rel_error", 0,
+                                                      0.5, "a number"))
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def pinned_width(self, layer: str, first_or_last: bool) -> int | None:
+        """The width ``layer`` is pinned to, or None when HAWQ chooses it."""
+        width = self.fixed.spec_for(layer, "weight").bits if (
+            first_or_last and self.pin_first_last) else None
+        for pattern, bits in self.overrides.items():
+            if LayerOverride(pattern=pattern).matches(layer):
+                width = bits
+        return width
+
+    def replace_bits(self, bits: int | None = None, *, weight_bits: int | None = None,
+                     act_bits: int | None = None) -> HAWQConfig:
+        """A copy with the command line's activation width (``act_bits``) in ``fixed``;
+        weight widths are HAWQ's to choose (``--bits`` and ``--weight-bits`` are refused)."""
+        if weight_bits is not None or bits is not None:
+            raise ConfigError(f"{'--weight-bits' if weight_bits is not None else '--bits'}: "
+                              "HAWQ chooses the weight widths (set the candidates with a "
+                              "recipe's widths, the budget with --budget); --act-bits sets "
+                              "the activations")
+        if act_bits is None:
+            return self
+        fixed = self.fixed.replace_bits(act_bits=act_bits)
+        return self if fixed == self.fixed else dataclasses.replace(self, fixed=fixed)
+
+    def to_dict(self) -> dict:
+        return {"method": self.METHOD, "version": self.version, "widths": list(self.widths),
+                "budget": dict(self.budget), "pin_first_last": self.pin_first_last,
+                "overrides": dict(self.overrides), "fixed": self.fixed_dict(),
+                "samples": self.samples, "tol": self.tol, "rel_error": self.rel_error,
+                "max_probes": self.max_probes, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HAWQConfig:
+        """Build from plain data; missing keys keep their defaults. A ``method`` key,
+        when present, must say ``hawq``."""
+        return cls(**cls.checked_kwargs(data))

@@ -1,0 +1,192 @@
+"""HAWQ from a float model and data to a QFX config: sensitivity, costs, choice.
+
+:func:`allocate` measures every weight layer's Hessian trace on ``config.samples``
+training samples (:mod:`qflow.hawq.sensitivity`), its Ω at every candidate width, its
+weights, products per sample and input width (one forward pass with hooks, which also
+gives the forward order for the first/last rule), chooses the widths of least ΣΩ within
+the budgets (:mod:`qflow.hawq.allocate`) and writes them as per-layer weight overrides of
+``config.fixed``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from qflow.config import LayerOverride, QFXConfig, SpecOverride
+
+from . import allocate as allocate_module
+from .allocate import LayerCosts, choose, pareto_front, reference_cost, total
+from .config import HAWQConfig
+from .sensitivity import hutchinson_traces, omega, quantization_errors, weight_layers
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What :func:`allocate` chose: the QFX config to train, the widths, and the figures
+    behind them (plain data, the run's ``hawq.json``)."""
+
+    config: QFXConfig
+    widths: dict[str, int]
+    report: dict
+
+    def describe(self) -> str:
+        """One line: the widths chosen and the budgets' use."""
+        counts: dict[int, int] = {}
+        for b in self.widths.values():
+            counts[b] = counts.get(b, 0) + 1
+        spread = ", ".join(f"{n}×{b}-bit" for b, n in sorted(counts.items()))
+        used = ", ".join(f"{q} {c['fraction']:.3f} of 8-bit (budget {c['budget']:g})"
+                         for q, c in self.report["costs"].items() if c["budget"] is not None)
+        return f"HAWQ weight widths: {spread}; {used}"
+
+
+def _shapes(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, int]]:
+    """(weight layers in forward order, products per sample of each) from one forward."""
+    layers = weight_layers(model)
+    order: list[str] = []
+    macs: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            if name not in macs:
+                order.append(name)
+                per_output = module.weight[0].numel()  # fan-in (in/groups · kernel)
+                macs[name] = int(output[0].numel()) * per_output
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(x[:1])
+        model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, macs
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The weight layers and what their costs need, before any sensitivity."""
+
+    model: nn.Module
+    config: HAWQConfig
+    names: list[str]  # forward order, then layers the forward never calls
+    order: list[str]  # forward order
+    macs: dict[str, int]
+    pinned: dict[str, int | None]
+
+    def costs(self, omega_of: Callable[[str, int], float]) -> list[LayerCosts]:
+        modules = weight_layers(self.model)
+        first_bits = self.config.fixed.input.bits
+        other_bits = self.config.fixed.activation.bits
+        out = []
+        for n in self.names:
+            allowed = [self.pinned[n]] if self.pinned[n] is not None else list(
+                self.config.widths)
+            out.append(LayerCosts(n, {b: omega_of(n, b) for b in allowed},
+                                  weights=modules[n].weight.numel(), macs=self.macs.get(n, 0),
+                                  input_bits=first_bits if self.order[:1] == [n] else other_bits))
+        return out
+
+
+def _layout(model: nn.Module, x: torch.Tensor, config: HAWQConfig) -> _Layout:
+    order, macs = _shapes(model, x)
+    names = order + [n for n in weight_layers(model) if n not in macs]
+    config.check_overrides(names)
+    ends = order[:1] + order[-1:]
+    pinned = {n: config.pinned_width(n, n in ends) for n in names}
+    return _Layout(model, config, names, order, macs, pinned)
+
+
+def check_budgets(model: nn.Module, sample, config: HAWQConfig) -> None:
+    """Refuse, before any training, overrides that reach no layer and budgets no width
+    allocation meets (one-line ConfigError naming the smallest feasible budget)."""
+    layout = _layout(model, torch.as_tensor(sample).float(), config)
+    allocate_module.check_budgets(layout.costs(lambda name, b: 0.0), config.budget)
+
+
+def _pattern(name: str) -> str:
+    return name if re.escape(name) == name else re.escape(name)
+
+
+def allocate(model: nn.Module, x, y, config: HAWQConfig, *,
+             progress: Callable[[str], None] | None = None) -> Allocation:
+    """Choose per-layer weight widths for the float ``model`` on training data ``x``, ``y``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32),
+    ...                       nn.ReLU(), nn.Linear(32, 4))
+    >>> x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 4, (64,))
+    >>> plan = allocate(model, x, y, HAWQConfig(budget={"size": 0.6}, max_probes=20))
+    >>> plan.widths["1"], plan.widths["5"]          # first and last: pinned at 8 bits
+    (8, 8)
+    >>> plan.report["costs"]["size"]["fraction"] <= 0.6
+    True
+    """
+    x = torch.as_tensor(x)[: config.samples].float()
+    y = torch.as_tensor(y)[: config.samples].long()
+    layout = _layout(model, x, config)
+    names, pinned = layout.names, layout.pinned
+    modules = weight_layers(model)
+    started = time.perf_counter()
+    if progress:
+        progress(f"HAWQ: Hessian traces of {len(names)} layers on {len(x)} samples")
+    est = hutchinson_traces(model, x, y, tol=config.tol, rel_error=config.rel_error,
+                            max_probes=config.max_probes, seed=config.seed)
+    seconds = time.perf_counter() - started
+    widths_needed = set(config.widths) | {b for b in pinned.values() if b is not None}
+    errors = quantization_errors(model, config.fixed, tuple(sorted(widths_needed)))
+    sizes = {n: modules[n].weight.numel() for n in names}
+    omegas = omega(est.traces, errors, sizes)
+    costs = layout.costs(lambda name, b: omegas[name][b])
+    widths = choose(costs, config.budget)
+    fixed = replace(config.fixed, overrides=(*config.fixed.overrides, *(
+        LayerOverride(pattern=_pattern(n), weight=SpecOverride(bits=widths[n])) for n in names)))
+    report = _report(config, costs, widths, est, seconds, pinned)
+    return Allocation(fixed, widths, report)
+
+
+def _report(config: HAWQConfig, costs: list[LayerCosts], widths: dict[str, int], est,
+            seconds: float, pinned: dict) -> dict:
+    quantities = list(dict.fromkeys([*config.budget, "size", "bops"]))
+    refs = {q: reference_cost(costs, q) for q in quantities}
+
+    def fraction(q, w):
+        return total(costs, w, q) / refs[q] if refs[q] else 0.0
+
+    uniform = []
+    for b in config.widths:
+        w = {c.name: (b if b in c.omega else c.widths[0]) for c in costs}
+        uniform.append({"bits": b, "omega": sum(c.omega[w[c.name]] for c in costs),
+                        **{q: fraction(q, w) for q in quantities}})
+    quantity = next(iter(config.budget))
+    front = pareto_front(costs, quantity)
+    return {
+        "budget": dict(config.budget),
+        "widths": widths,
+        "omega": sum(c.omega[widths[c.name]] for c in costs),
+        "costs": {q: {"chosen": total(costs, widths, q), "reference_8bit": refs[q],
+                      "fraction": fraction(q, widths), "budget": config.budget.get(q)}
+                  for q in quantities},
+        "hutchinson": {"probes": est.probes, "converged": est.converged,
+                       "samples": est.samples, "seconds": round(seconds, 3)},
+        "layers": [{"name": c.name, "weights": c.weights, "macs": c.macs,
+                    "input_bits": c.input_bits, "trace": est.traces[c.name],
+                    "trace_error": est.errors[c.name], "pinned": pinned[c.name],
+                    "omega": {str(b): o for b, o in c.omega.items()},
+                    "bits": widths[c.name]} for c in costs],
+        "pareto": {"quantity": quantity,
+                   "points": [[cost / refs[quantity], o] for cost, o, _ in front]},
+        "uniform": uniform,
+    }

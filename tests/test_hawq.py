@@ -1,0 +1,200 @@
+"""HAWQ: Hutchinson traces against the exact Hessian, the allocation against brute force,
+the config and its errors, and ``qflow quantize --method hawq`` through export and verify."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qflow.cli.main import main
+from qflow.errors import ConfigError
+from qflow.hawq import HAWQConfig, parse_budget
+from qflow.hawq.allocate import LayerCosts, choose, pareto_front, reference_cost, total
+from qflow.hawq.sensitivity import hutchinson_traces, omega, quantization_errors
+
+
+def _exact_traces(model: nn.Module, x, y) -> dict[str, float]:
+    """Tr(H_i) of every weight from the full Hessian block, by autograd."""
+    traces = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+
+        def loss(weight, name=name):
+            out = torch.func.functional_call(model, {f"{name}.weight": weight}, (x,))
+            return F.cross_entropy(out, y)
+
+        w = module.weight.detach()
+        hessian = torch.autograd.functional.hessian(loss, w).reshape(w.numel(), w.numel())
+        traces[name] = float(hessian.diagonal().sum())
+    return traces
+
+
+def test_hutchinson_matches_the_exact_hessian_trace():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    exact = _exact_traces(model, x, y)
+    est = hutchinson_traces(model, x, y, tol=1e-2, rel_error=0.015, max_probes=20000)
+    assert est.converged and sorted(est.traces) == sorted(exact) == ["0", "2"]
+    for name, trace in exact.items():
+        assert abs(est.traces[name] - trace) <= 0.05 * abs(trace), (name, est.traces, exact)
+        assert abs(est.traces[name] - trace) <= 4 * est.errors[name]  # its error bar holds
+    again = hutchinson_traces(model, x, y, tol=1e-2, rel_error=0.015, max_probes=20000)
+    assert again == est  # seeded probes: deterministic
+    other = hutchinson_traces(model, x, y, tol=1e-2, rel_error=0.015, max_probes=20000, seed=1)
+    assert other.traces != est.traces
+
+
+def test_omega_and_quantization_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    from qflow.config import QFXConfig
+
+    errors = quantization_errors(model, QFXConfig(), (2, 4, 8))
+    assert errors["0"][2] > errors["0"][4] > errors["0"][8] > 0
+    table = omega({"0": 3.0}, errors, {"0": 32})
+    assert table["0"][4] == pytest.approx(3.0 / 32 * errors["0"][4])
+
+
+def _random_layers(seed: int, n: int = 4) -> list[LayerCosts]:
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i in range(n):
+        widths = (2, 4, 8)
+        sens = rng.uniform(0.1, 5)
+        layers.append(LayerCosts(f"l{i}", {b: sens * 4.0 ** -b for b in widths},
+                                 weights=int(rng.integers(10, 200)),
+                                 macs=int(rng.integers(100, 5000)), input_bits=8))
+    return layers
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_ilp_and_the_frontier_agree_with_brute_force(seed):
+    layers = _random_layers(seed)
+    configs = [dict(zip([la.name for la in layers], ws, strict=True))
+               for ws in itertools.product(*(la.widths for la in layers))]
+
+    def omega_of(widths):
+        return sum(la.omega[widths[la.name]] for la in layers)
+
+    for budget in ({"size": 0.5}, {"bops": 0.4}, {"size": 0.6, "bops": 0.45}):
+        feasible = [w for w in configs if all(
+            total(layers, w, q) <= f * reference_cost(layers, q) for q, f in budget.items())]
+        best = min(omega_of(w) for w in feasible)
+        chosen = choose(layers, budget)
+        assert chosen in feasible and omega_of(chosen) == pytest.approx(best, rel=1e-9)
+    front = pareto_front(layers, "size")
+    for cost, value, widths in front:
+        assert total(layers, widths, "size") == cost and omega_of(widths) == pytest.approx(value)
+        # nothing cheaper or as cheap does better
+        assert not any(total(layers, w, "size") <= cost and omega_of(w) < value - 1e-12
+                       for w in configs)
+
+
+def test_an_infeasible_budget_names_the_smallest_feasible_one():
+    layers = _random_layers(0)
+    smallest = sum(la.weights * 2 for la in layers) / reference_cost(layers, "size")
+    with pytest.raises(ConfigError) as info:
+        choose(layers, {"size": smallest * 0.9})
+    message = str(info.value)
+    assert message.startswith(f"budget size={smallest * 0.9:g} is infeasible")
+    named = float(message.rsplit("size=", 1)[1])
+    assert smallest <= named < smallest + 1e-3 and "\n" not in message
+    choose(layers, {"size": named})  # the named budget is feasible
+
+
+def test_config_round_trip_and_errors():
+    cfg = HAWQConfig(widths=[8, 2, 4, 4], budget={"bops": 0.3, "size": 0.5},
+                     overrides={r"conv\d": 6}, pin_first_last=False)
+    assert cfg.widths == (2, 4, 8)
+    assert HAWQConfig.from_json(cfg.to_json()) == cfg
+    assert HAWQConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert cfg.pinned_width("conv1", False) == 6 and cfg.pinned_width("fc", True) is None
+    assert HAWQConfig().pinned_width("fc", True) == 8
+    assert parse_budget("size=0.6") == ("size", 0.6)
+    for bad, message in ((["dsp=3"], "QUANTITY=FRACTION"), (["size=x"], "not a number"),
+                         (["size=0"], "expected a fraction")):
+        with pytest.raises(ConfigError, match=message):
+            parse_budget(bad[0])
+    for data, message in (({"widths": [1, 4]}, r"config\.widths\[\]"),
+                          ({"budget": {"lut": 0.5}}, "unknown quantity 'lut'"),
+                          ({"overrides": {"fc": 40}}, r"config\.overrides\['fc'\]"),
+                          ({"rel_error": 0}, r"config\.rel_error"),
+                          ({"method": "qfx"}, "method")):
+        with pytest.raises(ConfigError, match=message):
+            HAWQConfig.from_dict(data)
+    with pytest.raises(ConfigError, match="--bits: HAWQ chooses the weight widths"):
+        HAWQConfig().replace_bits(4)
+    assert HAWQConfig().replace_bits(act_bits=6).fixed.activation.bits == 6
+
+
+def test_quantize_refuses_without_data():
+    import qflow
+
+    with pytest.raises(ConfigError, match="widths are chosen from data"):
+        qflow.quantize_(nn.Sequential(nn.Linear(2, 2)), HAWQConfig())
+
+
+def test_cli_refuses_bad_budgets_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["quantize", "--method", "hawq", "--model", "digits-cnn", "--budget",
+                 "size=0.1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    # every layer at 2 bits but the first and last (8): 22,144 of 77,440 bits
+    assert err == ("qflow quantize: error: budget size=0.1 is infeasible: the smallest "
+                   "configuration (every layer at its narrowest allowed width) needs size=0.286")
+    assert not out.exists()
+    assert main(["quantize", "--model", "digits-cnn", "--budget", "size=0.5",
+                 "--out", str(out)]) == 2
+    assert "--budget is for --method hawq" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hawq_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("hawq") / "run"
+    assert main(["quantize", "--method", "hawq", "--model", "digits-cnn", "--budget",
+                 "size=0.6", "--epochs", "2", "--qat-epochs", "1", "--quiet",
+                 "--out", str(run)]) == 0
+    return run
+
+
+def test_the_run_holds_the_chosen_qfx_config(hawq_run):
+    report = json.loads((hawq_run / "hawq.json").read_text())
+    config = json.loads((hawq_run / "config.json").read_text())
+    assert config["method"] == "qfx"  # the chosen widths, as a QFX recipe
+    overrides = {o["pattern"]: o["weight"]["bits"] for o in config["overrides"]}
+    assert overrides == report["widths"]
+    assert report["widths"]["stem"] == report["widths"]["fc"] == 8  # first and last pinned
+    size = report["costs"]["size"]
+    assert size["fraction"] <= 0.6 and size["budget"] == 0.6
+    layers = {row["name"]: row for row in report["layers"]}
+    assert size["chosen"] == sum(r["weights"] * r["bits"] for r in layers.values())
+    assert size["reference_8bit"] == 8 * sum(r["weights"] for r in layers.values())
+    assert report["hutchinson"]["probes"] >= 16
+    assert all(r["trace"] > 0 for r in layers.values())
+    # the chosen point is on the frontier's side of its budget and no uniform point at
+    # or under the budget beats it
+    under = [u for u in report["uniform"] if u["size"] <= 0.6]
+    assert all(report["omega"] <= u["omega"] + 1e-12 for u in under)
+
+
+@pytest.mark.parametrize("target", ["cpu", "ultra96"])
+def test_hawq_run_exports_and_verifies(hawq_run, tmp_path, target):
+    out = tmp_path / target
+    assert main(["export", str(hawq_run), "--target", target, "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] and report["mismatching_samples"] == 0
+    rows = [r for r in report["results"] if r["role"] != "reference"]
+    assert {r["artifact"] for r in rows} >= {
+        "QAT model (torch eval)", "int_onnx", "hls_csim" if target == "ultra96" else "tvm"}
+    for row in rows:
+        assert (row["status"], row["mismatching_samples"]) == ("ok", 0), row
+        assert row["samples"] == report["samples"] > 500, row
