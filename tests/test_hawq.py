@@ -15,7 +15,7 @@ from torch import nn
 from qflow.cli.main import main
 from qflow.errors import ConfigError
 from qflow.hawq import HAWQConfig, parse_budget
-from qflow.hawq.allocate import LayerCosts, choose, pareto_front, reference_cost, total
+from qflow.hawq.choice import LayerCosts, choose, pareto_front, reference_cost, total
 from qflow.hawq.sensitivity import hutchinson_traces, omega, quantization_errors
 
 

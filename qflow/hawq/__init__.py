@@ -2,7 +2,7 @@
 
 ``qflow quantize --method hawq --budget size=0.6`` trains the float model, measures every
 weight layer's Hessian trace (:mod:`qflow.hawq.sensitivity`), chooses the widths
-(:mod:`qflow.hawq.allocate`, :mod:`qflow.hawq.plan`) and runs QFX QAT with them. In
+(:mod:`qflow.hawq.choice`, :mod:`qflow.hawq.plan`) and runs QFX QAT with them. In
 Python: :func:`allocate` gives the :class:`qflow.QFXConfig` to pass to
 ``qflow.quantize_``; ``quantize_`` with a :class:`HAWQConfig` itself is refused (the
 widths come from data).

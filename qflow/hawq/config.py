@@ -20,7 +20,7 @@ from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
 from qflow.method_config import FixedMethodConfig
 
-from .allocate import QUANTITIES
+from .choice import QUANTITIES
 
 HAWQ_CONFIG_VERSION = 1
 MIN_WIDTH, MAX_WIDTH = 2, 16

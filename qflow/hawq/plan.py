@@ -4,7 +4,7 @@
 training samples (:mod:`qflow.hawq.sensitivity`), its Ω at every candidate width, its
 weights, products per sample and input width (one forward pass with hooks, which also
 gives the forward order for the first/last rule), chooses the widths of least ΣΩ within
-the budgets (:mod:`qflow.hawq.allocate`) and writes them as per-layer weight overrides of
+the budgets (:mod:`qflow.hawq.choice`) and writes them as per-layer weight overrides of
 ``config.fixed``.
 """
 
@@ -20,8 +20,8 @@ from torch import nn
 
 from qflow.config import LayerOverride, QFXConfig, SpecOverride
 
-from . import allocate as allocate_module
-from .allocate import LayerCosts, choose, pareto_front, reference_cost, total
+from . import choice
+from .choice import LayerCosts, choose, pareto_front, reference_cost, total
 from .config import HAWQConfig
 from .sensitivity import hutchinson_traces, omega, quantization_errors, weight_layers
 
@@ -107,11 +107,16 @@ def _layout(model: nn.Module, x: torch.Tensor, config: HAWQConfig) -> _Layout:
     return _Layout(model, config, names, order, macs, pinned)
 
 
+def layer_costs(model: nn.Module, sample, config: HAWQConfig) -> list[LayerCosts]:
+    """Every weight layer's costs (its Ω left at 0: no sensitivity is measured), from
+    one forward pass of ``sample``."""
+    return _layout(model, torch.as_tensor(sample).float(), config).costs(lambda n, b: 0.0)
+
+
 def check_budgets(model: nn.Module, sample, config: HAWQConfig) -> None:
     """Refuse, before any training, overrides that reach no layer and budgets no width
     allocation meets (one-line ConfigError naming the smallest feasible budget)."""
-    layout = _layout(model, torch.as_tensor(sample).float(), config)
-    allocate_module.check_budgets(layout.costs(lambda name, b: 0.0), config.budget)
+    choice.check_budgets(layer_costs(model, sample, config), config.budget)
 
 
 def _pattern(name: str) -> str:
