@@ -119,12 +119,16 @@ def test_config_round_trip_and_errors():
     assert cfg.pinned_width("conv1", False) == 6 and cfg.pinned_width("fc", True) is None
     assert HAWQConfig().pinned_width("fc", True) == 8
     assert parse_budget("size=0.6") == ("size", 0.6)
-    for bad, message in ((["dsp=3"], "QUANTITY=FRACTION"), (["size=x"], "not a number"),
-                         (["size=0"], "expected a fraction")):
+    assert parse_budget("dsp=300") == ("dsp", 300)
+    for bad, message in ((["ff=3"], "QUANTITY=VALUE"), (["size=x"], "not a number"),
+                         (["size=0"], "expected a fraction"), (["dsp=2.5"], "not an integer"),
+                         (["lut=0"], "expected an integer from 1")):
         with pytest.raises(ConfigError, match=message):
             parse_budget(bad[0])
     for data, message in (({"widths": [1, 4]}, r"config\.widths\[\]"),
-                          ({"budget": {"lut": 0.5}}, "unknown quantity 'lut'"),
+                          ({"budget": {"ff": 0.5}}, "unknown quantity 'ff'"),
+                          ({"budget": {"dsp": 100}}, "a dsp budget needs an FPGA target"),
+                          ({"reuse_factor": 0}, r"config\.reuse_factor"),
                           ({"overrides": {"fc": 40}}, r"config\.overrides\['fc'\]"),
                           ({"rel_error": 0}, r"config\.rel_error"),
                           ({"method": "qfx"}, "method")):
@@ -198,3 +202,38 @@ def test_hawq_run_exports_and_verifies(hawq_run, tmp_path, target):
     for row in rows:
         assert (row["status"], row["mismatching_samples"]) == ("ok", 0), row
         assert row["samples"] == report["samples"] > 500, row
+
+
+def test_cli_refuses_resource_budgets_it_cannot_meet(tmp_path, capsys):
+    out = tmp_path / "run"
+    for budget, message in (
+            (["dsp=1", "--target", "ultra96"],
+             "budget dsp=1 is infeasible: the smallest configuration (every layer at its "
+             "narrowest allowed width) needs dsp="),
+            (["dsp=300", "--target", "cpu"],
+             "--target cpu: a dsp budget needs an FPGA target (cpu is a cpu target)"),
+            (["dsp=300"], "a dsp budget needs an FPGA target (--target, e.g. ultra96)")):
+        assert main(["quantize", "--method", "hawq", "--model", "digits-cnn", "--budget",
+                     *budget, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert not out.exists()
+
+
+def test_dsp_budget_holds_in_the_exported_estimate(tmp_path):
+    run = tmp_path / "run"
+    assert main(["quantize", "--method", "hawq", "--model", "digits-cnn", "--budget",
+                 "dsp=300", "--target", "ultra96", "--epochs", "2", "--qat-epochs", "1",
+                 "--quiet", "--out", str(run)]) == 0
+    dsp = json.loads((run / "hawq.json").read_text())["resources"]["dsp"]
+    assert dsp["budget"] == 300 and dsp["chosen"] <= 300 and dsp["target"] == "ultra96"
+    out = tmp_path / "ultra96"
+    assert main(["export", str(run), "--target", "ultra96", "--reuse",
+                 str(dsp["reuse_factor"]), "--out", str(out)]) == 0
+    estimate = json.loads((out / "report.json").read_text())["estimate"]
+    assert estimate["settings"]["reuse_factor"] == dsp["reuse_factor"]
+    assert estimate["totals"]["dsp"] <= 300
+    # the other layers (BatchNorm scale_shift, ...) as HAWQ costed them
+    weight_layers = {"stem", "conv1", "conv2", "conv3", "fc"}
+    others = sum(row["dsp"] for row in estimate["layers"] if row["node"] not in weight_layers)
+    assert others == dsp["other_layers"]

@@ -73,9 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="word length of activations and input (replaces --bits and the "
                         "recipe's)")
     p.add_argument("--budget", action="append", default=None, metavar="QUANTITY=FRACTION",
-                   help="HAWQ budget, a fraction of the all-8-bit model's: size=0.6 (weight "
-                        "bits), bops=0.3 (bit operations); repeat for several; replaces the "
-                        "recipe's (default size=0.5)")
+                   help="HAWQ budget: a fraction of the all-8-bit model's, size=0.6 (weight "
+                        "bits), bops=0.3 (bit operations), or a count on --target, dsp=300, "
+                        "lut=50000; repeat for several; replaces the recipe's (default "
+                        "size=0.5)")
+    p.add_argument("--target", default=None,
+                   help="HAWQ: the FPGA target whose resource estimate a dsp or lut budget "
+                        "bounds (e.g. ultra96)")
     p.add_argument("--epochs", type=int, default=None,
                    help="float training epochs (default: the zoo model's, else 20)")
     p.add_argument("--qat-epochs", type=int, default=None,
@@ -140,12 +144,15 @@ def build_config(args: argparse.Namespace, note=lambda message: None):
         config = method_named(default).config_type()
     changed = config.replace_bits(args.bits, weight_bits=args.weight_bits,
                                   act_bits=args.act_bits)
-    if getattr(args, "budget", None):
-        if method_of(changed).name != "hawq":
-            raise ConfigError(f"--budget is for --method hawq, not {method_of(changed).name}")
+    for option in ("budget", "target"):
+        if getattr(args, option, None) and method_of(changed).name != "hawq":
+            raise ConfigError(f"--{option} is for --method hawq, not {method_of(changed).name}")
+    if getattr(args, "budget", None) or getattr(args, "target", None):
         from qflow.hawq import parse_budget
 
-        changed = dataclasses.replace(changed, budget=dict(map(parse_budget, args.budget)))
+        budget = dict(map(parse_budget, args.budget)) if args.budget else changed.budget
+        changed = dataclasses.replace(changed, budget=budget,
+                                      target=args.target or changed.target)
     if args.recipe is not None and changed != config:
         describe = method_of(config).describe
         note(f"the command line's word lengths replace the recipe's: {describe(config)} -> "

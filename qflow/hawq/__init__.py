@@ -60,7 +60,9 @@ def _tag(config: HAWQConfig) -> str:
 
 
 def _describe(config: HAWQConfig) -> str:
-    budget = ", ".join(f"{k} ≤ {v:g} of 8-bit" for k, v in config.budget.items())
+    budget = ", ".join(f"{k} ≤ {v:g} of 8-bit" if k in ("size", "bops") else
+                       f"{k.upper()} ≤ {v:,} on {config.target}"
+                       for k, v in config.budget.items())
     return (f"HAWQ ({budget}; weight widths {', '.join(map(str, config.widths))}), "
             f"activations {config.fixed.activation.bits}-bit")
 

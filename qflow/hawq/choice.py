@@ -6,25 +6,32 @@ Each layer i takes one width b from its candidates, at a sensitivity Ω_i(b)
 
     size   n_i · b                      weight bits (biases are not counted)
     bops   MACs_i · b · a_i             bit operations, a_i the width of the layer's input
+    dsp    DSP slices                   from qflow's resource estimate of the layer at b
+    lut    LUTs                         (:mod:`qflow.hawq.resources`)
 
 The choice minimizes Σ Ω_i(b_i) subject to Σ c_k(i, b_i) ≤ B_k for every budget, exactly,
-with ``scipy.optimize.milp`` (binary x_ib, one width per layer). Budgets are fractions of
-the same model with every layer at 8 bits (``size=0.6``: at most 60 % of the 8-bit
-weight bits). The frontier over one cost (the trade-off the choice sits on) comes from a
+with ``scipy.optimize.milp`` (binary x_ib, one width per layer). ``size`` and ``bops``
+budgets are fractions of the same model with every layer at 8 bits (``size=0.6``: at
+most 60 % of the 8-bit weight bits); ``dsp`` and ``lut`` budgets are counts for the
+whole design, the layers HAWQ does not choose for included (``base``).
+
+The frontier over one cost (the trade-off the choice sits on) comes from a
 dynamic program that keeps, layer by layer, the least Ω for every reachable cost and
 drops dominated points.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from qflow.errors import ConfigError
 
-#: what a budget can bound
-QUANTITIES = ("size", "bops")
+#: what a budget can bound: fractions of the 8-bit model's, counts from the FPGA estimate
+FRACTIONS = ("size", "bops")
+RESOURCES = ("dsp", "lut")
+QUANTITIES = FRACTIONS + RESOURCES
 REFERENCE_BITS = 8
 
 
@@ -38,6 +45,8 @@ class LayerCosts:
     weights: int
     macs: int
     input_bits: int
+    #: quantity (``dsp``, ``lut``) -> width -> the layer's estimated use
+    resources: dict = field(default_factory=dict)
 
     @property
     def widths(self) -> list[int]:
@@ -49,7 +58,9 @@ class LayerCosts:
             return self.weights * bits
         if quantity == "bops":
             return self.macs * bits * self.input_bits
-        raise ValueError(f"unknown quantity {quantity!r}")
+        if quantity in self.resources:
+            return self.resources[quantity][bits]
+        raise ValueError(f"unknown quantity {quantity!r} for layer {self.name!r}")
 
 
 def reference_cost(layers: list[LayerCosts], quantity: str) -> int:
@@ -82,9 +93,19 @@ def pareto_front(layers: list[LayerCosts], quantity: str) -> list[tuple[int, flo
     return front
 
 
-def choose(layers: list[LayerCosts], budgets: dict[str, float]) -> dict[str, int]:
-    """The widths of least ΣΩ within every budget (fractions of the 8-bit cost); a
-    one-line ConfigError naming the smallest feasible budget when none fits.
+def limits(layers: list[LayerCosts], budgets: dict[str, float],
+           base: dict[str, int] | None = None) -> dict[str, float]:
+    """The most the chosen layers may use of each budgeted quantity: a fraction of the
+    8-bit cost, or a count less what the other layers use (``base``)."""
+    base = base or {}
+    return {q: f * reference_cost(layers, q) if q in FRACTIONS else f - base.get(q, 0)
+            for q, f in budgets.items()}
+
+
+def choose(layers: list[LayerCosts], budgets: dict[str, float],
+           base: dict[str, int] | None = None) -> dict[str, int]:
+    """The widths of least ΣΩ within every budget (:func:`limits`); a one-line
+    ConfigError naming the smallest feasible budget when none fits.
 
     >>> a = LayerCosts("a", {2: 4.0, 8: 0.0}, weights=1, macs=1, input_bits=8)
     >>> b = LayerCosts("b", {2: 1.0, 8: 0.0}, weights=1, macs=1, input_bits=8)
@@ -93,17 +114,17 @@ def choose(layers: list[LayerCosts], budgets: dict[str, float]) -> dict[str, int
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    check_budgets(layers, budgets)
+    check_budgets(layers, budgets, base)
+    bounds = limits(layers, budgets, base)
     index = [(i, b) for i, layer in enumerate(layers) for b in layer.widths]
     omega = np.array([layers[i].omega[b] for i, b in index])
     one_each = np.zeros((len(layers), len(index)))
     for j, (i, _) in enumerate(index):
         one_each[i, j] = 1
     constraints = [LinearConstraint(one_each, 1, 1)]
-    for quantity, fraction in budgets.items():
+    for quantity in budgets:
         row = np.array([[layers[i].cost(quantity, b) for i, b in index]], dtype=float)
-        constraints.append(LinearConstraint(row, -np.inf,
-                                            fraction * reference_cost(layers, quantity)))
+        constraints.append(LinearConstraint(row, -np.inf, bounds[quantity]))
     # the objective is scaled to order 1: milp's tolerances are absolute
     scale = float(np.abs(omega).max()) or 1.0
     result = milp(omega / scale, constraints=constraints, integrality=np.ones(len(index)),
@@ -118,18 +139,28 @@ def choose(layers: list[LayerCosts], budgets: dict[str, float]) -> dict[str, int
     return chosen
 
 
-def check_budgets(layers: list[LayerCosts], budgets: dict[str, float]) -> None:
-    """A one-line ConfigError when a budget is below the cheapest configuration (every
-    layer at its narrowest allowed width: costs grow with the width, so that one is the
-    cheapest in every quantity at once), naming the smallest feasible budget."""
-    for quantity, fraction in budgets.items():
-        smallest = sum(min(layer.cost(quantity, b) for b in layer.widths) for layer in layers)
-        reference = reference_cost(layers, quantity)
-        if smallest > fraction * reference:
+def smallest(layers: list[LayerCosts], quantity: str, base: dict[str, int] | None = None
+             ) -> float:
+    """The least budget of ``quantity`` any configuration meets (a fraction, or a count
+    with ``base``): each layer at its cheapest allowed width."""
+    least = sum(min(layer.cost(quantity, b) for b in layer.widths) for layer in layers)
+    if quantity in FRACTIONS:
+        return _ceil(least / reference_cost(layers, quantity))
+    return least + (base or {}).get(quantity, 0)
+
+
+def check_budgets(layers: list[LayerCosts], budgets: dict[str, float],
+                  base: dict[str, int] | None = None, where: str = "") -> None:
+    """A one-line ConfigError when a budget is below what every configuration needs,
+    naming the smallest feasible budget (``where`` says under which settings)."""
+    bounds = limits(layers, budgets, base)
+    for quantity, value in budgets.items():
+        least = sum(min(layer.cost(quantity, b) for b in layer.widths) for layer in layers)
+        if least > bounds[quantity]:
             raise ConfigError(
-                f"budget {quantity}={fraction:g} is infeasible: the smallest configuration "
+                f"budget {quantity}={value:g} is infeasible: the smallest configuration "
                 f"(every layer at its narrowest allowed width) needs "
-                f"{quantity}={_ceil(smallest / reference):g}")
+                f"{quantity}={smallest(layers, quantity, base):g}{where}")
 
 
 def total(layers: list[LayerCosts], widths: dict[str, int], quantity: str) -> int:

@@ -20,7 +20,7 @@ from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
 from qflow.method_config import FixedMethodConfig
 
-from .choice import QUANTITIES
+from .choice import FRACTIONS, QUANTITIES, RESOURCES
 
 HAWQ_CONFIG_VERSION = 1
 MIN_WIDTH, MAX_WIDTH = 2, 16
@@ -39,22 +39,28 @@ def _number(value, path: str, low: float, high: float, what: str) -> float:
     return float(value)
 
 
-def parse_budget(text: str) -> tuple[str, float]:
+def _budget_value(name: str, value, path: str):
+    if name in FRACTIONS:
+        return _number(value, path, 0, MAX_BUDGET, "a fraction of the 8-bit model's")
+    return _integer(value, path, 1, 10**9)
+
+
+def parse_budget(text: str) -> tuple[str, float | int]:
     """``"size=0.6"`` -> ("size", 0.6), as the command line's ``--budget`` gives it.
 
-    >>> parse_budget("bops=0.25")
-    ('bops', 0.25)
+    >>> parse_budget("bops=0.25"), parse_budget("dsp=200")
+    (('bops', 0.25), ('dsp', 200))
     """
     name, sep, value = text.partition("=")
     if not sep or name not in QUANTITIES:
-        raise ConfigError(f"--budget {text!r}: expected QUANTITY=FRACTION with QUANTITY one "
-                          f"of {', '.join(QUANTITIES)} (e.g. size=0.6)")
+        raise ConfigError(f"--budget {text!r}: expected QUANTITY=VALUE with QUANTITY one "
+                          f"of {', '.join(QUANTITIES)} (e.g. size=0.6, dsp=200)")
     try:
-        number = float(value)
+        number = float(value) if name in FRACTIONS else int(value)
     except ValueError:
-        raise ConfigError(f"--budget {text!r}: {value!r} is not a number") from None
-    _number(number, f"--budget {name}", 0, MAX_BUDGET, "a fraction of the 8-bit model's")
-    return name, number
+        kind = "a number" if name in FRACTIONS else "an integer"
+        raise ConfigError(f"--budget {text!r}: {value!r} is not {kind}") from None
+    return name, _budget_value(name, number, f"--budget {name}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +70,10 @@ class HAWQConfig(FixedMethodConfig):
 
     - ``widths``: the candidate weight widths (2 to 16), default 2, 3, 4, 6, 8;
     - ``budget``: quantity -> fraction of the same model with every weight layer at 8 bits:
-      ``size`` (weight bits) and/or ``bops`` (products × weight bits × input bits);
+      ``size`` (weight bits) and/or ``bops`` (products × weight bits × input bits); or a
+      count for the whole design on ``target``: ``dsp``, ``lut`` (qflow's resource
+      estimate, at ``reuse_factor``: an integer, or ``auto``: the smallest power of two
+      at which the budgets can be met);
     - ``pin_first_last``: the first and last weight layers (forward order) keep
       ``fixed.weight.bits``; ``overrides``: layer pattern (a name or a regular
       expression) -> width, pinned too (applied after the first/last rule, in order);
@@ -82,6 +91,8 @@ class HAWQConfig(FixedMethodConfig):
     version: int = HAWQ_CONFIG_VERSION
     widths: tuple = (2, 3, 4, 6, 8)
     budget: dict = field(default_factory=lambda: {"size": 0.5})
+    target: str | None = None
+    reuse_factor: int | str = "auto"
     pin_first_last: bool = True
     overrides: dict = field(default_factory=dict)
     fixed: QFXConfig = field(default_factory=QFXConfig)
@@ -110,9 +121,16 @@ class HAWQConfig(FixedMethodConfig):
             if name not in QUANTITIES:
                 raise ConfigError(f"config.budget: unknown quantity {name!r} (known: "
                                   f"{', '.join(QUANTITIES)})")
-            budget[name] = _number(value, f"config.budget.{name}", 0, MAX_BUDGET,
-                                   "a fraction of the 8-bit model's")
+            budget[name] = _budget_value(name, value, f"config.budget.{name}")
         object.__setattr__(self, "budget", budget)
+        if self.target is not None and not isinstance(self.target, str):
+            raise ConfigError(f"config.target: expected a target name, got {self.target!r}")
+        needs = [q for q in budget if q in RESOURCES]
+        if needs and self.target is None:
+            raise ConfigError(f"config.budget.{needs[0]}: a {needs[0]} budget needs an FPGA "
+                              "target (--target, e.g. ultra96)")
+        if self.reuse_factor != "auto":
+            _integer(self.reuse_factor, "config.reuse_factor", 1, 4096)
         if not isinstance(self.pin_first_last, bool):
             raise ConfigError(f"config.pin_first_last: expected true or false, got "
                               f"{self.pin_first_last!r}")
@@ -161,7 +179,8 @@ class HAWQConfig(FixedMethodConfig):
 
     def to_dict(self) -> dict:
         return {"method": self.METHOD, "version": self.version, "widths": list(self.widths),
-                "budget": dict(self.budget), "pin_first_last": self.pin_first_last,
+                "budget": dict(self.budget), "target": self.target,
+                "reuse_factor": self.reuse_factor, "pin_first_last": self.pin_first_last,
                 "overrides": dict(self.overrides), "fixed": self.fixed_dict(),
                 "samples": self.samples, "tol": self.tol, "rel_error": self.rel_error,
                 "max_probes": self.max_probes, "seed": self.seed}

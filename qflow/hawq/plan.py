@@ -21,8 +21,17 @@ from torch import nn
 from qflow.config import LayerOverride, QFXConfig, SpecOverride
 
 from . import choice
-from .choice import LayerCosts, choose, pareto_front, reference_cost, total
+from .choice import (
+    FRACTIONS,
+    RESOURCES,
+    LayerCosts,
+    choose,
+    pareto_front,
+    reference_cost,
+    total,
+)
 from .config import HAWQConfig
+from .resources import ResourceCosts, resource_costs
 from .sensitivity import hutchinson_traces, omega, quantization_errors, weight_layers
 
 
@@ -41,9 +50,13 @@ class Allocation:
         for b in self.widths.values():
             counts[b] = counts.get(b, 0) + 1
         spread = ", ".join(f"{n}×{b}-bit" for b, n in sorted(counts.items()))
-        used = ", ".join(f"{q} {c['fraction']:.3f} of 8-bit (budget {c['budget']:g})"
-                         for q, c in self.report["costs"].items() if c["budget"] is not None)
-        return f"HAWQ weight widths: {spread}; {used}"
+        used = [f"{q} {c['fraction']:.3f} of 8-bit (budget {c['budget']:g})"
+                for q, c in self.report["costs"].items() if c["budget"] is not None]
+        used += [f"{q.upper()} {c['chosen']:,} (budget {c['budget']:,}, estimated for "
+                 f"{c['target']} at reuse factor {c['reuse_factor']}: export with --reuse "
+                 f"{c['reuse_factor']})"
+                 for q, c in self.report["resources"].items() if c["budget"] is not None]
+        return f"HAWQ weight widths: {spread}; {', '.join(used)}"
 
 
 def _shapes(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, int]]:
@@ -84,18 +97,29 @@ class _Layout:
     macs: dict[str, int]
     pinned: dict[str, int | None]
 
-    def costs(self, omega_of: Callable[[str, int], float]) -> list[LayerCosts]:
+    def allowed(self) -> dict[str, list[int]]:
+        """Every layer's candidate widths: its pinned one, or the config's."""
+        return {n: [self.pinned[n]] if self.pinned[n] is not None else list(self.config.widths)
+                for n in self.names}
+
+    def costs(self, omega_of: Callable[[str, int], float],
+              resources: ResourceCosts | None = None) -> list[LayerCosts]:
         modules = weight_layers(self.model)
         first_bits = self.config.fixed.input.bits
         other_bits = self.config.fixed.activation.bits
         out = []
-        for n in self.names:
-            allowed = [self.pinned[n]] if self.pinned[n] is not None else list(
-                self.config.widths)
+        for n, allowed in self.allowed().items():
             out.append(LayerCosts(n, {b: omega_of(n, b) for b in allowed},
                                   weights=modules[n].weight.numel(), macs=self.macs.get(n, 0),
-                                  input_bits=first_bits if self.order[:1] == [n] else other_bits))
+                                  input_bits=first_bits if self.order[:1] == [n] else other_bits,
+                                  resources={} if resources is None else resources.layers[n]))
         return out
+
+    def resource_costs(self, x: torch.Tensor) -> ResourceCosts | None:
+        """DSP and LUT costs when a budget bounds them (calibrated on ``x``), else None."""
+        if not any(q in RESOURCES for q in self.config.budget):
+            return None
+        return resource_costs(self.model, x, self.config, self.allowed())
 
 
 def _layout(model: nn.Module, x: torch.Tensor, config: HAWQConfig) -> _Layout:
@@ -108,15 +132,28 @@ def _layout(model: nn.Module, x: torch.Tensor, config: HAWQConfig) -> _Layout:
 
 
 def layer_costs(model: nn.Module, sample, config: HAWQConfig) -> list[LayerCosts]:
-    """Every weight layer's costs (its Ω left at 0: no sensitivity is measured), from
-    one forward pass of ``sample``."""
+    """Every weight layer's size and BOPs costs (its Ω left at 0: no sensitivity is
+    measured), from one forward pass of ``sample``."""
     return _layout(model, torch.as_tensor(sample).float(), config).costs(lambda n, b: 0.0)
 
 
 def check_budgets(model: nn.Module, sample, config: HAWQConfig) -> None:
     """Refuse, before any training, overrides that reach no layer and budgets no width
-    allocation meets (one-line ConfigError naming the smallest feasible budget)."""
-    choice.check_budgets(layer_costs(model, sample, config), config.budget)
+    allocation meets (one-line ConfigError naming the smallest feasible budget; DSP and
+    LUT from the untrained model's estimate)."""
+    sample = torch.as_tensor(sample).float()
+    layout = _layout(model, sample, config)
+    resources = layout.resource_costs(sample)
+    choice.check_budgets(layout.costs(lambda n, b: 0.0, resources), config.budget,
+                         None if resources is None else resources.base,
+                         _where(resources))
+
+
+def _where(resources: ResourceCosts | None) -> str:
+    if resources is None:
+        return ""
+    s = resources.settings
+    return f" on {s['target']} at reuse factor {s['reuse_factor']}"
 
 
 def _pattern(name: str) -> str:
@@ -154,17 +191,21 @@ def allocate(model: nn.Module, x, y, config: HAWQConfig, *,
     errors = quantization_errors(model, config.fixed, tuple(sorted(widths_needed)))
     sizes = {n: modules[n].weight.numel() for n in names}
     omegas = omega(est.traces, errors, sizes)
-    costs = layout.costs(lambda name, b: omegas[name][b])
-    widths = choose(costs, config.budget)
+    resources = layout.resource_costs(x[:256])
+    base = None if resources is None else resources.base
+    costs = layout.costs(lambda name, b: omegas[name][b], resources)
+    choice.check_budgets(costs, config.budget, base, _where(resources))
+    widths = choose(costs, config.budget, base)
     fixed = replace(config.fixed, overrides=(*config.fixed.overrides, *(
         LayerOverride(pattern=_pattern(n), weight=SpecOverride(bits=widths[n])) for n in names)))
-    report = _report(config, costs, widths, est, seconds, pinned)
+    report = _report(config, costs, widths, est, seconds, pinned, resources)
     return Allocation(fixed, widths, report)
 
 
 def _report(config: HAWQConfig, costs: list[LayerCosts], widths: dict[str, int], est,
-            seconds: float, pinned: dict) -> dict:
-    quantities = list(dict.fromkeys([*config.budget, "size", "bops"]))
+            seconds: float, pinned: dict, resources: ResourceCosts | None) -> dict:
+    quantities = list(dict.fromkeys([*(q for q in config.budget if q in FRACTIONS), "size",
+                                     "bops"]))
     refs = {q: reference_cost(costs, q) for q in quantities}
 
     def fraction(q, w):
@@ -175,8 +216,13 @@ def _report(config: HAWQConfig, costs: list[LayerCosts], widths: dict[str, int],
         w = {c.name: (b if b in c.omega else c.widths[0]) for c in costs}
         uniform.append({"bits": b, "omega": sum(c.omega[w[c.name]] for c in costs),
                         **{q: fraction(q, w) for q in quantities}})
-    quantity = next(iter(config.budget))
+    quantity = next(q for q in (*config.budget, "size") if q in FRACTIONS)
     front = pareto_front(costs, quantity)
+    counts = {}
+    if resources is not None:
+        counts = {q: {"chosen": total(costs, widths, q) + resources.base[q],
+                      "other_layers": resources.base[q], "budget": config.budget.get(q),
+                      **resources.settings} for q in RESOURCES}
     return {
         "budget": dict(config.budget),
         "widths": widths,
@@ -184,6 +230,7 @@ def _report(config: HAWQConfig, costs: list[LayerCosts], widths: dict[str, int],
         "costs": {q: {"chosen": total(costs, widths, q), "reference_8bit": refs[q],
                       "fraction": fraction(q, widths), "budget": config.budget.get(q)}
                   for q in quantities},
+        "resources": counts,
         "hutchinson": {"probes": est.probes, "converged": est.converged,
                        "samples": est.samples, "seconds": round(seconds, 3)},
         "layers": [{"name": c.name, "weights": c.weights, "macs": c.macs,
