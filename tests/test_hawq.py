@@ -151,9 +151,10 @@ def test_cli_refuses_bad_budgets_before_training(tmp_path, capsys):
     assert main(["quantize", "--method", "hawq", "--model", "digits-cnn", "--budget",
                  "size=0.1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    # every layer at 2 bits but the first and last (8): 22,144 of 77,440 bits
+    # every layer at 3 bits (the narrowest default) but the first and last (8): 31,360 of
+    # 77,440 bits
     assert err == ("qflow quantize: error: budget size=0.1 is infeasible: the smallest "
-                   "configuration (every layer at its narrowest allowed width) needs size=0.286")
+                   "configuration (every layer at its narrowest allowed width) needs size=0.405")
     assert not out.exists()
     assert main(["quantize", "--model", "digits-cnn", "--budget", "size=0.5",
                  "--out", str(out)]) == 2
