@@ -22,6 +22,27 @@ from qflow.errors import ConfigError
 from qflow.yamlfile import load_json_text, load_yaml
 
 
+def checked_integer(value, path: str, low: int, high: int) -> int:
+    """``value`` if it is an integer (not a bool) in [low, high], else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{path}: expected an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def override_patterns(config, what: str = "layer patterns"):
+    """Check a method config's ``fixed`` (a QFXConfig) and ``overrides`` (a mapping whose
+    keys are valid layer patterns); its (pattern, value) pairs."""
+    if not isinstance(config.fixed, QFXConfig):
+        raise ConfigError(f"config.fixed: expected a QFXConfig, got "
+                          f"{type(config.fixed).__name__}")
+    if not isinstance(config.overrides, Mapping):
+        raise ConfigError(f"config.overrides: expected a mapping of {what}, got "
+                          f"{type(config.overrides).__name__}")
+    for pattern, value in config.overrides.items():
+        LayerOverride(pattern=pattern)  # a string and a valid regex, or ConfigError
+        yield pattern, value
+
+
 def under_fixed(message: str) -> str:
     """A QFX config error's message, placed under ``config.fixed``."""
     if message.startswith("config."):

@@ -36,11 +36,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
+from benchlib import apply_threads, common_arguments, deployed_accuracy, mean_std, train_float
 
 import qflow
-from qflow.graph import Emulator
 from qflow.methods import method_of
 from qflow.train import calibrate, evaluate, fit, seed_everything
 from qflow.zoo import DATASETS, MODELS
@@ -66,45 +65,18 @@ def train_binary(float_model, data, config, *, qat_epochs: int, lr: float, batch
     return model
 
 
-def deployed_accuracy(model, data) -> float:
-    """Accuracy (%) of the frozen model under the emulator; checks that it decides every
-    test sample as the QAT model in eval mode does."""
-    model.eval()
-    graph = qflow.freeze(model, torch.from_numpy(data.x_test[:2]))
-    logits = Emulator(graph).run(data.x_test)
-    with torch.no_grad():
-        qat = model(torch.from_numpy(data.x_test)).numpy()
-    differ = int((np.argmax(logits, 1) != np.argmax(qat, 1)).sum())
-    if differ:
-        raise SystemExit(f"bench_biper: the emulator decides {differ} test samples "
-                         "differently from the QAT model: not exact")
-    return 100.0 * float((np.argmax(logits, 1) == data.y_test).mean())
-
-
 def _row(name: str, values: list[float]) -> str:
-    mean = statistics.mean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    runs = ", ".join(f"{v:.1f}" for v in values)
-    return f"| {name} | {mean:.1f} ± {std:.1f} | {runs} |"
+    return f"| {name} | {mean_std(values)} | {', '.join(f'{v:.1f}' for v in values)} |"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", nargs="+", default=["digits", "mnist5k"],
-                        choices=["digits", "mnist5k"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="float epochs (default: the zoo model's)")
-    parser.add_argument("--qat-epochs", type=int, default=None,
-                        help="epochs of each BiPer stage (default: half the float epochs)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    common_arguments(parser, ["digits", "mnist5k"],
+                     "epochs of each BiPer stage (default: half the float epochs)")
     parser.add_argument("--omega0", type=float, nargs="*", default=[],
                         help="extra BiPer rows, one per ω₀")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (default 0: torch's choice)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     zoo = MODELS[MODEL]
     epochs = args.epochs or zoo.epochs
     qat_epochs = args.qat_epochs or max(3, epochs // 2)
@@ -119,16 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[float]] = {"float": [], **{v: [] for v in variants}}
         for seed in args.seeds:
             started = time.perf_counter()
-            seed_everything(seed)
-            float_model = zoo.factory()
-            fit(float_model, data.x_train, data.y_train, epochs=epochs, lr=zoo.lr,
-                batch_size=args.batch_size, seed=seed, progress=False, description="float")
+            float_model = train_float(zoo, data, epochs=epochs, batch_size=args.batch_size,
+                                      seed=seed)
             results["float"].append(evaluate(float_model, data.x_test, data.y_test))
             for name, config in variants.items():
                 seed_everything(seed)
                 model = train_binary(float_model, data, config, qat_epochs=qat_epochs,
                                      lr=zoo.lr, batch_size=args.batch_size, seed=seed)
-                results[name].append(deployed_accuracy(model, data))
+                results[name].append(deployed_accuracy(model, data, "bench_biper"))
             print(f"{data_name} seed {seed}: " + ", ".join(
                 f"{k} {v[-1]:.1f}" for k, v in results.items())
                 + f" ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -42,11 +42,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
+from benchlib import apply_threads, common_arguments, deployed_accuracy, mean_std, train_float
 
 import qflow
-from qflow.graph import Emulator
 from qflow.hawq import HAWQConfig, allocate
 from qflow.hawq.choice import LayerCosts, reference_cost, total
 from qflow.hawq.plan import layer_costs
@@ -69,48 +68,17 @@ def train_qfx(float_model, data, config, *, qat_epochs: int, lr: float, batch_si
     return model
 
 
-def deployed_accuracy(model, data) -> float:
-    """Accuracy (%) of the frozen model under the emulator; checks that it decides every
-    test sample as the QAT model in eval mode does."""
-    model.eval()
-    graph = qflow.freeze(model, torch.from_numpy(data.x_test[:2]))
-    logits = Emulator(graph).run(data.x_test)
-    with torch.no_grad():
-        qat = model(torch.from_numpy(data.x_test)).numpy()
-    differ = int((np.argmax(logits, 1) != np.argmax(qat, 1)).sum())
-    if differ:
-        raise SystemExit(f"bench_hawq: the emulator decides {differ} test samples "
-                         "differently from the QAT model: not exact")
-    return 100.0 * float((np.argmax(logits, 1) == data.y_test).mean())
-
-
 def uniform_fractions(costs: list[LayerCosts], bits: int) -> dict[str, float]:
     """Size and BOPs of every layer at ``bits``, as fractions of the 8-bit model's."""
     widths = {c.name: bits for c in costs}
     return {q: total(costs, widths, q) / reference_cost(costs, q) for q in ("size", "bops")}
 
 
-def _stats(values: list[float], digits: int = 1) -> str:
-    mean = statistics.mean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", nargs="+", default=["digits", "mnist5k"],
-                        choices=["digits", "mnist5k"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="float epochs (default: the zoo model's)")
-    parser.add_argument("--qat-epochs", type=int, default=None,
-                        help="QAT epochs (default: half the float epochs, as qflow quantize)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (default 0: torch's choice)")
+    common_arguments(parser, ["digits", "mnist5k"])
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     zoo = MODELS[MODEL]
     epochs = args.epochs or zoo.epochs
     qat_epochs = args.qat_epochs if args.qat_epochs is not None else max(3, epochs // 2)
@@ -131,11 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
         for seed in args.seeds:
             started = time.perf_counter()
-            seed_everything(seed)
-            float_model = zoo.factory()
             t0 = time.perf_counter()
-            fit(float_model, data.x_train, data.y_train, epochs=epochs, lr=zoo.lr,
-                batch_size=args.batch_size, seed=seed, progress=False, description="float")
+            float_model = train_float(zoo, data, epochs=epochs, batch_size=args.batch_size,
+                                      seed=seed)
             epoch_seconds = (time.perf_counter() - t0) / epochs
             add("float", evaluate(float_model, data.x_test, data.y_test), 4.0, 4.0)
             plans = {}
@@ -154,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
                 model = train_qfx(float_model, data, uniform, qat_epochs=qat_epochs,
                                   lr=zoo.lr, batch_size=args.batch_size, seed=seed)
                 fr = uniform_fractions(costs, bits)
-                add(f"uniform w{bits}", deployed_accuracy(model, data), fr["size"], fr["bops"])
+                add(f"uniform w{bits}", deployed_accuracy(model, data, "bench_hawq"),
+                    fr["size"], fr["bops"])
             for name, plan in plans.items():
                 seed_everything(seed)
                 model = train_qfx(float_model, data, plan.config, qat_epochs=qat_epochs,
                                   lr=zoo.lr, batch_size=args.batch_size, seed=seed)
                 costs = plan.report["costs"]
-                add(name, deployed_accuracy(model, data), costs["size"]["fraction"],
+                add(name, deployed_accuracy(model, data, "bench_hawq"), costs["size"]["fraction"],
                     costs["bops"]["fraction"])
             print(f"{data_name} seed {seed}: " + ", ".join(
                 f"{k} {v['accuracy'][-1]:.1f}" for k, v in rows.items())
@@ -172,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                   "|---|---|---|---|---|"]
         for name, r in rows.items():
             if name == "float":
-                lines.append(f"| float | {_stats(r['accuracy'])} | "
+                lines.append(f"| float | {mean_std(r['accuracy'])} | "
                              + ", ".join(f"{v:.1f}" for v in r["accuracy"]) + " | — | — |")
                 continue
-            lines.append(f"| {name} | {_stats(r['accuracy'])} | "
+            lines.append(f"| {name} | {mean_std(r['accuracy'])} | "
                          + ", ".join(f"{v:.1f}" for v in r["accuracy"])
                          + f" | {statistics.mean(r['size']):.3f} | "
                          f"{statistics.mean(r['bops']):.3f} |")
@@ -186,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{data_name}: HAWQ at ≤ the uniform 4-bit size − uniform 4-bit = "
                      f"{mixed - flat:+.2f} points (bar: mixed beats uniform at equal size: "
                      f"{verdict})")
-        lines.append(f"{data_name}: sensitivity analysis {_stats(ratios)} float epochs "
+        lines.append(f"{data_name}: sensitivity analysis {mean_std(ratios)} float epochs "
                      f"(mean ± std over seeds)")
     print("\n".join(lines))
     return 0

@@ -52,11 +52,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
+from benchlib import apply_threads, common_arguments, deployed_accuracy, mean_std, train_float
 
 import qflow
-from qflow.graph import Emulator
 from qflow.methods import method_of
 from qflow.ofq.quantize import lsq_layers, statsq_layers
 from qflow.oscillation import OscillationTracker
@@ -87,35 +86,14 @@ def train_ofq(float_model, data, config, *, qat_epochs: int, lr: float, batch_si
     return model, 100.0 * oscillating / weights
 
 
-def deployed_accuracy(model, data) -> float:
-    """Accuracy (%) of the frozen model under the emulator; checks that it decides every
-    test sample as the QAT model in eval mode does."""
-    model.eval()
-    graph = qflow.freeze(model, torch.from_numpy(data.x_test[:2]))
-    logits = Emulator(graph).run(data.x_test)
-    with torch.no_grad():
-        qat = model(torch.from_numpy(data.x_test)).numpy()
-    differ = int((np.argmax(logits, 1) != np.argmax(qat, 1)).sum())
-    if differ:
-        raise SystemExit(f"bench_ofq: the emulator decides {differ} test samples "
-                         "differently from the QAT model: not exact")
-    return 100.0 * float((np.argmax(logits, 1) == data.y_test).mean())
-
-
-def _stats(values: list[float], digits: int = 1) -> str:
-    mean = statistics.mean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def _table(results: dict[str, dict[str, list[float]]]) -> list[str]:
     lines = ["| variant | accuracy % (mean ± std) | per seed | oscillating low-bit "
              "weights % (mean ± std) | per seed |", "|---|---|---|---|---|"]
     for name, r in results.items():
         osc = r.get("oscillation")
-        lines.append(f"| {name} | {_stats(r['accuracy'])} | "
+        lines.append(f"| {name} | {mean_std(r['accuracy'])} | "
                      + ", ".join(f"{v:.1f}" for v in r["accuracy"]) + " | "
-                     + (f"{_stats(osc, 2)} | " + ", ".join(f"{v:.2f}" for v in osc)
+                     + (f"{mean_std(osc, 2)} | " + ", ".join(f"{v:.2f}" for v in osc)
                         if osc else "— | —") + " |")
     return lines
 
@@ -141,22 +119,12 @@ def _bars(data_name: str, results: dict, bits: list[int]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", nargs="+", default=["digits", "mnist5k"],
-                        choices=list(MODELS_BY_DATA))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    common_arguments(parser, list(MODELS_BY_DATA))
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--ablate-qkr", type=int, nargs="*", default=[2],
                         help="widths with an extra OFQ row without QKR (default: 2)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="float epochs (default: the zoo model's)")
-    parser.add_argument("--qat-epochs", type=int, default=None,
-                        help="QAT epochs (default: half the float epochs, as qflow quantize)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (default 0: torch's choice)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     print(f"OFQ vs LSQ: bits {args.bits}, seeds {args.seeds}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
     lines = []
@@ -176,17 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         results.update({k: {"accuracy": [], "oscillation": []} for k in variants})
         for seed in args.seeds:
             started = time.perf_counter()
-            seed_everything(seed)
-            float_model = zoo.factory()
-            fit(float_model, data.x_train, data.y_train, epochs=epochs, lr=zoo.lr,
-                batch_size=args.batch_size, seed=seed, progress=False, description="float")
-            float_model.eval()
+            float_model = train_float(zoo, data, epochs=epochs, batch_size=args.batch_size,
+                                      seed=seed).eval()
             results["float"]["accuracy"].append(evaluate(float_model, data.x_test, data.y_test))
             for name, config in variants.items():
                 seed_everything(seed)
                 model, oscillating = train_ofq(float_model, data, config, qat_epochs=qat_epochs,
                                                lr=zoo.lr, batch_size=args.batch_size, seed=seed)
-                results[name]["accuracy"].append(deployed_accuracy(model, data))
+                results[name]["accuracy"].append(deployed_accuracy(model, data, "bench_ofq"))
                 results[name]["oscillation"].append(oscillating)
             print(f"{data_name} seed {seed}: " + ", ".join(
                 f"{k} {v['accuracy'][-1]:.1f}" + (f" ({v['oscillation'][-1]:.2f} % osc.)"

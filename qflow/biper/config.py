@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
-from qflow.method_config import FixedMethodConfig, LayerSettings
+from qflow.method_config import FixedMethodConfig, LayerSettings, override_patterns
 
 BIPER_CONFIG_VERSION = 1
 ESTIMATORS = ("biper", "ste")
@@ -108,15 +107,8 @@ class BiPerConfig(FixedMethodConfig):
             object.__setattr__(self, name, _number(getattr(self, name), f"config.{name}"))
         for name in ("stage1_epochs", "stage2_epochs"):
             _epochs(getattr(self, name), f"config.{name}")
-        if not isinstance(self.fixed, QFXConfig):
-            raise ConfigError(f"config.fixed: expected a QFXConfig, got "
-                              f"{type(self.fixed).__name__}")
-        if not isinstance(self.overrides, Mapping):
-            raise ConfigError(f"config.overrides: expected a mapping of layer patterns, got "
-                              f"{type(self.overrides).__name__}")
         overrides = {}
-        for pattern, value in self.overrides.items():
-            LayerOverride(pattern=pattern)  # a string and a valid regex, or ConfigError
+        for pattern, value in override_patterns(self):
             overrides[pattern] = BinaryOverride.parse(value, f"config.overrides[{pattern!r}]")
         object.__setattr__(self, "overrides", overrides)
 

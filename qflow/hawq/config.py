@@ -18,19 +18,13 @@ from typing import ClassVar
 
 from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
-from qflow.method_config import FixedMethodConfig
+from qflow.method_config import FixedMethodConfig, checked_integer, override_patterns
 
 from .choice import FRACTIONS, QUANTITIES, RESOURCES
 
 HAWQ_CONFIG_VERSION = 1
 MIN_WIDTH, MAX_WIDTH = 2, 16
 MAX_BUDGET = 4.0
-
-
-def _integer(value, path: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{path}: expected an integer from {low} to {high}, got {value!r}")
-    return value
 
 
 def _number(value, path: str, low: float, high: float, what: str) -> float:
@@ -42,7 +36,7 @@ def _number(value, path: str, low: float, high: float, what: str) -> float:
 def _budget_value(name: str, value, path: str):
     if name in FRACTIONS:
         return _number(value, path, 0, MAX_BUDGET, "a fraction of the 8-bit model's")
-    return _integer(value, path, 1, 10**9)
+    return checked_integer(value, path, 1, 10**9)
 
 
 def parse_budget(text: str) -> tuple[str, float | int]:
@@ -112,7 +106,7 @@ class HAWQConfig(FixedMethodConfig):
         if isinstance(self.widths, (str, bytes)) or not isinstance(self.widths, (list, tuple)) \
                 or not self.widths:
             raise ConfigError(f"config.widths: expected a list of widths, got {self.widths!r}")
-        widths = tuple(sorted({_integer(b, "config.widths[]", MIN_WIDTH, MAX_WIDTH)
+        widths = tuple(sorted({checked_integer(b, "config.widths[]", MIN_WIDTH, MAX_WIDTH)
                                for b in self.widths}))
         object.__setattr__(self, "widths", widths)
         if not isinstance(self.budget, Mapping) or not self.budget:
@@ -132,23 +126,16 @@ class HAWQConfig(FixedMethodConfig):
             raise ConfigError(f"config.budget.{needs[0]}: a {needs[0]} budget needs an FPGA "
                               "target (--target, e.g. ultra96)")
         if self.reuse_factor != "auto":
-            _integer(self.reuse_factor, "config.reuse_factor", 1, 4096)
+            checked_integer(self.reuse_factor, "config.reuse_factor", 1, 4096)
         if not isinstance(self.pin_first_last, bool):
             raise ConfigError(f"config.pin_first_last: expected true or false, got "
                               f"{self.pin_first_last!r}")
-        if not isinstance(self.overrides, Mapping):
-            raise ConfigError(f"config.overrides: expected a mapping of layer patterns to "
-                              f"widths, got {type(self.overrides).__name__}")
-        for pattern, bits in self.overrides.items():
-            LayerOverride(pattern=pattern)  # a string and a valid regex, or ConfigError
-            _integer(bits, f"config.overrides[{pattern!r}]", MIN_WIDTH, MAX_WIDTH)
+        for pattern, bits in override_patterns(self, "layer patterns to widths"):
+            checked_integer(bits, f"config.overrides[{pattern!r}]", MIN_WIDTH, MAX_WIDTH)
         object.__setattr__(self, "overrides", dict(self.overrides))
-        if not isinstance(self.fixed, QFXConfig):
-            raise ConfigError(f"config.fixed: expected a QFXConfig, got "
-                              f"{type(self.fixed).__name__}")
-        _integer(self.samples, "config.samples", 1, 10**6)
-        _integer(self.max_probes, "config.max_probes", 1, 10**6)
-        _integer(self.seed, "config.seed", 0, 2**31 - 1)
+        checked_integer(self.samples, "config.samples", 1, 10**6)
+        checked_integer(self.max_probes, "config.max_probes", 1, 10**6)
+        checked_integer(self.seed, "config.seed", 0, 2**31 - 1)
         object.__setattr__(self, "tol", _number(self.tol, "config.tol", 0, 0.5, "a number"))
         object.__setattr__(self, "rel_error", _number(self.rel_error, "config.rel_error", 0,
                                                       0.5, "a number"))

@@ -23,7 +23,12 @@ from typing import ClassVar
 
 from qflow.config import LayerOverride, QFXConfig
 from qflow.errors import ConfigError
-from qflow.method_config import FixedMethodConfig, LayerSettings
+from qflow.method_config import (
+    FixedMethodConfig,
+    LayerSettings,
+    checked_integer,
+    override_patterns,
+)
 
 #: 2: the ``qkr`` field (version-1 data, written before it, reads as ``qkr: false``)
 OFQ_CONFIG_VERSION = 2
@@ -33,12 +38,6 @@ MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8
 MIN_MULTIPLIER_BITS, MAX_MULTIPLIER_BITS = 4, 24
 #: the weight quantizers: OFQ's StatsQ, or the learned-scale LSQ baseline
 WEIGHT_QUANTIZERS = ("statsq", "lsq")
-
-
-def _integer(value, path: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{path}: expected an integer from {low} to {high}, got {value!r}")
-    return value
 
 
 #: the training fields (CGA and distillation), in to_dict's order
@@ -54,7 +53,7 @@ def _number(value, path: str) -> float:
 def _check_training(config) -> None:
     """Check (and make floats of) the CGA and distillation fields of an OFQConfig."""
     if config.cga_epochs is not None:
-        _integer(config.cga_epochs, "config.cga_epochs", 0, 10**6)
+        checked_integer(config.cga_epochs, "config.cga_epochs", 0, 10**6)
     br = _number(config.cga_br, "config.cga_br")
     if not 0 <= br < 0.5:
         raise ConfigError(f"config.cga_br: expected a number in [0, 0.5), got {br!r}")
@@ -85,7 +84,7 @@ class StatsQOverride(LayerSettings):
         if self.statsq is not None and not isinstance(self.statsq, bool):
             raise ConfigError(f"statsq: expected true or false, got {self.statsq!r}")
         if self.weight_bits is not None:
-            _integer(self.weight_bits, "weight_bits", MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
+            checked_integer(self.weight_bits, "weight_bits", MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,8 +140,8 @@ class OFQConfig(FixedMethodConfig):
         if isinstance(self.version, bool) or self.version != OFQ_CONFIG_VERSION:
             raise ConfigError(f"config version {self.version!r} is not supported "
                               f"(this qflow reads {OFQ_CONFIG_VERSION})")
-        _integer(self.weight_bits, "config.weight_bits", MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
-        _integer(self.multiplier_bits, "config.multiplier_bits", MIN_MULTIPLIER_BITS,
+        checked_integer(self.weight_bits, "config.weight_bits", MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
+        checked_integer(self.multiplier_bits, "config.multiplier_bits", MIN_MULTIPLIER_BITS,
                  MAX_MULTIPLIER_BITS)
         if not isinstance(self.weight_quantizer, str) or \
                 self.weight_quantizer not in WEIGHT_QUANTIZERS:
@@ -150,15 +149,8 @@ class OFQConfig(FixedMethodConfig):
                               f"{', '.join(WEIGHT_QUANTIZERS)}, got {self.weight_quantizer!r}")
         if not isinstance(self.qkr, bool):
             raise ConfigError(f"config.qkr: expected true or false, got {self.qkr!r}")
-        if not isinstance(self.fixed, QFXConfig):
-            raise ConfigError(f"config.fixed: expected a QFXConfig, got "
-                              f"{type(self.fixed).__name__}")
-        if not isinstance(self.overrides, Mapping):
-            raise ConfigError(f"config.overrides: expected a mapping of layer patterns, got "
-                              f"{type(self.overrides).__name__}")
         overrides = {}
-        for pattern, value in self.overrides.items():
-            LayerOverride(pattern=pattern)  # a string and a valid regex, or ConfigError
+        for pattern, value in override_patterns(self):
             overrides[pattern] = StatsQOverride.parse(value, f"config.overrides[{pattern!r}]")
         object.__setattr__(self, "overrides", overrides)
         _check_training(self)
@@ -185,7 +177,7 @@ class OFQConfig(FixedMethodConfig):
         statsq = weight_bits if weight_bits is not None else bits
         changed = self
         if statsq is not None and statsq != self.weight_bits:
-            _integer(statsq, "--bits/--weight-bits (OFQ StatsQ width)", MIN_WEIGHT_BITS,
+            checked_integer(statsq, "--bits/--weight-bits (OFQ StatsQ width)", MIN_WEIGHT_BITS,
                      MAX_WEIGHT_BITS)
             changed = dataclasses.replace(changed, weight_bits=statsq)
         if act_bits is not None:
