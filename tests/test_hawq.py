@@ -238,3 +238,42 @@ def test_dsp_budget_holds_in_the_exported_estimate(tmp_path):
     weight_layers = {"stem", "conv1", "conv2", "conv3", "fc"}
     others = sum(row["dsp"] for row in estimate["layers"] if row["node"] not in weight_layers)
     assert others == dsp["other_layers"]
+
+
+class UserNet(nn.Module):
+    """Written as users write models: functional ReLU and flatten in forward, an unnamed
+    Sequential inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Linear(8 * 16, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        return self.head(F.relu(self.body(torch.flatten(x, 1))))
+
+
+def test_allocation_on_a_user_model_quantizes_and_freezes_exactly():
+    import qflow
+    from qflow.hawq import allocate
+    from qflow.train import calibrate
+
+    torch.manual_seed(0)
+    model = UserNet()
+    x, y = torch.rand(128, 1, 4, 4), torch.randint(0, 4, (128,))
+    plan = allocate(model, x, y, HAWQConfig(budget={"bops": 0.6}, max_probes=40))
+    assert set(plan.widths) == {"conv", "body.0", "body.2", "head"}
+    assert plan.widths["conv"] == plan.widths["head"] == 8  # forward order: first, last
+    assert plan.report["costs"]["bops"]["fraction"] <= 0.6
+    assert plan.widths["body.0"] < 8 or plan.widths["body.2"] < 8
+    q = qflow.quantize_(model, plan.config)
+    calibrate(q, x)
+    q.eval()
+    for name, bits in plan.widths.items():
+        assert q.get_submodule(name).weight_quant.spec.bits == bits
+    graph = qflow.freeze(q, x[:2])
+    with torch.no_grad():
+        expected = q(x).double().numpy() / graph.output_type.lsb
+    assert int((qflow.emulate(graph, x.numpy()) != expected).any(axis=1).sum()) == 0
