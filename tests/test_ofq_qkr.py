@@ -152,3 +152,20 @@ def test_three_bit_recipe_runs_through_the_command_line(tmp_path):
     assert (config["method"], config["weight_bits"], config["qkr"]) == ("ofq", 3, True)
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert "blocks.0.attn.qk_0.weight" in state and "blocks.0.attn.q.weight" not in state
+
+
+def test_a_mode_dependent_attention_is_refused():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            scores = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), dim=-1)
+            return scores * 0.5 if self.training else scores
+
+    model = Noisy()
+    with pytest.raises(ConfigError, match=r"qkr: the forward of the model \(Noisy\) differs "
+                                          r"between training and evaluation mode"):
+        reparameterize_qk(model)
+    assert hasattr(model, "q")

@@ -74,13 +74,13 @@ def _shapes(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, int
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    was = model.training
     try:
-        was = model.training
         model.eval()
         with torch.no_grad():
             model(x[:1])
-        model.train(was)
     finally:
+        model.train(was)
         for h in handles:
             h.remove()
     return order, macs

@@ -26,7 +26,8 @@ What is matched, in a module's own forward (torch.fx): a product ``a @ b`` (``@`
 ``nn.Linear`` on some tensor x or its slice ``[..., i:j]`` of the last axis, and ``b`` the
 last two axes swapped (``.transpose(1, 2)``, ``(-2, -1)``, ...) of another ``nn.Linear``
 on the same x, sliced the same way. The q and k layers are removed when nothing else
-reads them. A forward torch.fx cannot trace is left as it is.
+reads them. A forward torch.fx cannot trace is left as it is; one that traces differently
+in training and evaluation mode (``if self.training``) is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qflow.fxconvert import _compile, _OwnerTracer
+from qflow.errors import ConfigError
+from qflow.fxconvert import _compile, _trace
 
 _MATMULS = {("call_function", operator.matmul), ("call_function", torch.matmul),
             ("call_method", "matmul")}
@@ -220,10 +222,14 @@ def reparameterize_qk(model: nn.Module) -> dict[str, int]:
         if not any(isinstance(c, nn.Linear) for c in owner.children()):
             continue
         try:
-            graph = _OwnerTracer().trace(owner)
+            graph, same_in_both_modes = _trace(owner)
         except Exception:  # fx raises many types; such a forward stays as it is
             continue
         matches = _matches(graph, owner)
+        if matches and not same_in_both_modes:  # the rewrite would fix one mode's code
+            raise ConfigError(f"qkr: the forward of {path or 'the model'} "
+                              f"({type(owner).__name__}) differs between training and "
+                              "evaluation mode, so it cannot be rewritten; set qkr: false")
         if matches:
             prefix = f"{path}." if path else ""
             names.update((prefix + n, d) for n, d in _rewrite(owner, graph, matches).items())
