@@ -18,7 +18,7 @@ layers and the handler load on first use.
 >>> method.tag(config)
 'ofq-w2a8'
 >>> method.describe(config)
-'OFQ (StatsQ weights 2-bit, multiplier 16-bit), activations 8-bit, first/last layers 8-bit'
+'OFQ (StatsQ weights 2-bit, multiplier 16-bit, QKR), activations 8-bit, first/last layers 8-bit'
 >>> [(p.name, p.epochs, p.lr_schedule) for p in method.phases(config, 5)]
 [('QAT', 5, 'cosine'), ('CGA', 2, 'constant')]
 """
@@ -99,9 +99,10 @@ def _tag(config: OFQConfig) -> str:
 
 def _describe(config: OFQConfig) -> str:
     quantizer = "LSQ" if config.weight_quantizer == "lsq" else "StatsQ"
+    qkr = ", QKR" if config.qkr else ""
     return (f"OFQ ({quantizer} weights {config.weight_bits}-bit, multiplier "
-            f"{config.multiplier_bits}-bit), activations {config.fixed.activation.bits}-bit, "
-            f"first/last layers {config.fixed.weight.bits}-bit")
+            f"{config.multiplier_bits}-bit{qkr}), activations "
+            f"{config.fixed.activation.bits}-bit, first/last layers {config.fixed.weight.bits}-bit")
 
 
 register_method(Method(name="ofq", config_type=OFQConfig, quantize=_quantize,
