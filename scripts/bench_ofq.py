@@ -42,6 +42,7 @@ Run it
     . .venv/bin/activate
     python scripts/bench_ofq.py --threads 1                  # both data sets, 3 seeds
     python scripts/bench_ofq.py --data digits --seeds 0 --epochs 5 --qat-epochs 3
+    python scripts/bench_ofq.py --threads 1 --cga-br 0.0005 --no-lsq --ablate-qkr
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--ablate-qkr", type=int, nargs="*", default=[2],
                         help="widths with an extra OFQ row without QKR (default: 2)")
+    parser.add_argument("--cga-br", type=float, default=None,
+                        help="CGA's boundary range BR of the OFQ rows (default: OFQConfig's)")
+    parser.add_argument("--no-lsq", action="store_true",
+                        help="OFQ rows only (the LSQ rows do not depend on --cga-br)")
     args = parser.parse_args(argv)
     apply_threads(args)
     print(f"OFQ vs LSQ: bits {args.bits}, seeds {args.seeds}, batch {args.batch_size}, "
@@ -134,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         qat_epochs = args.qat_epochs if args.qat_epochs is not None else max(3, epochs // 2)
         data = DATASETS[data_name]()
         variants = {}
+        br = {} if args.cga_br is None else {"cga_br": args.cga_br}
         for b in args.bits:
-            variants[f"OFQ w{b}"] = qflow.OFQConfig(weight_bits=b)
-            variants[f"LSQ w{b}"] = qflow.OFQConfig(weight_bits=b, weight_quantizer="lsq",
-                                                     qkr=False)
+            variants[f"OFQ w{b}"] = qflow.OFQConfig(weight_bits=b, **br)
+            if not args.no_lsq:
+                variants[f"LSQ w{b}"] = qflow.OFQConfig(weight_bits=b, weight_quantizer="lsq",
+                                                         qkr=False)
         for b in args.ablate_qkr:
-            variants[f"OFQ w{b} without QKR"] = qflow.OFQConfig(weight_bits=b, qkr=False)
+            variants[f"OFQ w{b} without QKR"] = qflow.OFQConfig(weight_bits=b, qkr=False, **br)
         results: dict[str, dict[str, list[float]]] = {"float": {"accuracy": []}}
         results.update({k: {"accuracy": [], "oscillation": []} for k in variants})
         for seed in args.seeds:
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"\n{data_name}: {MODELS_BY_DATA[data_name]}, float {epochs} epochs, QAT "
                   f"{qat_epochs} epochs + {qflow.ofq.cga_epochs(qflow.OFQConfig(), qat_epochs)} "
                   f"(CGA / constant lr), {len(args.seeds)} seeds\n", *_table(results), "",
-                  *_bars(data_name, results, args.bits)]
+                  *([] if args.no_lsq else _bars(data_name, results, args.bits))]
     print("\n".join(lines))
     return 0
 
