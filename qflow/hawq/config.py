@@ -63,8 +63,8 @@ class HAWQConfig(FixedMethodConfig):
     budgets, then QFX QAT with those widths.
 
     - ``widths``: the candidate weight widths (2 to 16), default 3, 4, 6, 8 (2 is left
-      out: QFX QAT of a 2-bit layer with a learned binary point can diverge,
-      ``docs/hawq.md``);
+      out while QFX's 12-bit BatchNorm scale can saturate in QAT: a 2-bit layer before a
+      BatchNorm brings that on within the default schedule, ``docs/hawq.md``);
     - ``budget``: quantity -> fraction of the same model with every weight layer at 8 bits:
       ``size`` (weight bits) and/or ``bops`` (products × weight bits × input bits); or a
       count for the whole design on ``target``: ``dsp``, ``lut`` (qflow's resource
