@@ -103,9 +103,10 @@ def limits(layers: list[LayerCosts], budgets: dict[str, float],
 
 
 def choose(layers: list[LayerCosts], budgets: dict[str, float],
-           base: dict[str, int] | None = None) -> dict[str, int]:
+           base: dict[str, int] | None = None, where: str = "") -> dict[str, int]:
     """The widths of least ΣΩ within every budget (:func:`limits`); a one-line
-    ConfigError naming the smallest feasible budget when none fits.
+    ConfigError naming the smallest feasible budget when none fits (:func:`check_budgets`,
+    ``where`` saying under which settings).
 
     >>> a = LayerCosts("a", {2: 4.0, 8: 0.0}, weights=1, macs=1, input_bits=8)
     >>> b = LayerCosts("b", {2: 1.0, 8: 0.0}, weights=1, macs=1, input_bits=8)
@@ -114,7 +115,7 @@ def choose(layers: list[LayerCosts], budgets: dict[str, float],
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    check_budgets(layers, budgets, base)
+    check_budgets(layers, budgets, base, where)
     bounds = limits(layers, budgets, base)
     index = [(i, b) for i, layer in enumerate(layers) for b in layer.widths]
     omega = np.array([layers[i].omega[b] for i, b in index])

@@ -194,8 +194,7 @@ def allocate(model: nn.Module, x, y, config: HAWQConfig, *,
     resources = layout.resource_costs(x[:256])
     base = None if resources is None else resources.base
     costs = layout.costs(lambda name, b: omegas[name][b], resources)
-    choice.check_budgets(costs, config.budget, base, _where(resources))
-    widths = choose(costs, config.budget, base)
+    widths = choose(costs, config.budget, base, _where(resources))
     fixed = replace(config.fixed, overrides=(*config.fixed.overrides, *(
         LayerOverride(pattern=_pattern(n), weight=SpecOverride(bits=widths[n])) for n in names)))
     report = _report(config, costs, widths, est, seconds, pinned, resources)

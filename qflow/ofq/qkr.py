@@ -184,10 +184,11 @@ def _rewrite(owner: nn.Module, graph: fx.Graph, matches: list[_Match]) -> dict[s
         owner.add_module(name, module)
     graph.lint()
     cls = type(owner)
+    source = graph.python_code(root_module="self").src
     owner.__class__ = type(cls.__name__, (cls,), {
-        "forward": _compile(graph.python_code(root_module="self").src, graph, owner),
+        "forward": _compile(source, graph, owner),
         "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-        "qflow_traced_forward": graph.python_code(root_module="self").src,
+        "qflow_traced_forward": source,
         "qflow_original_class": getattr(cls, "qflow_original_class", cls)})
     return head_dims
 

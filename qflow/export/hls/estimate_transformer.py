@@ -53,7 +53,7 @@ from .estimate import (
     dsp_per_product,
 )
 from .onnx_graph import token_transpose
-from .transformer_graph import row_geometry, token_feature_requant
+from .transformer_graph import requant_transposes, row_geometry
 
 #: cycles per quotient bit of the row divider, per step of the square root
 DIVIDER_CYCLES_PER_BIT = 1
@@ -208,22 +208,10 @@ def _moves(ctx: _Context, node: Node) -> LayerEstimate:
     producer = next((n for n in ctx.graph.nodes if n.output == node.inputs[0]), None)
     if producer is not None and token_transpose(ctx.graph, producer) is node:
         return est
-    if token_feature_requant(ctx.graph, node) is not None or _ends_requant(ctx, node):
+    if node.name in requant_transposes(ctx.graph):
         return est
     _output_registers(ctx, est, node.output)
     return est
-
-
-def _ends_requant(ctx: _Context, back: Node) -> bool:
-    """Whether ``back`` is the transpose that closes a :func:`token_feature_requant`."""
-    producers = {n.output: n for n in ctx.graph.nodes}
-    node = back
-    for _ in range(3):  # back <- cast <- scale_shift <- the opening transpose
-        node = producers.get(node.inputs[0])
-        if node is None:
-            return False
-    chain = token_feature_requant(ctx.graph, node)
-    return chain is not None and chain[2] is back
 
 
 def _mean(ctx: _Context, node: Node) -> LayerEstimate:

@@ -215,6 +215,17 @@ def token_feature_requant(graph, node: Node) -> tuple[Node, Node, Node] | None:
     return chain[1], chain[2], chain[3]
 
 
+def requant_transposes(graph) -> set[str]:
+    """Names of the transposes, opening and closing, of every
+    :func:`token_feature_requant` chain of ``graph`` (not exported)."""
+    names = set()
+    for node in graph.nodes:
+        chain = token_feature_requant(graph, node)
+        if chain is not None:
+            names.update((node.name, chain[2].name))
+    return names
+
+
 def _swaps_axes(node: Node) -> bool:
     perm = node.attrs.get("perm")
     return isinstance(perm, (list, tuple)) and [int(p) for p in perm] == [1, 0]
