@@ -359,6 +359,32 @@ def test_qbatchnorm2d_eval_equals_quantized_scale_and_shift():
     assert not np.array_equal(bn.eval()(x.float()).detach().double().numpy(), expected)
 
 
+def test_batchnorm_scale_grows_its_range_in_training_and_never_clips():
+    """QAT shrinks the weights before a BatchNorm, so γ/σ grows past the range its
+    binary point was calibrated for; training must widen it (a clipped scale made
+    digits-cnn collapse to chance in long QAT), and eval must keep what training set."""
+    g = _gen(7)
+    bn = nn.BatchNorm2d(3)
+    layer = QBatchNorm2d.from_float(bn, QFXConfig(), "bn").train()
+    x = torch.randn(8, 3, 4, 4, generator=g)
+    layer(x)  # calibrates the scale's binary point on γ/σ ≈ 1
+    before = [t.integer for t in layer.scale_quant.fixed_types()]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 1.0, 1.0]))
+    small = x * torch.tensor([1.0, 0.01, 1.0]).reshape(1, 3, 1, 1)  # channel 1: σ / 100
+    layer(small)
+    with torch.no_grad():
+        scale = layer.weight / torch.sqrt(small.var(dim=(0, 2, 3), unbiased=False) + layer.eps)
+    types = layer.scale_quant.fixed_types()
+    assert types[1].integer > before[1]  # grown on the channel that needed it
+    assert [t.integer for t in types][::2] == before[::2]  # the others untouched
+    for c, t in enumerate(types):
+        assert abs(cast(float(scale[c]), t) - float(scale[c])) <= 2.0 ** -t.fractional
+    layer.eval()
+    layer(small)
+    assert [t.integer for t in layer.scale_quant.fixed_types()] == [t.integer for t in types]
+
+
 def _activation_config(name: str, **spec) -> QFXConfig:
     return QFXConfig(overrides=(LayerOverride(pattern=name, activation=SpecOverride(**spec)),))
 

@@ -154,6 +154,7 @@ class _BinaryLayer:
         alpha = self._alpha(acc.dtype)
         norm = self.norm
         if norm is None:
+            self.scale_quant.cover_(alpha)  # a clipped per-channel scale is never better
             y = acc * self.scale_quant(alpha).reshape(shape)
             if self.bias is not None:
                 y = y + self.shift_quant(self.bias).reshape(shape)
@@ -173,6 +174,7 @@ class _BinaryLayer:
         gamma = norm.weight if norm.affine else torch.ones_like(mean)
         scale = alpha * gamma * r
         shift = norm.bias - mean * scale if norm.affine else -mean * scale
+        self.scale_quant.cover_(scale)  # α·γ/σ grows as σ shrinks: keep it covered
         with torch.no_grad():
             invstd = alpha.abs() * r
             weight = gamma * torch.sign(alpha)

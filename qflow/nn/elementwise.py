@@ -79,6 +79,8 @@ class _QBatchNorm:
             mean, var = batch_statistics(self, x)
         invstd = torch.rsqrt(var + self.eps)
         scale, shift = scale_shift_from_invstd(self, mean, invstd, x.dtype)
+        # γ/σ grows as the weights before it shrink: keep its range covered
+        self.scale_quant.cover_(scale)
         weight = None if self.weight is None else self.weight.detach()
         return self.out_quant(_TrainingBatchNorm.apply(
             x, self.scale_quant(scale).reshape(shape), self.shift_quant(shift).reshape(shape),

@@ -198,6 +198,35 @@ class FixedQuantizer(nn.Module):
         return chosen
 
     @torch.no_grad()
+    def cover_(self, x: torch.Tensor) -> None:
+        """Raise the integer bits (never lower them) where a value of ``x`` would
+        overflow; an uninitialized quantizer initializes from ``x`` instead.
+
+        For tensors that are functions of parameters rather than data (a BatchNorm's
+        per-channel γ/σ): clipping one is never the better approximation, and the
+        learned binary point follows a growing value too slowly (its gradient is the
+        sum over one value), so the training pass keeps the range covered.
+
+        >>> import torch
+        >>> from qflow.config import QuantSpec
+        >>> q = FixedQuantizer(QuantSpec(bits=8, signed=True, integer_bits=1))
+        >>> q.cover_(torch.tensor([3.0, -0.5])); str(q.fixed_type())
+        'ap_fixed<8,3,AP_RND_CONV,AP_SAT>'
+        >>> q.cover_(torch.tensor([0.1])); str(q.fixed_type())   # never lowered
+        'ap_fixed<8,3,AP_RND_CONV,AP_SAT>'
+        """
+        x = x.detach()
+        if not self._initialized:
+            self.initialize(x)
+            return
+        flat = x.reshape(x.shape[0], -1) if self.per_channel else x.reshape(1, -1)
+        peak = flat.abs().amax(dim=1).clamp_min(2.0**-24)
+        needed = self._covering_integer_bits(flat, torch.ceil(torch.log2(peak)))
+        needed = needed.reshape(self.integer_bits.shape).to(self.integer_bits.dtype)
+        current = self.integer_bits.data
+        current.copy_(torch.where(torch.round(current) < needed, needed, current))
+
+    @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``x`` cast by the current type: ``cast(x) · 2^fractional``,
         computed in float64 (exact), as int32 (int64 for 32-bit unsigned codes). Unlike a
