@@ -12,6 +12,7 @@ True
 
 from .biper import BiPerConfig  # registers the BiPer method (torch-free)
 from .config import LayerOverride, QFXConfig, QuantSpec, SpecOverride
+from .dyadic import DyadicConfig  # registers the dyadic method (torch-free)
 from .errors import ConfigError, QflowError
 from .hawq import HAWQConfig  # registers the HAWQ method (torch-free)
 from .ofq import OFQConfig  # registers the OFQ method (torch-free)
@@ -29,6 +30,7 @@ _LAZY = {
 __all__ = [
     "BiPerConfig",
     "ConfigError",
+    "DyadicConfig",
     "HAWQConfig",
     "LayerOverride",
     "OFQConfig",

@@ -81,6 +81,9 @@ class Method:
     #: saved as ``<name>.json`` in the run, one line for the console), for a method that
     #: chooses its config from data after float training (HAWQ); None for the others
     resolve: Callable[..., tuple[Any, dict, str]] | None = None
+    #: (that report, the run directory) -> None: writes the report's figures into the run
+    #: (HAWQ's pareto.png); None when a method has none
+    report_files: Callable[[dict, Any], None] | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -25,6 +25,10 @@ What it measures
     samples, one thread) is given as a multiple of one float training epoch, both timed
     in this process.
 
+    ``--requant dyadic`` runs every variant as dyadic layers instead (``qflow.dyadic``:
+    symmetric per-channel weight scales, static 8-bit input scales, both deployed as
+    fixed-point multipliers; HAWQ's ``requant: dyadic``), the uniform ones included.
+
     The bar of the HAWQ issue is checked and printed: the mixed configuration beats the
     uniform one at equal or smaller size on the mean of the seeds.
 
@@ -32,6 +36,7 @@ Run it
     . .venv/bin/activate
     python scripts/bench_hawq.py --threads 1               # both data sets, 3 seeds
     python scripts/bench_hawq.py --data digits --seeds 0 --epochs 5 --qat-epochs 3
+    python scripts/bench_hawq.py --threads 1 --requant dyadic
 """
 
 from __future__ import annotations
@@ -56,9 +61,9 @@ from qflow.zoo import DATASETS, MODELS
 MODEL = "digits-cnn"
 
 
-def train_qfx(float_model, data, config, *, qat_epochs: int, lr: float, batch_size: int,
+def train_qat(float_model, data, config, *, qat_epochs: int, lr: float, batch_size: int,
               seed: int):
-    """QFX QAT of a copy of ``float_model`` with ``config``, as ``qflow quantize`` runs it."""
+    """QAT of a copy of ``float_model`` with ``config``, as ``qflow quantize`` runs it."""
     model = qflow.quantize_(copy.deepcopy(float_model), config)
     calibrate(model, data.x_train[: batch_size * 4])
     for index, phase in enumerate(method_of(config).phases(config, qat_epochs), start=1):
@@ -77,13 +82,16 @@ def uniform_fractions(costs: list[LayerCosts], bits: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_arguments(parser, ["digits", "mnist5k"])
+    parser.add_argument("--requant", choices=["fixed", "dyadic"], default="fixed",
+                        help="QFX power-of-two formats (default) or dyadic layers")
     args = parser.parse_args(argv)
+    base = HAWQConfig(requant=args.requant)
     apply_threads(args)
     zoo = MODELS[MODEL]
     epochs = args.epochs or zoo.epochs
     qat_epochs = args.qat_epochs if args.qat_epochs is not None else max(3, epochs // 2)
     print(f"{MODEL}: float {epochs} epochs, QAT {qat_epochs} epochs, batch {args.batch_size}, "
-          f"lr {zoo.lr}, seeds {args.seeds}, torch {torch.__version__}, "
+          f"lr {zoo.lr}, seeds {args.seeds}, requant {args.requant}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     lines = []
     for data_name in args.data:
@@ -105,26 +113,27 @@ def main(argv: list[str] | None = None) -> int:
             epoch_seconds = (time.perf_counter() - t0) / epochs
             add("float", evaluate(float_model, data.x_test, data.y_test), 4.0, 4.0)
             plans = {}
-            costs = layer_costs(float_model, data.x_train[:1], HAWQConfig())
+            costs = layer_costs(float_model, data.x_train[:1], base)
             for bits in (4, 3):
                 for quantity in ("size", "bops") if bits == 4 else ():
                     fraction = uniform_fractions(costs, bits)[quantity]
                     t0 = time.perf_counter()
                     plan = allocate(float_model, data.x_train, data.y_train,
-                                    HAWQConfig(budget={quantity: fraction}, seed=seed))
+                                    HAWQConfig(budget={quantity: fraction}, seed=seed,
+                                               requant=args.requant))
                     if bits == 4 and quantity == "size":
                         ratios.append((time.perf_counter() - t0) / epoch_seconds)
                     plans[f"HAWQ {quantity} ≤ w{bits}"] = plan
                 seed_everything(seed)
-                uniform = qflow.QFXConfig.with_bits(weight_bits=bits)
-                model = train_qfx(float_model, data, uniform, qat_epochs=qat_epochs,
+                uniform = base.uniform(bits)
+                model = train_qat(float_model, data, uniform, qat_epochs=qat_epochs,
                                   lr=zoo.lr, batch_size=args.batch_size, seed=seed)
                 fr = uniform_fractions(costs, bits)
                 add(f"uniform w{bits}", deployed_accuracy(model, data, "bench_hawq"),
                     fr["size"], fr["bops"])
             for name, plan in plans.items():
                 seed_everything(seed)
-                model = train_qfx(float_model, data, plan.config, qat_epochs=qat_epochs,
+                model = train_qat(float_model, data, plan.config, qat_epochs=qat_epochs,
                                   lr=zoo.lr, batch_size=args.batch_size, seed=seed)
                 costs = plan.report["costs"]
                 add(name, deployed_accuracy(model, data, "bench_hawq"), costs["size"]["fraction"],
@@ -133,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {v['accuracy'][-1]:.1f}" for k, v in rows.items())
                 + f"; widths {plans['HAWQ size ≤ w4'].widths} "
                 f"({time.perf_counter() - started:.0f} s)", flush=True)
-        lines += [f"\n{data_name}: {MODEL}, {len(args.seeds)} seeds; size and BOPs as "
+        lines += [f"\n{data_name}: {MODEL}, {len(args.seeds)} seeds, {args.requant} "
+                  "requantization; size and BOPs as "
                   "fractions of the all-8-bit model's\n",
                   "| variant | accuracy % (mean ± std) | per seed | size | BOPs |",
                   "|---|---|---|---|---|"]

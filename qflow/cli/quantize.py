@@ -372,6 +372,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
                     run_info=run_info, metrics=metrics)
     if resolved is not None:  # what the config was chosen from (hawq.json)
         write_json(stage / f"{method.name}.json", resolved[0])
+        if method.report_files is not None:  # HAWQ's pareto.png
+            method.report_files(resolved[0], stage)
     notes = "\n".join([oscillation.describe(), *(h.describe() for h in hooks.values())])
     return rows, float_acc, quant_acc, elapsed, notes
 

@@ -12,6 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from qflow.api import QUANTIZED_TYPES
 from qflow.biper.layers import BINARY_TYPES, BinaryConv2d, BinaryLinear
+from qflow.dyadic.layers import DYADIC_TYPES, DyadicConv2d, DyadicLinear
 from qflow.errors import QflowError
 from qflow.nn import (
     QAdaptiveAvgPool2d,
@@ -43,7 +44,8 @@ class FreezeError(QflowError):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, QUANTIZED_TYPES + BINARY_TYPES + STATSQ_TYPES + LSQ_TYPES)
+        return (isinstance(m, QUANTIZED_TYPES + BINARY_TYPES + STATSQ_TYPES + LSQ_TYPES
+                                 + DYADIC_TYPES)
                 or super().is_leaf_module(m, qualname))
 
 
@@ -216,6 +218,38 @@ def _freeze_statsq(b: _Builder, name, module, src, shape):
     return out
 
 
+def _freeze_dyadic(b: _Builder, name, module, src, shape):
+    """A dyadic layer: its input codes by a ``scale_shift`` (the input multiplier on
+    every channel, no shift) and a ``cast`` to the integer input type, then the layer
+    as a StatsQ one (integer weight codes, per-row multipliers and bias, output cast)."""
+    in_shape = b.shape_of(src)
+    if not in_shape:
+        raise FreezeError(f"node {name}: a dyadic layer needs a per-sample axis")
+    with torch.no_grad():
+        code, frac = (int(t) for t in module.input_multiplier())
+    channels, zeros = in_shape[0], np.zeros(in_shape[0], dtype=np.int64)
+    consts = {"scale": np.full(channels, code, np.int64), "scale_frac": np.full(
+        channels, frac, np.int64), "shift": zeros, "shift_frac": zeros.copy()}
+    ss_name = f"{name}_input_scale"
+    probe = Node("scale_shift", ss_name, [src], ss_name, {}, consts)
+    scaled = b.add("scale_shift", ss_name, [src], in_shape,
+                   infer.infer_scale_shift(probe, b.type_of(src)), consts=consts, source=name)
+    codes = b.add("cast", f"{name}_input_codes", [scaled], in_shape, module.input_type(),
+                  source=name)
+    out = _freeze_statsq(b, name, module, codes, shape)
+    # QAT eval multiplies in float64: exact while each product has at most 53 bits
+    significant = module.multiplier_bits - 1
+    for tensor in (src, next(n.inputs[0] for n in reversed(b.nodes)
+                             if n.op == "scale_shift" and n.source == name)):
+        width = b.type_of(tensor).width
+        if width + significant > 53:
+            raise FreezeError(
+                f"{name}: a {width}-bit tensor times a {module.multiplier_bits}-bit "
+                f"multiplier needs {width + significant} significant bits, more than "
+                "float64's 53: QAT eval would round; lower multiplier_bits or the widths")
+    return out
+
+
 def _freeze_batchnorm(b: _Builder, name, module, src, shape):
     channels = module.num_features
     dummy = torch.zeros((1, channels) + (1,) * (len(shape) - 1), dtype=torch.float64)
@@ -323,6 +357,8 @@ MODULE_FREEZERS = {
     StatsQConv2d: _freeze_statsq,
     LSQLinear: _freeze_statsq,
     LSQConv2d: _freeze_statsq,
+    DyadicLinear: _freeze_dyadic,
+    DyadicConv2d: _freeze_dyadic,
     QBatchNorm1d: _freeze_batchnorm,
     QBatchNorm2d: _freeze_batchnorm,
     QReLU: _freeze_relu,

@@ -12,17 +12,28 @@ qflow.errors.ConfigError: config.budget.size: expected a fraction of the 8-bit .
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from qflow.config import LayerOverride, QFXConfig
+from qflow.config import LayerOverride, QFXConfig, SpecOverride
+from qflow.dyadic.config import DyadicConfig
 from qflow.errors import ConfigError
 from qflow.method_config import FixedMethodConfig, checked_integer, override_patterns
 
 from .choice import FRACTIONS, QUANTITIES, RESOURCES
 
-HAWQ_CONFIG_VERSION = 1
+
+def _pattern(name: str) -> str:
+    """A layer name as an override pattern that matches it alone."""
+    return name if re.escape(name) == name else re.escape(name)
+
+#: 2: the ``requant`` field (version-1 data, written before it, reads as ``fixed``)
+HAWQ_CONFIG_VERSION = 2
+#: how the chosen widths are trained and deployed: QFX power-of-two fixed point, or
+#: dyadic (non-power-of-two scales as fixed-point multipliers, :mod:`qflow.dyadic`)
+REQUANT_MODES = ("fixed", "dyadic")
 MIN_WIDTH, MAX_WIDTH = 2, 16
 MAX_BUDGET = 4.0
 
@@ -75,13 +86,18 @@ class HAWQConfig(FixedMethodConfig):
       expression) -> width, pinned too (applied after the first/last rule, in order);
     - ``fixed``: the QFX config of everything else (activations, input, biases) and the
       base of the chosen config;
+    - ``requant``: ``"fixed"`` trains the chosen widths as QFX power-of-two fixed point;
+      ``"dyadic"`` as :class:`qflow.DyadicConfig` layers (symmetric per-channel weight
+      scales and static input scales that are not powers of two, deployed as
+      fixed-point multipliers; the input codes have ``fixed.activation.bits``);
     - ``samples``: training samples in the Hessian batch; ``tol``, ``rel_error``,
       ``max_probes``: Hutchinson's stopping rule (:mod:`qflow.hawq.sensitivity`);
       ``seed``: its probes' seed.
 
-    The chosen widths become a :class:`qflow.QFXConfig` with one weight override per
-    layer: that is what ``qflow quantize --method hawq`` trains and saves as the run's
-    ``config.json`` (re-run it with ``--recipe``, edit it like any QFX recipe).
+    The chosen widths become a :class:`qflow.QFXConfig` (a :class:`qflow.DyadicConfig`
+    with ``requant: dyadic``) with one weight override per layer: that is what ``qflow
+    quantize --method hawq`` trains and saves as the run's ``config.json`` (re-run it
+    with ``--recipe``, edit it like any recipe of that method).
     """
 
     version: int = HAWQ_CONFIG_VERSION
@@ -92,6 +108,7 @@ class HAWQConfig(FixedMethodConfig):
     pin_first_last: bool = True
     overrides: dict = field(default_factory=dict)
     fixed: QFXConfig = field(default_factory=QFXConfig)
+    requant: str = "fixed"
     samples: int = 512
     tol: float = 0.01
     rel_error: float = 0.05
@@ -127,6 +144,9 @@ class HAWQConfig(FixedMethodConfig):
                               "target (--target, e.g. ultra96)")
         if self.reuse_factor != "auto":
             checked_integer(self.reuse_factor, "config.reuse_factor", 1, 4096)
+        if not isinstance(self.requant, str) or self.requant not in REQUANT_MODES:
+            raise ConfigError(f"config.requant: expected one of {', '.join(REQUANT_MODES)}, "
+                              f"got {self.requant!r}")
         if not isinstance(self.pin_first_last, bool):
             raise ConfigError(f"config.pin_first_last: expected true or false, got "
                               f"{self.pin_first_last!r}")
@@ -152,6 +172,33 @@ class HAWQConfig(FixedMethodConfig):
                 width = bits
         return width
 
+    def with_widths(self, widths: dict[str, int]) -> QFXConfig | DyadicConfig:
+        """The config that trains ``widths`` (layer name -> weight width): ``fixed`` with
+        one weight override per layer, or with ``requant: dyadic`` a DyadicConfig (input
+        codes of ``fixed.activation.bits``) with one ``weight_bits`` override per layer.
+
+        >>> HAWQConfig().with_widths({"fc1": 4}).overrides[-1].weight.bits
+        4
+        >>> HAWQConfig(requant="dyadic").with_widths({"fc1": 4}).overrides
+        {'fc1': DyadicOverride(dyadic=None, weight_bits=4, act_bits=None)}
+        """
+        if self.requant == "dyadic":
+            return DyadicConfig(weight_bits=self.fixed.weight.bits,
+                                act_bits=self.fixed.activation.bits, fixed=self.fixed,
+                                overrides={_pattern(n): {"weight_bits": b}
+                                           for n, b in widths.items()})
+        return dataclasses.replace(self.fixed, overrides=(*self.fixed.overrides, *(
+            LayerOverride(pattern=_pattern(n), weight=SpecOverride(bits=b))
+            for n, b in widths.items())))
+
+    def uniform(self, bits: int) -> QFXConfig | DyadicConfig:
+        """The config that trains every weight layer at ``bits``."""
+        if self.requant == "dyadic":
+            return DyadicConfig(weight_bits=bits, act_bits=self.fixed.activation.bits,
+                                fixed=self.fixed)
+        every = LayerOverride(pattern=".*", weight=SpecOverride(bits=bits))
+        return dataclasses.replace(self.fixed, overrides=(*self.fixed.overrides, every))
+
     def replace_bits(self, bits: int | None = None, *, weight_bits: int | None = None,
                      act_bits: int | None = None) -> HAWQConfig:
         """A copy with the command line's activation width (``act_bits``) in ``fixed``;
@@ -171,11 +218,14 @@ class HAWQConfig(FixedMethodConfig):
                 "budget": dict(self.budget), "target": self.target,
                 "reuse_factor": self.reuse_factor, "pin_first_last": self.pin_first_last,
                 "overrides": dict(self.overrides), "fixed": self.fixed_dict(),
-                "samples": self.samples, "tol": self.tol, "rel_error": self.rel_error,
-                "max_probes": self.max_probes, "seed": self.seed}
+                "requant": self.requant, "samples": self.samples, "tol": self.tol,
+                "rel_error": self.rel_error, "max_probes": self.max_probes, "seed": self.seed}
 
     @classmethod
     def from_dict(cls, data: dict) -> HAWQConfig:
         """Build from plain data; missing keys keep their defaults. A ``method`` key,
-        when present, must say ``hawq``."""
+        when present, must say ``hawq``. Version-1 data (before ``requant``) reads as
+        ``requant: fixed``, what it was trained with."""
+        if isinstance(data, Mapping) and data.get("version") == 1 and "requant" not in data:
+            data = {**data, "version": HAWQ_CONFIG_VERSION, "requant": "fixed"}
         return cls(**cls.checked_kwargs(data))

@@ -1,24 +1,25 @@
-"""HAWQ from a float model and data to a QFX config: sensitivity, costs, choice.
+"""HAWQ from a float model and data to a QFX (or dyadic) config: sensitivity, costs,
+choice.
 
 :func:`allocate` measures every weight layer's Hessian trace on ``config.samples``
 training samples (:mod:`qflow.hawq.sensitivity`), its Ω at every candidate width, its
 weights, products per sample and input width (one forward pass with hooks, which also
 gives the forward order for the first/last rule), chooses the widths of least ΣΩ within
-the budgets (:mod:`qflow.hawq.choice`) and writes them as per-layer weight overrides of
-``config.fixed``.
+the budgets (:mod:`qflow.hawq.choice`) and writes them as per-layer weight overrides
+(:meth:`HAWQConfig.with_widths`).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qflow.config import LayerOverride, QFXConfig, SpecOverride
+from qflow.config import QFXConfig
+from qflow.dyadic.config import DyadicConfig
 
 from . import choice
 from .choice import (
@@ -37,10 +38,11 @@ from .sensitivity import hutchinson_traces, omega, quantization_errors, weight_l
 
 @dataclass(frozen=True)
 class Allocation:
-    """What :func:`allocate` chose: the QFX config to train, the widths, and the figures
-    behind them (plain data, the run's ``hawq.json``)."""
+    """What :func:`allocate` chose: the config to train (QFX, or dyadic with ``requant:
+    dyadic``), the widths, and the figures behind them (plain data, the run's
+    ``hawq.json``)."""
 
-    config: QFXConfig
+    config: QFXConfig | DyadicConfig
     widths: dict[str, int]
     report: dict
 
@@ -105,8 +107,10 @@ class _Layout:
     def costs(self, omega_of: Callable[[str, int], float],
               resources: ResourceCosts | None = None) -> list[LayerCosts]:
         modules = weight_layers(self.model)
-        first_bits = self.config.fixed.input.bits
         other_bits = self.config.fixed.activation.bits
+        # a dyadic layer requantizes its own input, the first one's too
+        first_bits = other_bits if self.config.requant == "dyadic" else \
+            self.config.fixed.input.bits
         out = []
         for n, allowed in self.allowed().items():
             out.append(LayerCosts(n, {b: omega_of(n, b) for b in allowed},
@@ -156,10 +160,6 @@ def _where(resources: ResourceCosts | None) -> str:
     return f" on {s['target']} at reuse factor {s['reuse_factor']}"
 
 
-def _pattern(name: str) -> str:
-    return name if re.escape(name) == name else re.escape(name)
-
-
 def allocate(model: nn.Module, x, y, config: HAWQConfig, *,
              progress: Callable[[str], None] | None = None) -> Allocation:
     """Choose per-layer weight widths for the float ``model`` on training data ``x``, ``y``.
@@ -188,17 +188,16 @@ def allocate(model: nn.Module, x, y, config: HAWQConfig, *,
                             max_probes=config.max_probes, seed=config.seed)
     seconds = time.perf_counter() - started
     widths_needed = set(config.widths) | {b for b in pinned.values() if b is not None}
-    errors = quantization_errors(model, config.fixed, tuple(sorted(widths_needed)))
+    errors = quantization_errors(model, config.fixed, tuple(sorted(widths_needed)),
+                                 symmetric=config.requant == "dyadic")
     sizes = {n: modules[n].weight.numel() for n in names}
     omegas = omega(est.traces, errors, sizes)
     resources = layout.resource_costs(x[:256])
     base = None if resources is None else resources.base
     costs = layout.costs(lambda name, b: omegas[name][b], resources)
     widths = choose(costs, config.budget, base, _where(resources))
-    fixed = replace(config.fixed, overrides=(*config.fixed.overrides, *(
-        LayerOverride(pattern=_pattern(n), weight=SpecOverride(bits=widths[n])) for n in names)))
     report = _report(config, costs, widths, est, seconds, pinned, resources)
-    return Allocation(fixed, widths, report)
+    return Allocation(config.with_widths({n: widths[n] for n in names}), widths, report)
 
 
 def _report(config: HAWQConfig, costs: list[LayerCosts], widths: dict[str, int], est,

@@ -1,12 +1,13 @@
 """FPGA resource costs for HAWQ budgets: every layer's DSP and LUT use at every width.
 
-For each candidate width b, a copy of the float model is quantized by QFX with every
-weight layer at b (``fixed`` otherwise), calibrated on training samples, frozen, and
-estimated by qflow's resource model (:func:`qflow.export.hls.estimate.estimate_resources`,
-``docs/resources.md``) for the target under its default io type and strategy. A weight
-layer's dense or conv2d node gives its cost at b (its multipliers depend on its own
-weight width and on its input, whose width does not change); every other node (BatchNorm
-``scale_shift``, casts, pooling, ...) is the same at every b and makes up ``base``.
+For each candidate width b, a copy of the float model is quantized with every weight
+layer at b (:meth:`HAWQConfig.uniform`: QFX, or dyadic layers), calibrated on training
+samples, frozen, and estimated by qflow's resource model
+(:func:`qflow.export.hls.estimate.estimate_resources`, ``docs/resources.md``) for the
+target under its default io type and strategy. A weight layer's dense or conv2d node
+gives its cost at b (its multipliers depend on its own weight width and on its input,
+whose width does not change); every other node (BatchNorm ``scale_shift``, casts,
+pooling, ...) is the same at every b and makes up ``base``.
 
 The reuse factor folds the multipliers, so the costs are taken at the config's reuse
 factor; ``auto`` tries 1, 2, 4, ... and keeps the smallest at which the budgets can be met
@@ -20,12 +21,11 @@ codes and the exported model's estimate can differ a little (the run says so).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qflow.config import LayerOverride, SpecOverride
 from qflow.errors import ConfigError
 
 from .choice import RESOURCES, LayerCosts, check_budgets
@@ -51,9 +51,7 @@ def _graphs(model: nn.Module, x: torch.Tensor, config: HAWQConfig, widths) -> di
 
     graphs = {}
     for b in widths:
-        every = LayerOverride(pattern=".*", weight=SpecOverride(bits=b))
-        fixed = replace(config.fixed, overrides=(*config.fixed.overrides, every))
-        q = quantize_(copy.deepcopy(model), fixed)
+        q = quantize_(copy.deepcopy(model), config.uniform(b))
         calibrate(q, x)
         q.eval()
         graphs[b] = freeze(q, x[:2])

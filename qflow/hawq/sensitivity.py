@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qflow.config import QFXConfig
+from qflow.dyadic.layers import symmetric_codes, symmetric_scale
 from qflow.quantizers import FixedQuantizer
 
 #: the layers HAWQ allocates widths to (the weight layers QFX quantizes)
@@ -124,15 +125,21 @@ def _standard_errors(sums: torch.Tensor, squares: torch.Tensor, n: int) -> torch
     return (variance / n).sqrt()
 
 
-def quantization_errors(model: nn.Module, config: QFXConfig,
-                        widths: tuple[int, ...]) -> dict[str, dict[int, float]]:
+def quantization_errors(model: nn.Module, config: QFXConfig, widths: tuple[int, ...], *,
+                        symmetric: bool = False) -> dict[str, dict[int, float]]:
     """‖Q_b(W_i) − W_i‖² for every weight layer and candidate width b, Q_b the QFX weight
-    quantizer of that layer (``config``'s weight spec at width b)."""
+    quantizer of that layer (``config``'s weight spec at width b), or with ``symmetric``
+    the dyadic layers' symmetric per-channel quantizer (:mod:`qflow.dyadic.layers`)."""
     errors: dict[str, dict[int, float]] = {}
     for name, layer in weight_layers(model).items():
         w = layer.weight.detach().to(torch.float64)
         errors[name] = {}
         for b in widths:
+            if symmetric:
+                levels = symmetric_codes(w, b) * symmetric_scale(w, b).reshape(
+                    -1, *([1] * (w.dim() - 1)))
+                errors[name][b] = float(((levels - w) ** 2).sum())
+                continue
             spec = dataclasses.replace(config.spec_for(name, "weight"), bits=b)
             quant = FixedQuantizer(spec, channels=w.shape[0], ndim=w.dim()).to(torch.float64)
             with torch.no_grad():

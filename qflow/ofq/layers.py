@@ -188,11 +188,14 @@ class _LinearForm:
 
     @classmethod
     def from_float(cls, module: nn.Linear, fixed, name: str, *, bits: int = 4,
-                   multiplier_bits: int = 16, bias_quant: FixedQuantizer | None = None):
+                   multiplier_bits: int = 16, bias_quant: FixedQuantizer | None = None,
+                   **settings):
+        """The layer of ``module``'s weights and bias; ``settings``: a subclass's own
+        keyword arguments of ``_setup``."""
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None)
         _copy_parameters(layer, module)
         layer._setup(fixed, name, bits=bits, multiplier_bits=multiplier_bits,
-                     bias_quant=bias_quant)
+                     bias_quant=bias_quant, **settings)
         return layer
 
     def _float_forward(self, x, weight):
@@ -208,11 +211,14 @@ class _Conv2dForm:
 
     @classmethod
     def from_float(cls, module: nn.Conv2d, fixed, name: str, *, bits: int = 4,
-                   multiplier_bits: int = 16, bias_quant: FixedQuantizer | None = None):
+                   multiplier_bits: int = 16, bias_quant: FixedQuantizer | None = None,
+                   **settings):
+        """The layer of ``module``'s weights and bias; ``settings``: a subclass's own
+        keyword arguments of ``_setup``."""
         layer = conv2d_like(cls, module, name)
         _copy_parameters(layer, module)
         layer._setup(fixed, name, bits=bits, multiplier_bits=multiplier_bits,
-                     bias_quant=bias_quant)
+                     bias_quant=bias_quant, **settings)
         return layer
 
     def _float_forward(self, x, weight):
