@@ -154,7 +154,7 @@ def test_cli_refuses_bad_budgets_before_training(tmp_path, capsys):
     # every layer at 3 bits (the narrowest default) but the first and last (8): 31,360 of
     # 77,440 bits
     assert err == ("qflow quantize: error: budget size=0.1 is infeasible: the smallest "
-                   "configuration (every layer at its narrowest allowed width) needs size=0.405")
+                   "configuration (every layer at its cheapest allowed width) needs size=0.405")
     assert not out.exists()
     assert main(["quantize", "--model", "digits-cnn", "--budget", "size=0.5",
                  "--out", str(out)]) == 2
@@ -210,7 +210,10 @@ def test_cli_refuses_resource_budgets_it_cannot_meet(tmp_path, capsys):
     for budget, message in (
             (["dsp=1", "--target", "ultra96"],
              "budget dsp=1 is infeasible: the smallest configuration (every layer at its "
-             "narrowest allowed width) needs dsp="),
+             "cheapest allowed width) needs dsp="),
+            (["latency=100", "--target", "ultra96"],
+             "budget latency=100 is infeasible: the smallest configuration (every layer at its "
+             "cheapest allowed width) needs latency="),  # the least, at reuse factor 1
             (["dsp=300", "--target", "cpu"],
              "--target cpu: a dsp budget needs an FPGA target (cpu is a cpu target)"),
             (["dsp=300"], "a dsp budget needs an FPGA target (--target, e.g. ultra96)")):
@@ -218,15 +221,19 @@ def test_cli_refuses_resource_budgets_it_cannot_meet(tmp_path, capsys):
                      *budget, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+        if budget[0].startswith("latency"):  # named where the latency is least
+            assert err.endswith("on ultra96 at reuse factor 1"), err
         assert not out.exists()
 
 
-def test_dsp_budget_holds_in_the_exported_estimate(tmp_path):
+def test_dsp_and_latency_budgets_hold_in_the_exported_estimate(tmp_path):
     run = tmp_path / "run"
     assert main(["quantize", "--method", "hawq", "--model", "digits-cnn", "--budget",
-                 "dsp=300", "--target", "ultra96", "--epochs", "2", "--qat-epochs", "1",
-                 "--quiet", "--out", str(run)]) == 0
-    dsp = json.loads((run / "hawq.json").read_text())["resources"]["dsp"]
+                 "dsp=300", "--budget", "latency=4000", "--target", "ultra96", "--epochs",
+                 "2", "--qat-epochs", "1", "--quiet", "--out", str(run)]) == 0
+    resources = json.loads((run / "hawq.json").read_text())["resources"]
+    dsp, latency = resources["dsp"], resources["latency"]
+    assert latency["budget"] == 4000 and latency["chosen"] <= 4000
     assert dsp["budget"] == 300 and dsp["chosen"] <= 300 and dsp["target"] == "ultra96"
     out = tmp_path / "ultra96"
     assert main(["export", str(run), "--target", "ultra96", "--reuse",
@@ -234,6 +241,7 @@ def test_dsp_budget_holds_in_the_exported_estimate(tmp_path):
     estimate = json.loads((out / "report.json").read_text())["estimate"]
     assert estimate["settings"]["reuse_factor"] == dsp["reuse_factor"]
     assert estimate["totals"]["dsp"] <= 300
+    assert estimate["totals"]["latency_cycles"] <= 4000
     # the other layers (BatchNorm scale_shift, ...) as HAWQ costed them
     weight_layers = {"stem", "conv1", "conv2", "conv3", "fc"}
     others = sum(row["dsp"] for row in estimate["layers"] if row["node"] not in weight_layers)

@@ -75,11 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", action="append", default=None, metavar="QUANTITY=FRACTION",
                    help="HAWQ budget: a fraction of the all-8-bit model's, size=0.6 (weight "
                         "bits), bops=0.3 (bit operations), or a count on --target, dsp=300, "
-                        "lut=50000; repeat for several; replaces the recipe's (default "
-                        "size=0.5)")
+                        "lut=50000, latency=20000 (clock cycles); repeat for several; "
+                        "replaces the recipe's (default size=0.5)")
     p.add_argument("--target", default=None,
-                   help="HAWQ: the FPGA target whose resource estimate a dsp or lut budget "
-                        "bounds (e.g. ultra96)")
+                   help="HAWQ: the FPGA target whose resource estimate a dsp, lut or latency "
+                        "budget bounds (e.g. ultra96)")
     p.add_argument("--epochs", type=int, default=None,
                    help="float training epochs (default: the zoo model's, else 20)")
     p.add_argument("--qat-epochs", type=int, default=None,

@@ -91,6 +91,7 @@ def _tag(config: HAWQConfig) -> str:
 
 def _describe(config: HAWQConfig) -> str:
     budget = ", ".join(f"{k} ≤ {v:g} of 8-bit" if k in ("size", "bops") else
+                       f"latency ≤ {v:,} cycles on {config.target}" if k == "latency" else
                        f"{k.upper()} ≤ {v:,} on {config.target}"
                        for k, v in config.budget.items())
     dyadic = ", dyadic requantization" if config.requant == "dyadic" else ""

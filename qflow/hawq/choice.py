@@ -8,12 +8,13 @@ Each layer i takes one width b from its candidates, at a sensitivity Ω_i(b)
     bops   MACs_i · b · a_i             bit operations, a_i the width of the layer's input
     dsp    DSP slices                   from qflow's resource estimate of the layer at b
     lut    LUTs                         (:mod:`qflow.hawq.resources`)
+    latency  cycles                     the layer's share of the estimate's latency
 
 The choice minimizes Σ Ω_i(b_i) subject to Σ c_k(i, b_i) ≤ B_k for every budget, exactly,
 with ``scipy.optimize.milp`` (binary x_ib, one width per layer). ``size`` and ``bops``
 budgets are fractions of the same model with every layer at 8 bits (``size=0.6``: at
-most 60 % of the 8-bit weight bits); ``dsp`` and ``lut`` budgets are counts for the
-whole design, the layers HAWQ does not choose for included (``base``).
+most 60 % of the 8-bit weight bits); ``dsp``, ``lut`` and ``latency`` budgets are counts
+for the whole design, the layers HAWQ does not choose for included (``base``).
 
 The frontier over one cost (the trade-off the choice sits on) comes from a
 dynamic program that keeps, layer by layer, the least Ω for every reachable cost and
@@ -29,8 +30,9 @@ import numpy as np
 from qflow.errors import ConfigError
 
 #: what a budget can bound: fractions of the 8-bit model's, counts from the FPGA estimate
+#: (DSP slices, LUTs, latency in clock cycles)
 FRACTIONS = ("size", "bops")
-RESOURCES = ("dsp", "lut")
+RESOURCES = ("dsp", "lut", "latency")
 QUANTITIES = FRACTIONS + RESOURCES
 REFERENCE_BITS = 8
 
@@ -45,7 +47,7 @@ class LayerCosts:
     weights: int
     macs: int
     input_bits: int
-    #: quantity (``dsp``, ``lut``) -> width -> the layer's estimated use
+    #: quantity (``dsp``, ``lut``, ``latency``) -> width -> the layer's estimated use
     resources: dict = field(default_factory=dict)
 
     @property
@@ -160,7 +162,7 @@ def check_budgets(layers: list[LayerCosts], budgets: dict[str, float],
         if least > bounds[quantity]:
             raise ConfigError(
                 f"budget {quantity}={value:g} is infeasible: the smallest configuration "
-                f"(every layer at its narrowest allowed width) needs "
+                f"(every layer at its cheapest allowed width) needs "
                 f"{quantity}={smallest(layers, quantity, base):g}{where}")
 
 

@@ -78,9 +78,9 @@ class HAWQConfig(FixedMethodConfig):
       BatchNorm brings that on within the default schedule, ``docs/hawq.md``);
     - ``budget``: quantity -> fraction of the same model with every weight layer at 8 bits:
       ``size`` (weight bits) and/or ``bops`` (products × weight bits × input bits); or a
-      count for the whole design on ``target``: ``dsp``, ``lut`` (qflow's resource
-      estimate, at ``reuse_factor``: an integer, or ``auto``: the smallest power of two
-      at which the budgets can be met);
+      count for the whole design on ``target``: ``dsp``, ``lut``, ``latency`` (clock
+      cycles; qflow's resource estimate, at ``reuse_factor``: an integer, or ``auto``:
+      the smallest power of two at which the budgets can be met);
     - ``pin_first_last``: the first and last weight layers (forward order) keep
       ``fixed.weight.bits``; ``overrides``: layer pattern (a name or a regular
       expression) -> width, pinned too (applied after the first/last rule, in order);

@@ -54,11 +54,15 @@ class Allocation:
         spread = ", ".join(f"{n}×{b}-bit" for b, n in sorted(counts.items()))
         used = [f"{q} {c['fraction']:.3f} of 8-bit (budget {c['budget']:g})"
                 for q, c in self.report["costs"].items() if c["budget"] is not None]
-        used += [f"{q.upper()} {c['chosen']:,} (budget {c['budget']:,}, estimated for "
-                 f"{c['target']} at reuse factor {c['reuse_factor']}: export with --reuse "
-                 f"{c['reuse_factor']})"
+        used += [f"{_resource_name(q)} {c['chosen']:,}{' cycles' if q == 'latency' else ''} "
+                 f"(budget {c['budget']:,}, estimated for {c['target']} at reuse factor "
+                 f"{c['reuse_factor']}: export with --reuse {c['reuse_factor']})"
                  for q, c in self.report["resources"].items() if c["budget"] is not None]
         return f"HAWQ weight widths: {spread}; {', '.join(used)}"
+
+
+def _resource_name(quantity: str) -> str:
+    return quantity if quantity == "latency" else quantity.upper()
 
 
 def _shapes(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, int]]:

@@ -1,4 +1,4 @@
-"""FPGA resource costs for HAWQ budgets: every layer's DSP and LUT use at every width.
+"""FPGA resource costs for HAWQ budgets: every layer's DSP, LUT and latency at every width.
 
 For each candidate width b, a copy of the float model is quantized with every weight
 layer at b (:meth:`HAWQConfig.uniform`: QFX, or dyadic layers), calibrated on training
@@ -8,6 +8,11 @@ target under its default io type and strategy. A weight layer's dense or conv2d 
 gives its cost at b (its multipliers depend on its own weight width and on its input,
 whose width does not change); every other node (BatchNorm ``scale_shift``, casts,
 pooling, ...) is the same at every b and makes up ``base``.
+
+A layer's latency is its own under io_parallel (the layers run in turn) and its pipeline
+depth (latency − II) under io_stream, where the estimate's total is Σ (latency − II) plus
+the largest II, and an II does not depend on the weight width; ``base`` holds the rest
+of the total, so that ``base`` plus the chosen layers' latencies is the estimate's total.
 
 The reuse factor folds the multipliers, so the costs are taken at the config's reuse
 factor; ``auto`` tries 1, 2, 4, ... and keeps the smallest at which the budgets can be met
@@ -60,9 +65,10 @@ def _graphs(model: nn.Module, x: torch.Tensor, config: HAWQConfig, widths) -> di
 
 def resource_costs(model: nn.Module, x, config: HAWQConfig,
                    allowed: dict[str, list[int]]) -> ResourceCosts:
-    """The DSP and LUT costs of every layer at its ``allowed`` widths (see the module
-    docstring), at ``config.reuse_factor`` (an int) or, for ``auto``, the smallest reuse
-    factor at which every budget can be met; the largest tried when none."""
+    """The DSP, LUT and latency costs of every layer at its ``allowed`` widths (see the
+    module docstring), at ``config.reuse_factor`` (an int) or, for ``auto``, the smallest
+    reuse factor at which every budget can be met; when none, the first at which the
+    latency budget fails (latency only grows with the reuse factor), else the largest."""
     from qflow.export.hls.estimate import estimate_resources
     from qflow.targets import load_target
 
@@ -84,19 +90,35 @@ def resource_costs(model: nn.Module, x, config: HAWQConfig,
             estimate = estimate_resources(graph, target, io_type=io_type, reuse_factor=reuse,
                                           strategy=strategy)
             by_node = {e.node: e for e in estimate.layers}
+            chosen_latency = 0
             for node in graph.nodes:
                 e = by_node[node.name]
+                use = {"dsp": int(e.dsp), "lut": int(e.lut),
+                       "latency": _latency_share(e, io_type)}
                 if node.op in ("dense", "conv2d") and node.source in layers:
                     for q in RESOURCES:
-                        layers[node.source][q][b] = int(getattr(e, q))
+                        layers[node.source][q][b] = use[q]
+                    chosen_latency += use["latency"]
                 elif b == min(graphs):
-                    for q in RESOURCES:
-                        base[q] += int(getattr(e, q))
+                    base["dsp"] += use["dsp"]
+                    base["lut"] += use["lut"]
+            if b == min(graphs):
+                base["latency"] = int(estimate.totals["latency_cycles"]) - chosen_latency
         costs = ResourceCosts(layers, base, {"target": target.name, "io_type": io_type,
                                              "strategy": strategy, "reuse_factor": reuse})
         if not wanted or _feasible(costs, allowed, wanted):
             return costs
+        if "latency" in wanted and not _feasible(costs, allowed, {"latency": wanted["latency"]}):
+            return costs  # latency only grows with the reuse factor: the least is here
     return costs
+
+
+def _latency_share(e, io_type: str) -> int:
+    """A weight layer's part of the design's latency: its own latency under io_parallel
+    (layers run one after another); under io_stream (a dataflow pipeline whose slowest
+    layer sets the pace) its pipeline depth, latency − II, since its II does not depend
+    on its weight width (the estimate's total: Σ (latency − II) + the largest II)."""
+    return int(e.latency_cycles) - (int(e.ii) if io_type == "io_stream" else 0)
 
 
 def _feasible(costs: ResourceCosts, allowed: dict[str, list[int]], wanted) -> bool:
