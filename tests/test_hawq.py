@@ -15,7 +15,15 @@ from torch import nn
 from qflow.cli.main import main
 from qflow.errors import ConfigError
 from qflow.hawq import HAWQConfig, parse_budget
-from qflow.hawq.choice import LayerCosts, choose, pareto_front, reference_cost, total
+from qflow.hawq.choice import (
+    LayerCosts,
+    choose,
+    pareto_front,
+    reference_cost,
+    tie,
+    total,
+    untie,
+)
 from qflow.hawq.sensitivity import hutchinson_traces, omega, quantization_errors
 
 
@@ -50,6 +58,29 @@ def test_hutchinson_matches_the_exact_hessian_trace():
     assert again == est  # seeded probes: deterministic
     other = hutchinson_traces(model, x, y, tol=1e-2, rel_error=0.015, max_probes=20000, seed=1)
     assert other.traces != est.traces
+
+
+def test_hutchinson_input_traces_match_the_exact_hessian():
+    """The trace of the Hessian with respect to each layer's input (what HAWQ weighs
+    input widths by), against autograd's full Hessian of the loss in that input."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    h = torch.tanh(model[0](x)).detach()
+    exact = {
+        "0": torch.autograd.functional.hessian(lambda t: F.cross_entropy(model(t), y), x),
+        "2": torch.autograd.functional.hessian(lambda t: F.cross_entropy(model[2](t), y), h),
+    }
+    exact = {k: float(v.reshape(t.numel(), t.numel()).diagonal().sum())
+             for (k, v), t in zip(exact.items(), (x, h), strict=True)}
+    est = hutchinson_traces(model, x, y, tol=1e-2, rel_error=0.015, max_probes=20000,
+                            activations=True)
+    assert est.converged and est.act_sizes == {"0": 128, "2": 192}
+    for name, trace in exact.items():
+        assert abs(est.act_traces[name] - trace) <= 0.05 * abs(trace), (name, est, exact)
+        assert abs(est.act_traces[name] - trace) <= 4 * est.act_errors[name]
+    plain = hutchinson_traces(model, x, y, max_probes=40)
+    assert plain.act_traces == {}
 
 
 def test_omega_and_quantization_errors():
@@ -96,6 +127,23 @@ def test_the_ilp_and_the_frontier_agree_with_brute_force(seed):
         # nothing cheaper or as cheap does better
         assert not any(total(layers, w, "size") <= cost and omega_of(w) < value - 1e-12
                        for w in configs)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tied_choice_agrees_with_brute_force(seed):
+    layers = _random_layers(seed)
+    names = [la.name for la in layers]
+    groups = [names[:2]]  # the first two layers share a width
+    configs = [w for w in (dict(zip(names, ws, strict=True))
+                           for ws in itertools.product(*(la.widths for la in layers)))
+               if w[names[0]] == w[names[1]]]
+    budget = {"size": 0.55, "bops": 0.5}
+    feasible = [w for w in configs if all(
+        total(layers, w, q) <= f * reference_cost(layers, q) for q, f in budget.items())]
+    best = min(sum(la.omega[w[la.name]] for la in layers) for w in feasible)
+    chosen = untie(choose(tie(layers, groups), budget), groups)
+    assert chosen in feasible
+    assert sum(la.omega[chosen[la.name]] for la in layers) == pytest.approx(best, rel=1e-9)
 
 
 def test_an_infeasible_budget_names_the_smallest_feasible_one():
@@ -285,3 +333,62 @@ def test_allocation_on_a_user_model_quantizes_and_freezes_exactly():
     with torch.no_grad():
         expected = q(x).double().numpy() / graph.output_type.lsb
     assert int((qflow.emulate(graph, x.numpy()) != expected).any(axis=1).sum()) == 0
+
+
+def test_input_widths_are_chosen_for_dyadic_layers_and_freeze_exactly():
+    import qflow
+    from qflow.hawq import allocate
+    from qflow.train import calibrate
+
+    with pytest.raises(ConfigError, match="act_widths: input widths per layer need requant"):
+        HAWQConfig(act_widths=[4, 8])
+    torch.manual_seed(0)
+    model = UserNet()
+    x, y = torch.rand(128, 1, 4, 4), torch.randint(0, 4, (128,))
+    config = HAWQConfig(requant="dyadic", act_widths=[3, 4, 6], budget={"bops": 0.35},
+                        max_probes=40)
+    plan = allocate(model, x, y, config)
+    assert plan.act_widths["conv"] == plan.act_widths["head"] == 8  # first, last: pinned
+    assert {plan.act_widths["body.0"], plan.act_widths["body.2"]} <= {3, 4, 6}
+    assert plan.report["costs"]["bops"]["fraction"] <= 0.35
+    rows = {r["name"]: r for r in plan.report["layers"]}
+    bops = sum(r["macs"] * r["bits"] * r["input_bits"] for r in rows.values())
+    assert bops == plan.report["costs"]["bops"]["chosen"]
+    assert all(r["input_trace"] > 0 for r in rows.values())
+    q = qflow.quantize_(model, plan.config)
+    for name in plan.widths:
+        layer = q.get_submodule(name)
+        assert (layer.bits, layer.act_bits) == (plan.widths[name], plan.act_widths[name])
+    calibrate(q, x)
+    q.eval()
+    graph = qflow.freeze(q, x[:2])
+    with torch.no_grad():
+        expected = q(x).double().numpy() / graph.output_type.lsb
+    assert int((qflow.emulate(graph, x.numpy()) != expected).any(axis=1).sum()) == 0
+
+
+def test_tied_layers_share_a_width():
+    from qflow.hawq import allocate
+
+    torch.manual_seed(0)
+    model = UserNet()
+    x, y = torch.rand(128, 1, 4, 4), torch.randint(0, 4, (128,))
+    plan = allocate(model, x, y, HAWQConfig(budget={"size": 0.45}, max_probes=40,
+                                            tied=[["body\\..*"]]))
+    assert plan.widths["body.0"] == plan.widths["body.2"] and plan.report["tied"] == [
+        ["body.0", "body.2"]]
+    untied = allocate(model, x, y, HAWQConfig(budget={"size": 0.45}, max_probes=40))
+    assert untied.widths["body.0"] != untied.widths["body.2"]  # the tie changed the choice
+    pinned = allocate(model, x, y, HAWQConfig(budget={"size": 0.9}, max_probes=40,
+                                              tied=[["conv", "body.0"]]))
+    assert pinned.widths["body.0"] == pinned.widths["conv"] == 8  # the first layer's pin
+    for tied, message in (([["head"]], r"config.tied\[0\] matches 1 weight layer \(head\)"),
+                          ([["conv", "head"], ["head", "body.0"]],
+                           "layer head is in tied groups 0 and 1"),
+                          ([["conv", "body.0"]], "tied layers conv, body.0 allow no common")):
+        config = HAWQConfig(budget={"size": 0.9}, max_probes=40, tied=tied,
+                            overrides={"body.0": 4} if "common" in message else {})
+        with pytest.raises(ConfigError, match=message):
+            allocate(model, x, y, config)
+    with pytest.raises(ConfigError, match=r"config.tied\[0\]: expected a list of layer"):
+        HAWQConfig(tied=["conv"])

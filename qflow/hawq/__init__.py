@@ -66,12 +66,15 @@ def layer_table(report: dict) -> str:
     layer  Hessian trace  bits  weights  products/sample
     fc         5.000e-01     4       80               80
     """
-    rows = [("layer", "Hessian trace", "bits", "weights", "products/sample")]
+    inputs = "input_trace" in report["layers"][0] if report["layers"] else False
+    rows = [("layer", "Hessian trace", "bits", "weights", "products/sample")
+            + (("input trace", "input bits") if inputs else ())]
     for r in report["layers"]:
         pinned = " (pinned)" if r["pinned"] is not None else ""
         rows.append((r["name"], f"{r['trace']:.3e}", f"{r['bits']}{pinned}", f"{r['weights']:,}",
-                     f"{r['macs']:,}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+                     f"{r['macs']:,}") + ((f"{r['input_trace']:.3e}", str(r["input_bits"]))
+                                          if inputs else ()))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(
             zip(row, widths, strict=True))).rstrip() for row in rows)
@@ -95,6 +98,8 @@ def _describe(config: HAWQConfig) -> str:
                        f"{k.upper()} ≤ {v:,} on {config.target}"
                        for k, v in config.budget.items())
     dyadic = ", dyadic requantization" if config.requant == "dyadic" else ""
+    if config.act_widths is not None:
+        dyadic = f"; input widths {', '.join(map(str, config.act_widths))}{dyadic}"
     return (f"HAWQ ({budget}; weight widths {', '.join(map(str, config.widths))}{dyadic}), "
             f"activations {config.fixed.activation.bits}-bit")
 

@@ -39,8 +39,10 @@ REFERENCE_BITS = 8
 
 @dataclass(frozen=True)
 class LayerCosts:
-    """One layer's candidates: width -> Ω, and what its costs are made of: ``weights``
-    values, ``macs`` products per sample, an input of ``input_bits`` bits."""
+    """One layer's candidates: choice -> Ω, and what its costs are made of: ``weights``
+    values, ``macs`` products per sample, an input of ``input_bits`` bits. A choice is a
+    weight width, or a (weight width, input width) pair when HAWQ chooses the input
+    width too (``act_widths``)."""
 
     name: str
     omega: dict[int, float]
@@ -51,18 +53,74 @@ class LayerCosts:
     resources: dict = field(default_factory=dict)
 
     @property
-    def widths(self) -> list[int]:
+    def widths(self) -> list:
+        """The candidate choices, in order."""
         return sorted(self.omega)
 
-    def cost(self, quantity: str, bits: int) -> int:
-        """The layer's ``quantity`` at weight width ``bits``."""
+    def cost(self, quantity: str, choice: int | tuple[int, int]) -> int:
+        """The layer's ``quantity`` at a choice: a weight width, or (weight width, input
+        width) when the input width is chosen too.
+
+        >>> layer = LayerCosts("fc", {4: 0.0}, weights=10, macs=10, input_bits=8)
+        >>> layer.cost("bops", 4), layer.cost("bops", (4, 6))
+        (320, 240)
+        """
+        bits, act = choice if isinstance(choice, tuple) else (choice, self.input_bits)
         if quantity == "size":
             return self.weights * bits
         if quantity == "bops":
-            return self.macs * bits * self.input_bits
+            return self.macs * bits * act
         if quantity in self.resources:
-            return self.resources[quantity][bits]
+            return self.resources[quantity][choice]
         raise ValueError(f"unknown quantity {quantity!r} for layer {self.name!r}")
+
+
+def tie(layers: list[LayerCosts], groups: list[list[str]]) -> list[LayerCosts]:
+    """``layers`` with the layers of each group (names) merged into one, named after its
+    first member, that takes one choice for all: Ω and every cost summed, over the
+    choices every member allows; a one-line ConfigError when they share none.
+
+    >>> a = LayerCosts("a", {4: 1.0, 8: 0.0}, weights=2, macs=3, input_bits=8)
+    >>> b = LayerCosts("b", {4: 2.0, 8: 0.5}, weights=5, macs=1, input_bits=4)
+    >>> [ab] = tie([a, b], [["a", "b"]])
+    >>> ab.name, ab.omega, ab.cost("size", 4)
+    ('a', {4: 3.0, 8: 0.5}, 28)
+    >>> ab.cost("bops", 4) == a.cost("bops", 4) + b.cost("bops", 4)
+    True
+    """
+    by_name = {layer.name: layer for layer in layers}
+    grouped = {name for group in groups for name in group}
+    out = []
+    for layer in layers:
+        group = next((g for g in groups if g[0] == layer.name), None)
+        if group is None:
+            if layer.name not in grouped:
+                out.append(layer)
+            continue
+        members = [by_name[n] for n in group]
+        common = set.intersection(*(set(m.omega) for m in members))
+        if not common:
+            raise ConfigError(f"tied layers {', '.join(group)} allow no common width (their "
+                              "pinned widths differ)")
+        paired = isinstance(next(iter(common)), tuple)
+        resources = {q: {c: sum(m.resources[q][c] for m in members) for c in common}
+                     for q in members[0].resources}
+        out.append(LayerCosts(
+            layer.name, {c: sum(m.omega[c] for m in members) for c in sorted(common)},
+            weights=sum(m.weights for m in members),
+            # bops: Σ macs_i · b · a_i; with chosen input widths a is the choice's
+            macs=sum(m.macs if paired else m.macs * m.input_bits for m in members),
+            input_bits=members[0].input_bits if paired else 1, resources=resources))
+    return out
+
+
+def untie(choices: dict, groups: list[list[str]]) -> dict:
+    """The choice of each merged group (:func:`tie`) given to every member."""
+    out = dict(choices)
+    for group in groups:
+        for name in group[1:]:
+            out[name] = choices[group[0]]
+    return out
 
 
 def reference_cost(layers: list[LayerCosts], quantity: str) -> int:

@@ -29,6 +29,12 @@ def _pattern(name: str) -> str:
     """A layer name as an override pattern that matches it alone."""
     return name if re.escape(name) == name else re.escape(name)
 
+
+def _dyadic_override(choice: int | tuple[int, int]) -> dict:
+    if isinstance(choice, tuple):
+        return {"weight_bits": choice[0], "act_bits": choice[1]}
+    return {"weight_bits": choice}
+
 #: 2: the ``requant`` field (version-1 data, written before it, reads as ``fixed``)
 HAWQ_CONFIG_VERSION = 2
 #: how the chosen widths are trained and deployed: QFX power-of-two fixed point, or
@@ -90,6 +96,14 @@ class HAWQConfig(FixedMethodConfig):
       ``"dyadic"`` as :class:`qflow.DyadicConfig` layers (symmetric per-channel weight
       scales and static input scales that are not powers of two, deployed as
       fixed-point multipliers; the input codes have ``fixed.activation.bits``);
+    - ``act_widths``: with ``requant: dyadic``, candidate input widths (2 to 16) that
+      HAWQ chooses per layer too, from the Hessian trace with respect to each layer's
+      input (the first and last layers keep ``fixed.activation.bits`` under
+      ``pin_first_last``); ``None`` (default): every input at ``fixed.activation.bits``;
+    - ``tied``: groups of layer patterns (names or regular expressions); the layers of
+      a group take one width (and input width) together, e.g. the branches into one add
+      when the hardware should see one format there (qflow's add aligns any two formats
+      exactly, so exactness never needs it);
     - ``samples``: training samples in the Hessian batch; ``tol``, ``rel_error``,
       ``max_probes``: Hutchinson's stopping rule (:mod:`qflow.hawq.sensitivity`);
       ``seed``: its probes' seed.
@@ -109,6 +123,8 @@ class HAWQConfig(FixedMethodConfig):
     overrides: dict = field(default_factory=dict)
     fixed: QFXConfig = field(default_factory=QFXConfig)
     requant: str = "fixed"
+    act_widths: tuple | None = None
+    tied: tuple = ()
     samples: int = 512
     tol: float = 0.01
     rel_error: float = 0.05
@@ -147,6 +163,30 @@ class HAWQConfig(FixedMethodConfig):
         if not isinstance(self.requant, str) or self.requant not in REQUANT_MODES:
             raise ConfigError(f"config.requant: expected one of {', '.join(REQUANT_MODES)}, "
                               f"got {self.requant!r}")
+        if self.act_widths is not None:
+            if isinstance(self.act_widths, (str, bytes)) or not isinstance(
+                    self.act_widths, (list, tuple)) or not self.act_widths:
+                raise ConfigError(f"config.act_widths: expected a list of widths or null, got "
+                                  f"{self.act_widths!r}")
+            if self.requant != "dyadic":
+                raise ConfigError("config.act_widths: input widths per layer need requant: "
+                                  "dyadic (each dyadic layer quantizes its own input)")
+            object.__setattr__(self, "act_widths", tuple(sorted({
+                checked_integer(a, "config.act_widths[]", MIN_WIDTH, MAX_WIDTH)
+                for a in self.act_widths})))
+        if isinstance(self.tied, (str, bytes)) or not isinstance(self.tied, (list, tuple)):
+            raise ConfigError(f"config.tied: expected a list of groups (lists of layer "
+                              f"patterns), got {self.tied!r}")
+        groups = []
+        for i, group in enumerate(self.tied):
+            if isinstance(group, (str, bytes)) or not isinstance(group, (list, tuple)) or \
+                    not group:
+                raise ConfigError(f"config.tied[{i}]: expected a list of layer patterns, got "
+                                  f"{group!r}")
+            for pattern in group:
+                LayerOverride(pattern=pattern)  # a string and a valid regex, or ConfigError
+            groups.append(tuple(group))
+        object.__setattr__(self, "tied", tuple(groups))
         if not isinstance(self.pin_first_last, bool):
             raise ConfigError(f"config.pin_first_last: expected true or false, got "
                               f"{self.pin_first_last!r}")
@@ -172,29 +212,41 @@ class HAWQConfig(FixedMethodConfig):
                 width = bits
         return width
 
-    def with_widths(self, widths: dict[str, int]) -> QFXConfig | DyadicConfig:
-        """The config that trains ``widths`` (layer name -> weight width): ``fixed`` with
-        one weight override per layer, or with ``requant: dyadic`` a DyadicConfig (input
-        codes of ``fixed.activation.bits``) with one ``weight_bits`` override per layer.
+    def pinned_act_width(self, first_or_last: bool) -> int | None:
+        """The input width of a layer when HAWQ does not choose it (``act_widths`` unset,
+        or a first or last layer under ``pin_first_last``): ``fixed.activation.bits``;
+        None when HAWQ chooses it."""
+        if self.act_widths is None or (first_or_last and self.pin_first_last):
+            return self.fixed.activation.bits
+        return None
+
+    def with_widths(self, widths: dict) -> QFXConfig | DyadicConfig:
+        """The config that trains ``widths`` (layer name -> weight width, or (weight
+        width, input width)): ``fixed`` with one weight override per layer, or with
+        ``requant: dyadic`` a DyadicConfig (input codes of ``fixed.activation.bits``
+        unless given) with one override per layer.
 
         >>> HAWQConfig().with_widths({"fc1": 4}).overrides[-1].weight.bits
         4
-        >>> HAWQConfig(requant="dyadic").with_widths({"fc1": 4}).overrides
-        {'fc1': DyadicOverride(dyadic=None, weight_bits=4, act_bits=None)}
+        >>> HAWQConfig(requant="dyadic").with_widths({"fc1": 4, "fc2": (3, 6)}).overrides
+        {'fc1': DyadicOverride(dyadic=None, weight_bits=4, act_bits=None), \
+'fc2': DyadicOverride(dyadic=None, weight_bits=3, act_bits=6)}
         """
         if self.requant == "dyadic":
             return DyadicConfig(weight_bits=self.fixed.weight.bits,
                                 act_bits=self.fixed.activation.bits, fixed=self.fixed,
-                                overrides={_pattern(n): {"weight_bits": b}
-                                           for n, b in widths.items()})
+                                overrides={_pattern(n): _dyadic_override(c)
+                                           for n, c in widths.items()})
         return dataclasses.replace(self.fixed, overrides=(*self.fixed.overrides, *(
             LayerOverride(pattern=_pattern(n), weight=SpecOverride(bits=b))
             for n, b in widths.items())))
 
-    def uniform(self, bits: int) -> QFXConfig | DyadicConfig:
-        """The config that trains every weight layer at ``bits``."""
+    def uniform(self, choice: int | tuple[int, int]) -> QFXConfig | DyadicConfig:
+        """The config that trains every weight layer at one choice: a weight width, or
+        (weight width, input width)."""
+        bits, act = choice if isinstance(choice, tuple) else (choice, None)
         if self.requant == "dyadic":
-            return DyadicConfig(weight_bits=bits, act_bits=self.fixed.activation.bits,
+            return DyadicConfig(weight_bits=bits, act_bits=act or self.fixed.activation.bits,
                                 fixed=self.fixed)
         every = LayerOverride(pattern=".*", weight=SpecOverride(bits=bits))
         return dataclasses.replace(self.fixed, overrides=(*self.fixed.overrides, every))
@@ -218,7 +270,10 @@ class HAWQConfig(FixedMethodConfig):
                 "budget": dict(self.budget), "target": self.target,
                 "reuse_factor": self.reuse_factor, "pin_first_last": self.pin_first_last,
                 "overrides": dict(self.overrides), "fixed": self.fixed_dict(),
-                "requant": self.requant, "samples": self.samples, "tol": self.tol,
+                "requant": self.requant,
+                "act_widths": None if self.act_widths is None else list(self.act_widths),
+                "tied": [list(g) for g in self.tied],
+                "samples": self.samples, "tol": self.tol,
                 "rel_error": self.rel_error, "max_probes": self.max_probes, "seed": self.seed}
 
     @classmethod

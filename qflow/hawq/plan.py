@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from qflow.config import QFXConfig
+from qflow.config import LayerOverride, QFXConfig
 from qflow.dyadic.config import DyadicConfig
+from qflow.errors import ConfigError
 
 from . import choice
 from .choice import (
@@ -29,11 +30,19 @@ from .choice import (
     choose,
     pareto_front,
     reference_cost,
+    tie,
     total,
+    untie,
 )
 from .config import HAWQConfig
 from .resources import ResourceCosts, resource_costs
-from .sensitivity import hutchinson_traces, omega, quantization_errors, weight_layers
+from .sensitivity import (
+    activation_errors,
+    hutchinson_traces,
+    omega,
+    quantization_errors,
+    weight_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -45,13 +54,14 @@ class Allocation:
     config: QFXConfig | DyadicConfig
     widths: dict[str, int]
     report: dict
+    #: the input widths chosen (``act_widths``), else empty
+    act_widths: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line: the widths chosen and the budgets' use."""
-        counts: dict[int, int] = {}
-        for b in self.widths.values():
-            counts[b] = counts.get(b, 0) + 1
-        spread = ", ".join(f"{n}×{b}-bit" for b, n in sorted(counts.items()))
+        spread = _spread(self.widths)
+        if self.act_widths:
+            spread += f"; input widths: {_spread(self.act_widths)}"
         used = [f"{q} {c['fraction']:.3f} of 8-bit (budget {c['budget']:g})"
                 for q, c in self.report["costs"].items() if c["budget"] is not None]
         used += [f"{_resource_name(q)} {c['chosen']:,}{' cycles' if q == 'latency' else ''} "
@@ -59,6 +69,13 @@ class Allocation:
                  f"{c['reuse_factor']}: export with --reuse {c['reuse_factor']})"
                  for q, c in self.report["resources"].items() if c["budget"] is not None]
         return f"HAWQ weight widths: {spread}; {', '.join(used)}"
+
+
+def _spread(widths: dict[str, int]) -> str:
+    counts: dict[int, int] = {}
+    for b in widths.values():
+        counts[b] = counts.get(b, 0) + 1
+    return ", ".join(f"{n}×{b}-bit" for b, n in sorted(counts.items()))
 
 
 def _resource_name(quantity: str) -> str:
@@ -102,11 +119,24 @@ class _Layout:
     order: list[str]  # forward order
     macs: dict[str, int]
     pinned: dict[str, int | None]
+    pinned_act: dict[str, int | None]
+    #: the layer names of each tied group (``config.tied``)
+    groups: list[list[str]]
 
-    def allowed(self) -> dict[str, list[int]]:
-        """Every layer's candidate widths: its pinned one, or the config's."""
-        return {n: [self.pinned[n]] if self.pinned[n] is not None else list(self.config.widths)
-                for n in self.names}
+    def allowed(self) -> dict[str, list]:
+        """Every layer's candidate choices: weight widths (its pinned one, or the
+        config's), or with ``act_widths`` (weight width, input width) pairs."""
+        out = {}
+        for n in self.names:
+            weights = [self.pinned[n]] if self.pinned[n] is not None else list(
+                self.config.widths)
+            if self.config.act_widths is None:
+                out[n] = weights
+                continue
+            acts = [self.pinned_act[n]] if self.pinned_act[n] is not None else list(
+                self.config.act_widths)
+            out[n] = [(b, a) for b in weights for a in acts]
+        return out
 
     def costs(self, omega_of: Callable[[str, int], float],
               resources: ResourceCosts | None = None) -> list[LayerCosts]:
@@ -136,7 +166,26 @@ def _layout(model: nn.Module, x: torch.Tensor, config: HAWQConfig) -> _Layout:
     config.check_overrides(names)
     ends = order[:1] + order[-1:]
     pinned = {n: config.pinned_width(n, n in ends) for n in names}
-    return _Layout(model, config, names, order, macs, pinned)
+    pinned_act = {n: config.pinned_act_width(n in ends) for n in names}
+    return _Layout(model, config, names, order, macs, pinned, pinned_act,
+                   _tied_groups(config, names))
+
+
+def _tied_groups(config: HAWQConfig, names: list[str]) -> list[list[str]]:
+    """The layers of every ``config.tied`` group, checked: two or more each, none in two."""
+    groups, seen = [], {}
+    for i, patterns in enumerate(config.tied):
+        group = [n for n in names if any(LayerOverride(pattern=p).matches(n) for p in patterns)]
+        if len(group) < 2:
+            raise ConfigError(f"config.tied[{i}] matches {len(group)} weight layer"
+                              f"{'' if len(group) == 1 else 's'} ({', '.join(group) or 'none'}): "
+                              "a tied group needs two or more")
+        for n in group:
+            if n in seen:
+                raise ConfigError(f"layer {n} is in tied groups {seen[n]} and {i}")
+            seen[n] = i
+        groups.append(group)
+    return groups
 
 
 def layer_costs(model: nn.Module, sample, config: HAWQConfig) -> list[LayerCosts]:
@@ -152,7 +201,8 @@ def check_budgets(model: nn.Module, sample, config: HAWQConfig) -> None:
     sample = torch.as_tensor(sample).float()
     layout = _layout(model, sample, config)
     resources = layout.resource_costs(sample)
-    choice.check_budgets(layout.costs(lambda n, b: 0.0, resources), config.budget,
+    choice.check_budgets(tie(layout.costs(lambda n, b: 0.0, resources), layout.groups),
+                         config.budget,
                          None if resources is None else resources.base,
                          _where(resources))
 
@@ -188,59 +238,106 @@ def allocate(model: nn.Module, x, y, config: HAWQConfig, *,
     started = time.perf_counter()
     if progress:
         progress(f"HAWQ: Hessian traces of {len(names)} layers on {len(x)} samples")
+    activations = config.act_widths is not None
     est = hutchinson_traces(model, x, y, tol=config.tol, rel_error=config.rel_error,
-                            max_probes=config.max_probes, seed=config.seed)
+                            max_probes=config.max_probes, seed=config.seed,
+                            activations=activations)
     seconds = time.perf_counter() - started
     widths_needed = set(config.widths) | {b for b in pinned.values() if b is not None}
     errors = quantization_errors(model, config.fixed, tuple(sorted(widths_needed)),
                                  symmetric=config.requant == "dyadic")
     sizes = {n: modules[n].weight.numel() for n in names}
     omegas = omega(est.traces, errors, sizes)
+    if activations:  # Ω_i(b, a) = Ω_i(b) + Tr(H_x,i) / |x_i| · ‖Q_a(x_i) − x_i‖²
+        acts_needed = set(config.act_widths) | {config.fixed.activation.bits}
+        act_omegas = omega(est.act_traces, activation_errors(model, x, tuple(sorted(
+            acts_needed))), est.act_sizes)
+
+        def omega_of(name, choice):
+            return omegas[name][choice[0]] + act_omegas[name][choice[1]]
+    else:
+        def omega_of(name, choice):
+            return omegas[name][choice]
     resources = layout.resource_costs(x[:256])
     base = None if resources is None else resources.base
-    costs = layout.costs(lambda name, b: omegas[name][b], resources)
-    widths = choose(costs, config.budget, base, _where(resources))
-    report = _report(config, costs, widths, est, seconds, pinned, resources)
-    return Allocation(config.with_widths({n: widths[n] for n in names}), widths, report)
+    costs = layout.costs(omega_of, resources)
+    chosen = untie(choose(tie(costs, layout.groups), config.budget, base, _where(resources)),
+                   layout.groups)
+    choices = {n: chosen[n] for n in names}
+    report = _report(config, costs, choices, est, seconds, pinned, resources, layout.groups)
+    widths = {n: c[0] if activations else c for n, c in choices.items()}
+    act_widths = {n: c[1] for n, c in choices.items()} if activations else {}
+    return Allocation(config.with_widths({n: choices[n] for n in names}), widths, report,
+                      act_widths)
 
 
-def _report(config: HAWQConfig, costs: list[LayerCosts], widths: dict[str, int], est,
-            seconds: float, pinned: dict, resources: ResourceCosts | None) -> dict:
+def _uniform_choice(layer: LayerCosts, bits: int, act: int | None):
+    """The choice of ``layer`` in the uniform configuration at ``bits`` (inputs at
+    ``act`` when HAWQ chooses them): that one when allowed, else the pinned one."""
+    wanted = bits if act is None else (bits, act)
+    if wanted in layer.omega:
+        return wanted
+    if act is not None:  # a pinned weight width: keep it, with the uniform input width
+        same = [c for c in layer.widths if c[1] == act]
+        return same[0] if same else layer.widths[0]
+    return layer.widths[0]
+
+
+def _report(config: HAWQConfig, costs: list[LayerCosts], choices: dict, est,
+            seconds: float, pinned: dict, resources: ResourceCosts | None,
+            groups: list[list[str]]) -> dict:
     quantities = list(dict.fromkeys([*(q for q in config.budget if q in FRACTIONS), "size",
                                      "bops"]))
     refs = {q: reference_cost(costs, q) for q in quantities}
+    activations = config.act_widths is not None
+    act = config.fixed.activation.bits if activations else None
 
     def fraction(q, w):
         return total(costs, w, q) / refs[q] if refs[q] else 0.0
 
+    def label(choice) -> str:
+        return f"w{choice[0]}a{choice[1]}" if isinstance(choice, tuple) else str(choice)
+
     uniform = []
     for b in config.widths:
-        w = {c.name: (b if b in c.omega else c.widths[0]) for c in costs}
+        w = {c.name: _uniform_choice(c, b, act) for c in costs}
         uniform.append({"bits": b, "omega": sum(c.omega[w[c.name]] for c in costs),
                         **{q: fraction(q, w) for q in quantities}})
+    widths = {n: c[0] if activations else c for n, c in choices.items()}
     quantity = next(q for q in (*config.budget, "size") if q in FRACTIONS)
-    front = pareto_front(costs, quantity)
+    front = pareto_front(tie(costs, groups), quantity)
     counts = {}
     if resources is not None:
-        counts = {q: {"chosen": total(costs, widths, q) + resources.base[q],
+        counts = {q: {"chosen": total(costs, choices, q) + resources.base[q],
                       "other_layers": resources.base[q], "budget": config.budget.get(q),
                       **resources.settings} for q in RESOURCES}
-    return {
+    layers = []
+    for c in costs:
+        row = {"name": c.name, "weights": c.weights, "macs": c.macs,
+               "input_bits": c.input_bits, "trace": est.traces[c.name],
+               "trace_error": est.errors[c.name], "pinned": pinned[c.name],
+               "omega": {label(b): o for b, o in c.omega.items()}, "bits": widths[c.name]}
+        if activations:
+            row.update(input_bits=choices[c.name][1], input_trace=est.act_traces[c.name],
+                       input_trace_error=est.act_errors[c.name])
+        layers.append(row)
+    report = {
         "budget": dict(config.budget),
         "widths": widths,
-        "omega": sum(c.omega[widths[c.name]] for c in costs),
-        "costs": {q: {"chosen": total(costs, widths, q), "reference_8bit": refs[q],
-                      "fraction": fraction(q, widths), "budget": config.budget.get(q)}
+        "omega": sum(c.omega[choices[c.name]] for c in costs),
+        "costs": {q: {"chosen": total(costs, choices, q), "reference_8bit": refs[q],
+                      "fraction": fraction(q, choices), "budget": config.budget.get(q)}
                   for q in quantities},
         "resources": counts,
         "hutchinson": {"probes": est.probes, "converged": est.converged,
                        "samples": est.samples, "seconds": round(seconds, 3)},
-        "layers": [{"name": c.name, "weights": c.weights, "macs": c.macs,
-                    "input_bits": c.input_bits, "trace": est.traces[c.name],
-                    "trace_error": est.errors[c.name], "pinned": pinned[c.name],
-                    "omega": {str(b): o for b, o in c.omega.items()},
-                    "bits": widths[c.name]} for c in costs],
+        "layers": layers,
         "pareto": {"quantity": quantity,
                    "points": [[cost / refs[quantity], o] for cost, o, _ in front]},
         "uniform": uniform,
     }
+    if activations:
+        report["act_widths"] = {n: c[1] for n, c in choices.items()}
+    if groups:
+        report["tied"] = groups
+    return report

@@ -56,16 +56,23 @@ class TraceEstimate:
     probes: int
     converged: bool
     samples: int
+    #: with ``activations``: the trace of the Hessian with respect to each layer's input
+    #: (over the batch), its standard error, and the input's size (values in the batch)
+    act_traces: dict[str, float] = dataclasses.field(default_factory=dict)
+    act_errors: dict[str, float] = dataclasses.field(default_factory=dict)
+    act_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                       tol: float = 1e-2, rel_error: float = 0.05, min_probes: int = 16,
                       max_probes: int = 1000,
-                      seed: int = 0, progress: Callable[[int, float], None] | None = None
-                      ) -> TraceEstimate:
+                      seed: int = 0, progress: Callable[[int, float], None] | None = None,
+                      activations: bool = False) -> TraceEstimate:
     """Hutchinson estimates of Tr(H_i) for every weight layer of ``model`` (eval mode,
     cross-entropy on the batch ``x``, ``y``); ``progress(probes, largest relative
-    standard error)`` is called after each probe.
+    standard error)`` is called after each probe. With ``activations``, also the trace
+    of the Hessian with respect to every weight layer's input on the batch (its first
+    call's), probed and stopped the same way.
 
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -80,8 +87,25 @@ def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     was_training = model.training
     model.eval()
     params = [m.weight for m in layers.values()]
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(name):
+        def hook(module, args):
+            inputs.setdefault(name, args[0])
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep_input(n)) for n, m in layers.items()] \
+        if activations else []
     try:
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x.clone().requires_grad_(activations)), y)
+        for h in handles:
+            h.remove()
+        if activations:
+            missing = [n for n in layers if n not in inputs]
+            if missing:
+                raise ValueError(f"layer {missing[0]} is not called by the forward pass: "
+                                 "no activation trace")
+            params = params + [inputs[n] for n in layers]
         grads = torch.autograd.grad(loss, params, create_graph=True)
         generator = torch.Generator().manual_seed(seed)
         sums = torch.zeros(len(params), dtype=torch.float64)
@@ -110,11 +134,20 @@ def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                 converged = True
                 break
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
-    traces = {name: float(t) for name, t in zip(layers, means, strict=True)}
-    errors = {name: float(e) for name, e in zip(
-        layers, _standard_errors(sums, squares, probes), strict=True)}
-    return TraceEstimate(traces, errors, probes, converged, int(x.shape[0]))
+    names = list(layers)
+    n = len(names)
+    means, standard = means.tolist(), _standard_errors(sums, squares, probes).tolist()
+    traces = dict(zip(names, means[:n], strict=True))
+    errors = dict(zip(names, standard[:n], strict=True))
+    if not activations:
+        return TraceEstimate(traces, errors, probes, converged, int(x.shape[0]))
+    return TraceEstimate(traces, errors, probes, converged, int(x.shape[0]),
+                         act_traces=dict(zip(names, means[n:], strict=True)),
+                         act_errors=dict(zip(names, standard[n:], strict=True)),
+                         act_sizes={k: int(inputs[k].numel()) for k in names})
 
 
 def _standard_errors(sums: torch.Tensor, squares: torch.Tensor, n: int) -> torch.Tensor:
@@ -144,6 +177,51 @@ def quantization_errors(model: nn.Module, config: QFXConfig, widths: tuple[int, 
             quant = FixedQuantizer(spec, channels=w.shape[0], ndim=w.dim()).to(torch.float64)
             with torch.no_grad():
                 errors[name][b] = float(((quant(w) - w) ** 2).sum())
+    return errors
+
+
+def activation_errors(model: nn.Module, x: torch.Tensor, widths: tuple[int, ...]
+                      ) -> dict[str, dict[int, float]]:
+    """‖Q_a(x_i) − x_i‖² for every weight layer's input x_i on the batch ``x`` (its first
+    call's) and candidate width a, Q_a a dyadic layer's input quantizer with the batch's
+    range (:mod:`qflow.dyadic.layers`: unsigned when x_i has no negative value, scale
+    range / (2^a − 1), else signed with scale max|x_i| / (2^(a−1) − 1); ties to even).
+
+    >>> model = nn.Sequential(nn.Linear(2, 2))
+    >>> errors = activation_errors(model, torch.tensor([[0.0, 0.4], [1.0, 0.9]]), (2,))
+    >>> round(errors["0"][2], 6)   # scale 1/3: 0.4 -> 1/3, 0.9 -> 1
+    0.014444
+    """
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(name):
+        def hook(module, args):
+            inputs.setdefault(name, args[0].detach().to(torch.float64))
+        return hook
+
+    layers = weight_layers(model)
+    handles = [m.register_forward_pre_hook(keep_input(n)) for n, m in layers.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    errors: dict[str, dict[int, float]] = {}
+    for name in layers:
+        v = inputs[name]
+        signed = bool(v.min() < 0)
+        peak = float(v.abs().max() if signed else v.max())
+        errors[name] = {}
+        for a in widths:
+            steps = 2 ** (a - 1) - 1 if signed else 2**a - 1
+            scale = max(peak, 2.0**-16) / steps
+            low = -(steps + 1) if signed else 0
+            q = torch.round(v / scale).clamp(low, steps) * scale
+            errors[name][a] = float(((q - v) ** 2).sum())
     return errors
 
 
