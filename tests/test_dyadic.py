@@ -39,9 +39,9 @@ def _expected(layer, x: np.ndarray) -> np.ndarray:
     """The layer's eval output from its float weights and input range, in numpy: input
     codes, symmetric weight codes, integer accumulation, per-row multiplier, bias, cast."""
     bits, act, mbits = layer.bits, layer.act_bits, layer.multiplier_bits
-    signed = bool(layer.input_signed)
+    signed = bool(layer.input_quant.signed)
     steps = 2 ** (act - 1) - 1 if signed else 2**act - 1
-    m_code, m_frac = _multiplier(steps / float(layer.input_range), mbits)
+    m_code, m_frac = _multiplier(steps / float(layer.input_quant.range), mbits)
     m_in = m_code * 2.0**-m_frac
     low, high = (-(2 ** (act - 1)), 2 ** (act - 1) - 1) if signed else (0, 2**act - 1)
     q = np.clip(np.rint(x * m_in), low, high)
@@ -145,11 +145,12 @@ def test_input_range_follows_training_and_stays_fixed_in_eval():
     layer = DyadicLinear.from_float(nn.Linear(4, 2), qflow.QFXConfig(), "fc", bits=4,
                                     act_bits=4, range_momentum=0.5)
     layer.eval()(torch.tensor([[0.0, 1.0, 2.0, 0.5]]))  # calibration: unsigned, range 2
-    assert not bool(layer.input_signed) and float(layer.input_range) == 2.0
+    inputs = layer.input_quant
+    assert not bool(inputs.signed) and float(inputs.range) == 2.0
     layer(torch.full((1, 4), 10.0))
-    assert float(layer.input_range) == 2.0  # eval never moves it
+    assert float(inputs.range) == 2.0  # eval never moves it
     layer.train()(torch.full((1, 4), 4.0))
-    assert float(layer.input_range) == 3.0  # ½ · 2 + ½ · 4
+    assert float(inputs.range) == 3.0  # ½ · 2 + ½ · 4
     assert str(layer.input_type()) == "ap_ufixed<4,4,AP_RND_CONV,AP_SAT>"
 
 

@@ -61,7 +61,8 @@ def test_replace_bits_sets_the_statsq_width_and_activations():
     ({"weight_bits": "4"}, "config.weight_bits: expected an integer from 2 to 8, got '4'"),
     ({"weight_bits": True}, "config.weight_bits: expected an integer from 2 to 8, got True"),
     ({"multiplier_bits": 3}, "config.multiplier_bits: expected an integer from 4 to 24"),
-    ({"version": 3}, "config version 3 is not supported"),
+    ({"version": 4}, "config version 4 is not supported"),
+    ({"act_quantizer": "pact"}, "config.act_quantizer: expected one of qfx, lsq, got 'pact'"),
     ({"wieght_bits": 2}, "config: unknown key 'wieght_bits'"),
     ({"method": "biper"}, "biper"),
     ({"fixed": {"weight": {"bits": 0}}}, "config.fixed.weight"),
@@ -134,14 +135,17 @@ def test_layer_codes_are_odd_and_training_uses_float_levels():
 CASES = [("dense", (24,)), ("tokens", (6, 24)), ("conv", (3, 7, 7))]
 
 
+@pytest.mark.parametrize("acts", ["qfx", "lsq"])
 @pytest.mark.parametrize("quantizer", ["statsq", "lsq"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("multiplier_bits", [8, 16])
 @pytest.mark.parametrize("kind, shape", CASES)
-def test_deployment_identity_on_random_layers(quantizer, bits, multiplier_bits, kind, shape):
+def test_deployment_identity_on_random_layers(quantizer, bits, multiplier_bits, kind, shape,
+                                              acts):
     """The integer codes with the fixed-point multiplier (the frozen graph, run by the
-    emulator) give exactly the QAT model's eval outputs."""
-    seed = 100 * bits + multiplier_bits + len(kind)
+    emulator) give exactly the QAT model's eval outputs; with learned (LSQ) activation
+    scales the input codes come from one more multiplier and cast."""
+    seed = 100 * bits + multiplier_bits + len(kind) + len(acts)
     torch.manual_seed(seed)
     bias = seed % 2 == 0
     if kind == "conv":
@@ -153,7 +157,7 @@ def test_deployment_identity_on_random_layers(quantizer, bits, multiplier_bits, 
             -1, *([1] * (layer.weight.dim() - 1))))
     model = qflow.quantize_(nn.Sequential(layer), OFQConfig(
         weight_bits=bits, multiplier_bits=multiplier_bits, weight_quantizer=quantizer,
-        overrides={"0": {"statsq": True}}))
+        act_quantizer=acts, overrides={"0": {"statsq": True}}))
     types = {"statsq": (StatsQConv2d, StatsQLinear), "lsq": (LSQConv2d, LSQLinear)}[quantizer]
     assert isinstance(model[1], types[0] if kind == "conv" else types[1])
     if quantizer == "lsq":
@@ -163,6 +167,9 @@ def test_deployment_identity_on_random_layers(quantizer, bits, multiplier_bits, 
     x = torch.randn(64, *shape) * 3
     model.train()
     model(x)  # initializes the formats from data
+    if acts == "lsq":
+        with torch.no_grad():  # a learned step away from its start
+            model[1].input_quant.step.mul_(0.7)
     model.eval()
     graph = freeze(model, x[:4])
     with torch.no_grad():
@@ -173,14 +180,17 @@ def test_deployment_identity_on_random_layers(quantizer, bits, multiplier_bits, 
     expected = ["conv2d" if kind == "conv" else "dense", "scale_shift", "cast"]
     if kind == "tokens":
         expected = ["dense", "transpose", "scale_shift", "cast", "transpose"]
+    if acts == "lsq":
+        expected = ["scale_shift", "cast", *expected]
+        assert graph.tensors[graph.nodes[1].output].type == model[1].input_quant.input_type()
     assert ops == expected
-    weight = graph.nodes[0].consts["weight"]
+    weight = next(n for n in graph.nodes if n.op in ("dense", "conv2d")).consts["weight"]
     assert np.array_equal(weight, model[1].weight_codes().numpy())
     if quantizer == "statsq":  # odd codes 2k + 1
         assert bool((weight % 2 != 0).all()) and int(np.abs(weight).max()) < 2 ** bits
     else:
         assert -(2 ** (bits - 1)) <= int(weight.min()) <= int(weight.max()) < 2 ** (bits - 1)
-    scale = graph.nodes[ops.index("scale_shift")].consts["scale"]
+    scale = graph.nodes[len(ops) - 1 - ops[::-1].index("scale_shift")].consts["scale"]
     assert int(scale.max()) < 2 ** (multiplier_bits - 1)
     assert int(scale.min()) >= 2 ** (multiplier_bits - 2)
 

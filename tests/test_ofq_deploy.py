@@ -81,6 +81,32 @@ def test_lsq_layer_learns_its_scale_and_is_tracked():
     assert tracker.summary()["layers"]["2"]["weights"] == 16 * 16
 
 
+def test_learned_activation_scale_trains_and_starts_from_lsq_init():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 3))
+    qflow.quantize_(model, OFQConfig(weight_bits=2, act_quantizer="lsq"))
+    inputs = model[3].input_quant
+    assert type(model[1]).__name__ == type(model[5]).__name__ == "QLinear"  # first, last
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    model.train()
+    model(x)
+    with torch.no_grad():
+        seen = model[2](model[1](model[0](x)))  # the layer's input: unsigned after the ReLU
+    assert not bool(inputs.signed) and inputs.bits == 8
+    expected = 2 * float(seen.abs().mean()) / 255 ** 0.5
+    assert float(inputs.step.detach()) == pytest.approx(expected, rel=1e-6)
+    assert "2.input_quant.step" in dict(model.named_parameters())  # learned, checkpointed
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = float(inputs.step.detach())
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert inputs.step.grad is not None and float(inputs.step.grad) != 0
+        optimizer.step()
+    assert float(inputs.step.detach()) != before
+
+
 # -- tiny-vit through the command line ------------------------------------------------------
 def _quantize(out, *extra):
     assert main(["quantize", "--method", "ofq", "--model", "tiny-vit", "--bits", "2",
@@ -98,7 +124,8 @@ def statsq_run(tmp_path_factory):
 def lsq_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ofq-lsq")
     recipe = root / "lsq.yaml"
-    recipe.write_text("method: ofq\nweight_quantizer: lsq\nweight_bits: 2\n")
+    recipe.write_text("method: ofq\nweight_quantizer: lsq\nact_quantizer: lsq\n"
+                      "weight_bits: 2\n")
     return _quantize(root / "run", "--recipe", str(recipe))
 
 
@@ -149,5 +176,17 @@ def test_statsq_tiny_vit_exports_to_ultra96(statsq_run, tmp_path):
 def test_lsq_tiny_vit_exports_to_cpu(lsq_run, tmp_path):
     config = json.loads((lsq_run / "config.json").read_text())
     assert config["weight_quantizer"] == "lsq" and config["weight_bits"] == 2
+    assert config["act_quantizer"] == "lsq"
     artifacts = _export_and_verify(lsq_run, "cpu", tmp_path / "cpu")
     assert artifacts == {"QAT model (torch eval)", "int_onnx", "tvm"}
+
+
+def test_learned_activation_scales_export_to_ultra96(lsq_run, tmp_path):
+    # every LSQ layer's input codes: a scale_shift (the multiplier) and a cast to an
+    # 8-bit integer type, on tokens too, through hls4ml's C simulation
+    out = tmp_path / "ultra96"
+    assert _export_and_verify(lsq_run, "ultra96", out) == {
+        "QAT model (torch eval)", "int_onnx", "hls_csim"}
+    nodes = [row["qgraph_node"] for row in json.loads((out / "report.json").read_text())[
+        "layers"]]
+    assert sum(n.endswith("_input_codes") for n in nodes) == 12  # the 12 LSQ layers

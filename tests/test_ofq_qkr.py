@@ -109,10 +109,12 @@ def test_config_field_and_version_one_runs():
     assert OFQConfig().qkr is True
     cfg = OFQConfig(qkr=False)
     assert OFQConfig.from_json(cfg.to_json()) == cfg
-    assert json.loads(cfg.to_json())["version"] == 2
+    assert json.loads(cfg.to_json())["version"] == 3
     # a run written before QKR existed rebuilds the model it trained: no QKR
     assert OFQConfig.from_dict({"version": 1, "weight_bits": 2}).qkr is False
     assert OFQConfig.from_dict({"version": 2}).qkr is True
+    # and one written before learned activation scales, QFX activations
+    assert OFQConfig.from_dict({"version": 2}).act_quantizer == "qfx"
     with pytest.raises(ConfigError, match=r"config\.qkr: expected true or false, got 'yes'"):
         OFQConfig.from_dict({"qkr": "yes"})
 

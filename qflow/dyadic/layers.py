@@ -19,11 +19,12 @@ which freezes to ``scale_shift`` (m_in) → ``cast`` (the a-bit integer type) �
 float64 (every product has fewer than 53 significant bits), so QAT eval equals the
 frozen graph code for code.
 
-Training computes x_q = cast(x · m_in) / m_in and W_q = s_w,r · k with straight-through
-gradients (1 inside the code range, 0 where the input clips), then the float layer, the
-bias and the output cast. The range r is the maximum |x| (the maximum x when unsigned)
-of the first batch seen, in training or calibration, then an exponential moving average
-over training batches (``range_momentum``); eval mode never changes it.
+Training computes x_q = s_in · clamp(round(x / s_in)) and W_q = s_w,r · k with
+straight-through gradients (1 inside the code range, 0 where the input clips), then the
+float layer, the bias and the output cast. The range r is the maximum |x| (the maximum x
+when unsigned) of the first batch seen, in training or calibration, then an exponential
+moving average over training batches (``range_momentum``); eval mode never changes it
+(:class:`qflow.quantizers.scaled.InputScale`).
 """
 
 from __future__ import annotations
@@ -31,14 +32,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qflow.nn.functional import exact_dtype
 from qflow.numerics import FixedType
-from qflow.ofq.layers import _Conv2dForm, _LinearForm, _rows, _StatsQLayer, multiplier_codes
-from qflow.ops import fixed as fixed_ops
+from qflow.ofq.layers import _Conv2dForm, _LinearForm, _rows, _StatsQLayer
 from qflow.quantizers import FixedQuantizer
-
-#: the smallest input range kept (an input that is all zeros at calibration)
-MIN_RANGE = 2.0**-16
+from qflow.quantizers.scaled import InputScale
 
 
 def symmetric_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -65,64 +62,27 @@ def symmetric_codes(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(s > 0, codes, torch.zeros_like(codes))
 
 
-def input_type(bits: int, signed: bool) -> FixedType:
-    """The integer type of a dyadic layer's input codes.
-
-    >>> str(input_type(4, False)), str(input_type(8, True))
-    ('ap_ufixed<4,4,AP_RND_CONV,AP_SAT>', 'ap_fixed<8,8,AP_RND_CONV,AP_SAT>')
-    """
-    return FixedType(signed=signed, integer=bits - int(signed), fractional=0,
-                     rounding="RND_CONV", overflow="SAT")
-
-
 class _DyadicLayer(_StatsQLayer):
-    """Shared behaviour of DyadicLinear and DyadicConv2d: the input codes, symmetric
-    weights, the per-row multipliers (StatsQ's deployment, :mod:`qflow.ofq.layers`)."""
+    """Shared behaviour of DyadicLinear and DyadicConv2d: a static input scale
+    (:class:`~qflow.quantizers.scaled.InputScale`), symmetric weights, the per-row
+    multipliers (StatsQ's deployment, :mod:`qflow.ofq.layers`)."""
 
     def _setup(self, fixed, name: str, *, bits: int, multiplier_bits: int,
                bias_quant: FixedQuantizer | None = None, act_bits: int = 8,
                range_momentum: float = 0.99) -> None:
         super()._setup(fixed, name, bits=bits, multiplier_bits=multiplier_bits,
-                       bias_quant=bias_quant)
-        self.act_bits = int(act_bits)
-        self.range_momentum = float(range_momentum)
-        self.register_buffer("input_range", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("input_signed", torch.tensor(False))
-        self.register_buffer("input_ready", torch.tensor(False))
+                       bias_quant=bias_quant,
+                       input_quant=InputScale(act_bits, multiplier_bits,
+                                              momentum=range_momentum))
 
-    # -- the input ---------------------------------------------------------------------
-    @torch.no_grad()
-    def _observe(self, x: torch.Tensor) -> None:
-        """Start the input range from ``x`` (first call), then follow it in training."""
-        ready = bool(self.input_ready)
-        if ready and not self.training:
-            return
-        if not ready:
-            self.input_signed.fill_(bool(x.min() < 0))
-        peak = x.abs().max() if bool(self.input_signed) else x.max().clamp_min(0)
-        peak = peak.to(torch.float64)
-        if ready:
-            peak = self.range_momentum * self.input_range + (1 - self.range_momentum) * peak
-        self.input_range.copy_(peak)
-        self.input_ready.fill_(True)
+    @property
+    def act_bits(self) -> int:
+        return self.input_quant.bits
 
     def input_type(self) -> FixedType:
         """The integer type of the input codes q."""
-        return input_type(self.act_bits, bool(self.input_signed))
+        return self.input_quant.input_type()
 
-    def input_multiplier(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(code M, fraction F) of the input multiplier m_in = M · 2^(−F) ≈ 1/s_in."""
-        t = self.input_type()
-        steps = t.qmax  # 2^(a−1) − 1 signed, 2^a − 1 unsigned
-        scale = self.input_range.clamp_min(MIN_RANGE).to(torch.float64) / steps
-        codes, frac = multiplier_codes((1 / scale).reshape(1), 0, self.multiplier_bits)
-        return codes[0], frac[0]
-
-    def input_multiplier_value(self) -> torch.Tensor:
-        code, frac = self.input_multiplier()
-        return torch.ldexp(code.to(torch.float64), -frac)
-
-    # -- the weights and the output multipliers ----------------------------------------
     def deployed_codes(self) -> torch.Tensor:
         """The integer weight codes k in ±(2^(b−1) − 1), as float64."""
         return symmetric_codes(self.weight.detach().to(torch.float64), self.bits)
@@ -135,25 +95,9 @@ class _DyadicLayer(_StatsQLayer):
         levels = _rows(symmetric_scale(w, self.bits), w) * symmetric_codes(w, self.bits)
         return w + (levels.to(w.dtype) - w).detach()
 
-    def multiplier(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes M, fractions F) of each row's multiplier m_r ≈ s_w,r / m_in."""
-        scale = symmetric_scale(self.weight.to(torch.float64), self.bits)
-        return multiplier_codes(scale / self.input_multiplier_value(), 0, self.multiplier_bits)
-
-    # -- forward -----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = exact_dtype(x, self)
-        x = x.to(dtype)
-        self._observe(x)
-        m_in = self.input_multiplier_value().to(dtype)
-        q = fixed_ops.cast(x * m_in, self.input_type())  # straight-through inside the range
-        if self.training:
-            y = self._float_forward(q / m_in, self._train_weight().to(dtype))
-        else:
-            acc = self._float_forward(q, self.deployed_codes().to(dtype))
-            y = acc * self.multiplier_values().to(dtype).reshape(self._channel_shape(acc))
-        bias = self.quantized_bias(dtype)
-        return self.out_quant(y if bias is None else y + bias.reshape(self._channel_shape(y)))
+    def row_scales(self) -> torch.Tensor:
+        """s_w,r = max|W_r| / (2^(b−1) − 1) (float64)."""
+        return symmetric_scale(self.weight.to(torch.float64), self.bits)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act_bits={self.act_bits}, dyadic"

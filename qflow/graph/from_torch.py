@@ -172,12 +172,49 @@ def _freeze_binary(b: _Builder, name, module, src, shape):
     return b.cast(name, out, module.out_quant, name)
 
 
+def _freeze_input_codes(b: _Builder, name, module, src):
+    """A layer's input as integer codes (``module.input_quant``): a ``scale_shift`` (the
+    input multiplier on every channel, no shift) and a ``cast`` to the integer type."""
+    in_shape = b.shape_of(src)
+    if not in_shape:
+        raise FreezeError(f"node {name}: input codes need a per-sample axis")
+    code, frac = module.input_quant.multiplier()
+    channels, zeros = in_shape[0], np.zeros(in_shape[0], dtype=np.int64)
+    consts = {"scale": np.full(channels, code, np.int64), "scale_frac": np.full(
+        channels, frac, np.int64), "shift": zeros, "shift_frac": zeros.copy()}
+    ss_name = f"{name}_input_scale"
+    probe = Node("scale_shift", ss_name, [src], ss_name, {}, consts)
+    scaled = b.add("scale_shift", ss_name, [src], in_shape,
+                   infer.infer_scale_shift(probe, b.type_of(src)), consts=consts, source=name)
+    return b.add("cast", f"{name}_input_codes", [scaled], in_shape,
+                 module.input_quant.input_type(), source=name)
+
+
+def _check_float64_products(b: _Builder, name, module, factors: list[str]) -> None:
+    """QAT eval multiplies each of ``factors`` by a B-bit multiplier in float64: exact
+    while a product has at most 53 significant bits; refuse the layer otherwise."""
+    significant = module.multiplier_bits - 1
+    for tensor in factors:
+        width = b.type_of(tensor).width
+        if width + significant > 53:
+            raise FreezeError(
+                f"{name}: a {width}-bit tensor times a {module.multiplier_bits}-bit "
+                f"multiplier needs {width + significant} significant bits, more than "
+                "float64's 53: QAT eval would round; lower multiplier_bits or the widths")
+
+
 def _freeze_statsq(b: _Builder, name, module, src, shape):
-    """A StatsQ or LSQ layer: ``conv2d``/``dense`` with the integer weight codes (StatsQ:
-    the odd 2k + 1, LSQ: k; fraction 0, no bias) -> ``scale_shift`` (per-row multiplier
-    codes with their own fractions, the bias as the shift) -> ``cast`` to the layer's
-    output type. A dense layer on tokens (features last) is transposed around the
-    ``scale_shift``, which scales the first per-sample axis."""
+    """A StatsQ, LSQ or dyadic layer: its input codes when it has them (a ``scale_shift``
+    and a ``cast``: dyadic layers, OFQ's LSQ activations), ``conv2d``/``dense`` with the
+    integer weight codes (StatsQ: the odd 2k + 1, LSQ and dyadic: k; fraction 0, no
+    bias) -> ``scale_shift`` (per-row multiplier codes with their own fractions, the bias
+    as the shift) -> ``cast`` to the layer's output type. A dense layer on tokens
+    (features last) is transposed around the ``scale_shift``, which scales the first
+    per-sample axis."""
+    factors = []
+    if module.input_quant is not None:
+        factors.append(src)
+        src = _freeze_input_codes(b, name, module, src)
     with torch.no_grad():
         weight = module.deployed_codes()
         scale, scale_frac = (t.cpu().numpy() for t in module.multiplier())
@@ -208,6 +245,7 @@ def _freeze_statsq(b: _Builder, name, module, src, shape):
     ss_name = f"{name}_scale_shift"
     probe = Node("scale_shift", ss_name, [acc], ss_name, {}, consts)
     ss_type = infer.infer_scale_shift(probe, b.type_of(acc))
+    _check_float64_products(b, name, module, [*factors, acc])
     out = b.add("scale_shift", ss_name, [acc], b.shape_of(acc), ss_type, consts=consts,
                 source=name)
     out = b.cast(name, out, module.out_quant, name)
@@ -215,38 +253,6 @@ def _freeze_statsq(b: _Builder, name, module, src, shape):
         perm = [*range(1, rank), 0]
         out = transformer_freeze._op(b, "transpose", f"{name}_features_last", [out], shape,
                                      attrs={"perm": perm}, source=name)
-    return out
-
-
-def _freeze_dyadic(b: _Builder, name, module, src, shape):
-    """A dyadic layer: its input codes by a ``scale_shift`` (the input multiplier on
-    every channel, no shift) and a ``cast`` to the integer input type, then the layer
-    as a StatsQ one (integer weight codes, per-row multipliers and bias, output cast)."""
-    in_shape = b.shape_of(src)
-    if not in_shape:
-        raise FreezeError(f"node {name}: a dyadic layer needs a per-sample axis")
-    with torch.no_grad():
-        code, frac = (int(t) for t in module.input_multiplier())
-    channels, zeros = in_shape[0], np.zeros(in_shape[0], dtype=np.int64)
-    consts = {"scale": np.full(channels, code, np.int64), "scale_frac": np.full(
-        channels, frac, np.int64), "shift": zeros, "shift_frac": zeros.copy()}
-    ss_name = f"{name}_input_scale"
-    probe = Node("scale_shift", ss_name, [src], ss_name, {}, consts)
-    scaled = b.add("scale_shift", ss_name, [src], in_shape,
-                   infer.infer_scale_shift(probe, b.type_of(src)), consts=consts, source=name)
-    codes = b.add("cast", f"{name}_input_codes", [scaled], in_shape, module.input_type(),
-                  source=name)
-    out = _freeze_statsq(b, name, module, codes, shape)
-    # QAT eval multiplies in float64: exact while each product has at most 53 bits
-    significant = module.multiplier_bits - 1
-    for tensor in (src, next(n.inputs[0] for n in reversed(b.nodes)
-                             if n.op == "scale_shift" and n.source == name)):
-        width = b.type_of(tensor).width
-        if width + significant > 53:
-            raise FreezeError(
-                f"{name}: a {width}-bit tensor times a {module.multiplier_bits}-bit "
-                f"multiplier needs {width + significant} significant bits, more than "
-                "float64's 53: QAT eval would round; lower multiplier_bits or the widths")
     return out
 
 
@@ -357,8 +363,8 @@ MODULE_FREEZERS = {
     StatsQConv2d: _freeze_statsq,
     LSQLinear: _freeze_statsq,
     LSQConv2d: _freeze_statsq,
-    DyadicLinear: _freeze_dyadic,
-    DyadicConv2d: _freeze_dyadic,
+    DyadicLinear: _freeze_statsq,
+    DyadicConv2d: _freeze_statsq,
     QBatchNorm1d: _freeze_batchnorm,
     QBatchNorm2d: _freeze_batchnorm,
     QReLU: _freeze_relu,

@@ -6,7 +6,9 @@ gradient; :mod:`qflow.ofq.layers`); the rest is QFX fixed point. ``qflow.freeze`
 StatsQ layer into ``dense``/``conv2d`` (odd integer weights) → ``scale_shift`` (per-row
 fixed-point multiplier, bias) → ``cast`` nodes. Training is a QAT phase, then
 confidence-guided annealing (:mod:`qflow.ofq.cga`), both distilling from the float model
-by default. Query-key reparameterization is not implemented yet. See ``docs/ofq.md``.
+by default. Query-key reparameterization (:mod:`qflow.ofq.qkr`) is on by default;
+``act_quantizer="lsq"`` gives the StatsQ layers learned activation scales, deployed as
+fixed-point multipliers (:mod:`qflow.quantizers.scaled`). See ``docs/ofq.md``.
 
 This module imports without torch (the config and the method's registration); the
 layers and the handler load on first use.
@@ -94,15 +96,18 @@ def _cga(config: OFQConfig, model):
 
 def _tag(config: OFQConfig) -> str:
     lsq = "-lsq" if config.weight_quantizer == "lsq" else ""
-    return f"ofq{lsq}-w{config.weight_bits}a{config.fixed.activation.bits}"
+    acts = "-lsqact" if config.act_quantizer == "lsq" else ""
+    return f"ofq{lsq}-w{config.weight_bits}a{config.fixed.activation.bits}{acts}"
 
 
 def _describe(config: OFQConfig) -> str:
     quantizer = "LSQ" if config.weight_quantizer == "lsq" else "StatsQ"
     qkr = ", QKR" if config.qkr else ""
+    learned = " at learned scales" if config.act_quantizer == "lsq" else ""
     return (f"OFQ ({quantizer} weights {config.weight_bits}-bit, multiplier "
             f"{config.multiplier_bits}-bit{qkr}), activations "
-            f"{config.fixed.activation.bits}-bit, first/last layers {config.fixed.weight.bits}-bit")
+            f"{config.fixed.activation.bits}-bit{learned}, first/last layers "
+            f"{config.fixed.weight.bits}-bit")
 
 
 register_method(Method(name="ofq", config_type=OFQConfig, quantize=_quantize,

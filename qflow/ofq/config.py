@@ -30,14 +30,18 @@ from qflow.method_config import (
     override_patterns,
 )
 
-#: 2: the ``qkr`` field (version-1 data, written before it, reads as ``qkr: false``)
-OFQ_CONFIG_VERSION = 2
+#: 2: the ``qkr`` field (version-1 data, written before it, reads as ``qkr: false``);
+#: 3: ``act_quantizer`` (earlier data reads as ``qfx``, what it was trained with)
+OFQ_CONFIG_VERSION = 3
 #: StatsQ weight widths (the sign included: 2^b levels)
 MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8
 #: widths of the fixed-point multiplier that deploys each row's scale
 MIN_MULTIPLIER_BITS, MAX_MULTIPLIER_BITS = 4, 24
 #: the weight quantizers: OFQ's StatsQ, or the learned-scale LSQ baseline
 WEIGHT_QUANTIZERS = ("statsq", "lsq")
+#: the input quantizers of the StatsQ/LSQ layers: QFX power-of-two fixed point, or a
+#: learned LSQ scale deployed as a fixed-point multiplier
+ACT_QUANTIZERS = ("qfx", "lsq")
 
 
 #: the training fields (CGA and distillation), in to_dict's order
@@ -103,6 +107,10 @@ class OFQConfig(FixedMethodConfig):
     - ``weight_quantizer``: ``"statsq"`` (OFQ) or ``"lsq"`` (the baseline: a learned
       per-row scale, mid-tread codes k in [−2^(b−1), 2^(b−1) − 1]; ``qflow.ofq.lsq``),
       for the layers that the first/last rule and ``overrides`` give ``statsq: true``;
+    - ``act_quantizer``: the inputs of the StatsQ (LSQ) layers: ``"qfx"`` keeps them
+      QFX power-of-two fixed point; ``"lsq"`` quantizes each to ``fixed.activation.bits``
+      integer codes at a learned per-tensor scale (LSQ, Esser et al.), deployed as a
+      fixed-point multiplier of ``multiplier_bits`` (:mod:`qflow.quantizers.scaled`);
     - ``qkr``: query-key reparameterization (:mod:`qflow.ofq.qkr`): every attention whose
       scores are ``q @ kᵀ`` of two linear layers gets one C × C layer per head in their
       place, quantized like the other layers (a model without one is left as it is);
@@ -118,13 +126,14 @@ class OFQConfig(FixedMethodConfig):
     - ``distill``: QAT and CGA distil from the float model, with the loss
       (1 − α)·CE + α·T²·KL; α = ``distill_alpha``, T = ``distill_temperature``.
 
-    Not yet: LSQ activations (``docs/ofq.md``).
+    Not yet: per-token activation scales (``docs/ofq.md``).
     """
 
     version: int = OFQ_CONFIG_VERSION
     weight_bits: int = 4
     multiplier_bits: int = 16
     weight_quantizer: str = "statsq"
+    act_quantizer: str = "qfx"
     qkr: bool = True
     fixed: QFXConfig = field(default_factory=QFXConfig)
     overrides: dict = field(default_factory=dict)
@@ -147,6 +156,9 @@ class OFQConfig(FixedMethodConfig):
                 self.weight_quantizer not in WEIGHT_QUANTIZERS:
             raise ConfigError(f"config.weight_quantizer: expected one of "
                               f"{', '.join(WEIGHT_QUANTIZERS)}, got {self.weight_quantizer!r}")
+        if not isinstance(self.act_quantizer, str) or self.act_quantizer not in ACT_QUANTIZERS:
+            raise ConfigError(f"config.act_quantizer: expected one of "
+                              f"{', '.join(ACT_QUANTIZERS)}, got {self.act_quantizer!r}")
         if not isinstance(self.qkr, bool):
             raise ConfigError(f"config.qkr: expected true or false, got {self.qkr!r}")
         overrides = {}
@@ -192,7 +204,8 @@ class OFQConfig(FixedMethodConfig):
         fixed = self.fixed_dict()
         return {"method": self.METHOD, "version": self.version,
                 "weight_bits": self.weight_bits, "multiplier_bits": self.multiplier_bits,
-                "weight_quantizer": self.weight_quantizer, "qkr": self.qkr,
+                "weight_quantizer": self.weight_quantizer,
+                "act_quantizer": self.act_quantizer, "qkr": self.qkr,
                 "fixed": fixed,
                 "overrides": {p: o.to_dict() for p, o in self.overrides.items()},
                 **{k: getattr(self, k) for k in _TRAINING_FIELDS}}
@@ -201,9 +214,12 @@ class OFQConfig(FixedMethodConfig):
     def from_dict(cls, data: dict) -> OFQConfig:
         """Build from plain data; missing keys keep their defaults and ``fixed`` given in
         part keeps QFX's defaults for the rest. A ``method`` key, when present, must say
-        ``ofq``. Version-1 data (before ``qkr``) reads as ``qkr: false``, the model it
-        was written for."""
+        ``ofq``. Version-1 data (before ``qkr``) reads as ``qkr: false`` and data before
+        version 3 as ``act_quantizer: qfx``: the model it was written for."""
         if isinstance(data, Mapping) and data.get("version") == 1 and "qkr" not in data:
-            data = {**data, "version": OFQ_CONFIG_VERSION, "qkr": False}
+            data = {**data, "version": 2, "qkr": False}
+        if isinstance(data, Mapping) and data.get("version") == 2 and \
+                "act_quantizer" not in data:
+            data = {**data, "version": OFQ_CONFIG_VERSION, "act_quantizer": "qfx"}
         kwargs = cls.checked_kwargs(data)
         return cls(**kwargs)

@@ -39,6 +39,10 @@ from torch import nn
 from qflow.nn.functional import exact_dtype
 from qflow.nn.layers import conv2d_like
 from qflow.quantizers import FixedQuantizer
+from qflow.quantizers.scaled import InputScale, multiplier_codes
+
+__all__ = ["STATSQ_TYPES", "StatsQConv2d", "StatsQLinear", "multiplier_codes", "statsq_index",
+           "statsq_levels", "statsq_scale"]
 
 
 def statsq_scale(weight: torch.Tensor) -> torch.Tensor:
@@ -86,27 +90,6 @@ def statsq_levels(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return weight + (levels.to(weight.dtype) - weight).detach()
 
 
-def multiplier_codes(scale: torch.Tensor, bits: int, multiplier_bits: int):
-    """(codes M, fractions F) of the fixed-point multipliers m = M · 2^(−F) of the row
-    scales ``scale / 2^bits``: per row, the nearest ``multiplier_bits``-bit signed
-    value with M in [2^(B−2), 2^(B−1)) (ties to even); a zero scale gives M = F = 0.
-
-    >>> m, f = multiplier_codes(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64), 2, 8)
-    >>> m.tolist(), f.tolist()
-    ([96, 64, 0], [7, 8, 0])
-    """
-    v = scale.to(torch.float64) / 2 ** bits
-    _, exponent = torch.frexp(v)  # v = mantissa · 2^exponent, mantissa in [½, 1)
-    frac = multiplier_bits - 1 - exponent.to(torch.int64)
-    codes = torch.round(torch.ldexp(v, frac))
-    top = codes == 2 ** (multiplier_bits - 1)  # rounded up out of the signed range
-    codes = torch.where(top, codes / 2, codes)
-    frac = torch.where(top, frac - 1, frac)
-    zero = v == 0
-    return (torch.where(zero, torch.zeros_like(codes), codes).to(torch.int64),
-            torch.where(zero, torch.zeros_like(frac), frac))
-
-
 def _copy_parameters(layer: nn.Module, module: nn.Module) -> None:
     with torch.no_grad():
         layer.weight.copy_(module.weight)
@@ -118,7 +101,8 @@ class _StatsQLayer:
     """Shared behaviour of StatsQLinear and StatsQConv2d (mixed in before the torch class)."""
 
     def _setup(self, fixed, name: str, *, bits: int, multiplier_bits: int,
-               bias_quant: FixedQuantizer | None = None) -> None:
+               bias_quant: FixedQuantizer | None = None,
+               input_quant: InputScale | None = None) -> None:
         self.qflow_name = name
         self.bits = int(bits)
         self.multiplier_bits = int(multiplier_bits)
@@ -126,6 +110,9 @@ class _StatsQLayer:
         self.bias_quant = bias_quant if bias_quant is not None else FixedQuantizer(
             fixed.spec_for(name, "bias"), channels=channels)
         self.out_quant = FixedQuantizer(fixed.spec_for(name, "activation"))
+        #: the input as integer codes at a non-power-of-two scale (None: the input as it
+        #: comes, a QFX fixed-point tensor)
+        self.input_quant = input_quant
 
     # -- the deployed form -------------------------------------------------------------
     def odd_codes(self) -> torch.Tensor:
@@ -146,10 +133,17 @@ class _StatsQLayer:
         """The integer codes as int16. Used by :mod:`qflow.oscillation`."""
         return self.deployed_codes().to(torch.int16)
 
+    def row_scales(self) -> torch.Tensor:
+        """Each row's weight scale (float64): the value of one code step, s_r / 2^b."""
+        return statsq_scale(self.weight.to(torch.float64)) / 2**self.bits
+
     def multiplier(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes M, fractions F) of each row's multiplier m = M · 2^(−F)."""
-        return multiplier_codes(statsq_scale(self.weight.to(torch.float64)), self.bits,
-                                self.multiplier_bits)
+        """(codes M, fractions F) of each row's multiplier m = M · 2^(−F): the row scale,
+        divided by the input multiplier when the input comes as codes."""
+        scales = self.row_scales()
+        if self.input_quant is not None:
+            scales = scales / self.input_quant.multiplier_value()
+        return multiplier_codes(scales, 0, self.multiplier_bits)
 
     def multiplier_values(self) -> torch.Tensor:
         codes, frac = self.multiplier()
@@ -167,11 +161,14 @@ class _StatsQLayer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = exact_dtype(x, self)
         x = x.to(dtype)
+        inputs = self.input_quant
         if self.training:
-            y = self._float_forward(x, self._train_weight().to(dtype))
+            y = self._float_forward(x if inputs is None else inputs(x),
+                                    self._train_weight().to(dtype))
             bias = self.quantized_bias(dtype)
             return self.out_quant(y if bias is None else y + bias.reshape(self._channel_shape(y)))
-        acc = self._float_forward(x, self.deployed_codes().to(dtype))
+        acc = self._float_forward(x if inputs is None else inputs.codes(x),
+                                  self.deployed_codes().to(dtype))
         shape = self._channel_shape(acc)
         y = acc * self.multiplier_values().reshape(shape)
         bias = self.quantized_bias(dtype)

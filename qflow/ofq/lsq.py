@@ -31,7 +31,7 @@ from torch import nn
 
 from qflow.quantizers import FixedQuantizer
 
-from .layers import _Conv2dForm, _LinearForm, _rows, _StatsQLayer, multiplier_codes
+from .layers import _Conv2dForm, _LinearForm, _rows, _StatsQLayer
 
 
 def lsq_range(bits: int) -> tuple[int, int]:
@@ -100,9 +100,9 @@ class _LSQLayer(_StatsQLayer):
     LSQ's codes, scales and training levels."""
 
     def _setup(self, fixed, name: str, *, bits: int, multiplier_bits: int,
-               bias_quant: FixedQuantizer | None = None) -> None:
+               bias_quant: FixedQuantizer | None = None, input_quant=None) -> None:
         super()._setup(fixed, name, bits=bits, multiplier_bits=multiplier_bits,
-                       bias_quant=bias_quant)
+                       bias_quant=bias_quant, input_quant=input_quant)
         self.weight_scale = nn.Parameter(
             lsq_initial_scale(self.weight, self.bits).to(self.weight.dtype))
 
@@ -117,10 +117,9 @@ class _LSQLayer(_StatsQLayer):
     def _train_weight(self) -> torch.Tensor:
         return lsq_levels(self.weight, self.weight_scale, self.bits)
 
-    def multiplier(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes M, fractions F) of each row's multiplier m = M · 2^(−F) ≈ |s_r|."""
-        return multiplier_codes(self.weight_scale.detach().to(torch.float64).abs(), 0,
-                                self.multiplier_bits)
+    def row_scales(self) -> torch.Tensor:
+        """Each row's step |s_r| (float64)."""
+        return self.weight_scale.detach().to(torch.float64).abs()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lsq"

@@ -8,6 +8,7 @@ from torch import fx, nn
 
 from qflow.api import quantize_qfx
 from qflow.errors import ConfigError
+from qflow.quantizers.scaled import InputScale
 
 from . import qkr
 from .config import OFQConfig
@@ -31,7 +32,9 @@ def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
     :class:`~qflow.ofq.layers.StatsQLinear` or :class:`~qflow.ofq.layers.StatsQConv2d`
     with the weights, bias and bias format of the QFX layer it replaces (an
     :class:`~qflow.ofq.lsq.LSQLinear` / :class:`~qflow.ofq.lsq.LSQConv2d` with
-    ``weight_quantizer: lsq``). An error leaves the model as it was.
+    ``weight_quantizer: lsq``); with ``act_quantizer: lsq`` each of them quantizes its
+    input at a learned scale (:class:`~qflow.quantizers.scaled.InputScale`). An error
+    leaves the model as it was.
 
     >>> import torch
     >>> from torch import nn
@@ -52,9 +55,13 @@ def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
     types = _QUANTIZER_TYPES[config.weight_quantizer]
     for name, bits in plan:
         qlayer = model.get_submodule(name)
+        inputs = None
+        if config.act_quantizer == "lsq":
+            inputs = InputScale(fixed.spec_for(name, "activation").bits,
+                                config.multiplier_bits, learned=True)
         layer = types[_float_type(qlayer)].from_float(
             qlayer, fixed, name, bits=bits, multiplier_bits=config.multiplier_bits,
-            bias_quant=qlayer.bias_quant)
+            bias_quant=qlayer.bias_quant, input_quant=inputs)
         _replace(model, name, layer)
     for name, head_dim in heads.items():  # the estimate counts their extra products
         model.get_submodule(name).qkr_head_dim = head_dim
