@@ -33,6 +33,7 @@ from qflow.nn import (
 from qflow.nn.transformer import TRANSFORMER_TYPES
 from qflow.numerics import FixedType
 from qflow.quantizers import FixedQuantizer
+from qflow.quantizers.scaled import InputScale
 
 #: float module type -> constructor of its quantized replacement (exact type match).
 SWAPS = {
@@ -284,6 +285,13 @@ def describe(model: nn.Module) -> list[FormatRow]:
         if not isinstance(module, QUANTIZED_TYPES) and not hasattr(module, "qflow_name"):
             continue
         layer = getattr(module, "qflow_name", name)
+        codes = getattr(module, "input_quant", None)  # dyadic / LSQ input codes
+        if isinstance(codes, InputScale) and bool(codes.ready):
+            t = codes.input_type()
+            rows.append(FormatRow(layer=layer, tensor="input codes", width=t.width,
+                                  int_width_min=t.int_width, int_width_max=t.int_width,
+                                  signed=t.signed, rounding=str(t.rounding),
+                                  overflow=str(t.overflow), khot=0))
         for attr, role in _ROLE_OF_ATTR.items():
             quant = getattr(module, attr, None)
             if not isinstance(quant, FixedQuantizer) or not bool(quant.initialized):
