@@ -143,6 +143,15 @@ def _export_and_verify(run, target, out) -> set[str]:
     return {r["artifact"] for r in ran}
 
 
+def test_the_run_plots_oscillation_per_layer(statsq_run):
+    from matplotlib.image import imread
+
+    history = json.loads((statsq_run / "metrics.json").read_text())["qat_history"]
+    assert [r["phase"] for r in history] == ["QAT", "CGA"]
+    image = imread(statsq_run / "oscillation.png")
+    assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 0
+
+
 def test_statsq_tiny_vit_exports_to_onnx(statsq_run, tmp_path):
     assert _export_and_verify(statsq_run, "onnx", tmp_path / "onnx") == {
         "QAT model (torch eval)", "int_onnx"}

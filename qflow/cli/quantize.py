@@ -28,6 +28,7 @@ from qflow.errors import ConfigError, QflowError
 from qflow.jsonfile import write_json
 from qflow.methods import METHODS, config_from_dict, config_from_yaml, method_named, method_of
 from qflow.oscillation import OscillationTracker
+from qflow.oscillation_plot import oscillation_figure
 from qflow.outdir import OutputDirectory, read_marker
 from qflow.runs import data_source, model_source, write_run_files
 from qflow.sources import absolute_spec, module_search_path, resolve_data, resolve_model
@@ -370,6 +371,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     }
     write_run_files(stage, qat_model=qat_model, float_model=float_model, config=quant_config,
                     run_info=run_info, metrics=metrics)
+    oscillation_figure(qat_history, stage / "oscillation.png",
+                       threshold=metrics["oscillation"]["threshold"])
     if resolved is not None:  # what the config was chosen from (hawq.json)
         write_json(stage / f"{method.name}.json", resolved[0])
         if method.report_files is not None:  # HAWQ's pareto.png
