@@ -29,6 +29,7 @@ from qflow.nn import (
     QReLU,
 )
 from qflow.nn.elementwise import RECIPROCAL_TYPE, _reciprocal
+from qflow.numerics import FixedType
 from qflow.ofq.layers import STATSQ_TYPES, StatsQConv2d, StatsQLinear
 from qflow.ofq.lsq import LSQ_TYPES, LSQConv2d, LSQLinear
 from qflow.quantizers import FixedQuantizer
@@ -184,23 +185,24 @@ def _freeze_input_codes(b: _Builder, name, module, src):
         channels, frac, np.int64), "shift": zeros, "shift_frac": zeros.copy()}
     ss_name = f"{name}_input_scale"
     probe = Node("scale_shift", ss_name, [src], ss_name, {}, consts)
-    scaled = b.add("scale_shift", ss_name, [src], in_shape,
-                   infer.infer_scale_shift(probe, b.type_of(src)), consts=consts, source=name)
+    ss_type = infer.infer_scale_shift(probe, b.type_of(src))
+    _check_float64(name, module, [(b.type_of(src), ss_type)])
+    scaled = b.add("scale_shift", ss_name, [src], in_shape, ss_type, consts=consts,
+                   source=name)
     return b.add("cast", f"{name}_input_codes", [scaled], in_shape,
                  module.input_quant.input_type(), source=name)
 
 
-def _check_float64_products(b: _Builder, name, module, factors: list[str]) -> None:
-    """QAT eval multiplies each of ``factors`` by a B-bit multiplier in float64: exact
-    while a product has at most 53 significant bits; refuse the layer otherwise."""
-    significant = module.multiplier_bits - 1
-    for tensor in factors:
-        width = b.type_of(tensor).width
-        if width + significant > 53:
+def _check_float64(name, module, products: list[tuple[FixedType, FixedType]]) -> None:
+    """QAT eval computes each (input, result) ``scale_shift`` (a multiply by a B-bit
+    multiplier, then the shift) in float64: exact while the result's type, which holds
+    every value it can take, has at most 53 bits; refuse the layer otherwise."""
+    for given, result in products:
+        if result.width > 53:
             raise FreezeError(
-                f"{name}: a {width}-bit tensor times a {module.multiplier_bits}-bit "
-                f"multiplier needs {width + significant} significant bits, more than "
-                "float64's 53: QAT eval would round; lower multiplier_bits or the widths")
+                f"{name}: a {given.width}-bit tensor times a {module.multiplier_bits}-bit "
+                f"multiplier needs {result.width} bits, more than float64's 53 significant "
+                "bits: QAT eval would round; lower multiplier_bits or the widths")
 
 
 def _freeze_statsq(b: _Builder, name, module, src, shape):
@@ -211,9 +213,7 @@ def _freeze_statsq(b: _Builder, name, module, src, shape):
     as the shift) -> ``cast`` to the layer's output type. A dense layer on tokens
     (features last) is transposed around the ``scale_shift``, which scales the first
     per-sample axis."""
-    factors = []
     if module.input_quant is not None:
-        factors.append(src)
         src = _freeze_input_codes(b, name, module, src)
     with torch.no_grad():
         weight = module.deployed_codes()
@@ -245,7 +245,7 @@ def _freeze_statsq(b: _Builder, name, module, src, shape):
     ss_name = f"{name}_scale_shift"
     probe = Node("scale_shift", ss_name, [acc], ss_name, {}, consts)
     ss_type = infer.infer_scale_shift(probe, b.type_of(acc))
-    _check_float64_products(b, name, module, [*factors, acc])
+    _check_float64(name, module, [(b.type_of(acc), ss_type)])
     out = b.add("scale_shift", ss_name, [acc], b.shape_of(acc), ss_type, consts=consts,
                 source=name)
     out = b.cast(name, out, module.out_quant, name)
