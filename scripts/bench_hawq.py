@@ -13,7 +13,7 @@ What it measures
     * ``HAWQ size ≤ w4``: ``qflow.hawq.allocate`` with ``budget={"size": f}``, f the
       uniform 4-bit model's weight bits as a fraction of the 8-bit model's (0.5): at most
       the same weight bits, with HAWQ's defaults (first and last layers pinned at 8 bits,
-      candidates 3, 4, 6, 8);
+      candidates ``--widths``, by default the config's 2, 3, 4, 6, 8);
     * ``HAWQ bops ≤ w4``: the same with a budget on BOPs (products × weight bits × input
       bits) equal to the uniform 4-bit model's.
 
@@ -84,14 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     common_arguments(parser, ["digits", "mnist5k"])
     parser.add_argument("--requant", choices=["fixed", "dyadic"], default="fixed",
                         help="QFX power-of-two formats (default) or dyadic layers")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(HAWQConfig().widths),
+                        help="HAWQ's candidate weight widths (default: the config's)")
     args = parser.parse_args(argv)
-    base = HAWQConfig(requant=args.requant)
+    base = HAWQConfig(requant=args.requant, widths=args.widths)
     apply_threads(args)
     zoo = MODELS[MODEL]
     epochs = args.epochs or zoo.epochs
     qat_epochs = args.qat_epochs if args.qat_epochs is not None else max(3, epochs // 2)
     print(f"{MODEL}: float {epochs} epochs, QAT {qat_epochs} epochs, batch {args.batch_size}, "
-          f"lr {zoo.lr}, seeds {args.seeds}, requant {args.requant}, torch {torch.__version__}, "
+          f"lr {zoo.lr}, seeds {args.seeds}, requant {args.requant}, HAWQ widths "
+          f"{base.widths}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     lines = []
     for data_name in args.data:
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     plan = allocate(float_model, data.x_train, data.y_train,
                                     HAWQConfig(budget={quantity: fraction}, seed=seed,
-                                               requant=args.requant))
+                                               requant=args.requant, widths=args.widths))
                     if bits == 4 and quantity == "size":
                         ratios.append((time.perf_counter() - t0) / epoch_seconds)
                     plans[f"HAWQ {quantity} ≤ w{bits}"] = plan

@@ -79,9 +79,7 @@ class HAWQConfig(FixedMethodConfig):
     """HAWQ mixed precision: per-layer weight widths chosen by Hessian sensitivity within
     budgets, then QFX QAT with those widths.
 
-    - ``widths``: the candidate weight widths (2 to 16), default 3, 4, 6, 8 (2 is left
-      out while QFX's 12-bit BatchNorm scale can saturate in QAT: a 2-bit layer before a
-      BatchNorm brings that on within the default schedule, ``docs/hawq.md``);
+    - ``widths``: the candidate weight widths (2 to 16), default 2, 3, 4, 6, 8;
     - ``budget``: quantity -> fraction of the same model with every weight layer at 8 bits:
       ``size`` (weight bits) and/or ``bops`` (products × weight bits × input bits); or a
       count for the whole design on ``target``: ``dsp``, ``lut``, ``latency`` (clock
@@ -115,7 +113,7 @@ class HAWQConfig(FixedMethodConfig):
     """
 
     version: int = HAWQ_CONFIG_VERSION
-    widths: tuple = (3, 4, 6, 8)
+    widths: tuple = (2, 3, 4, 6, 8)
     budget: dict = field(default_factory=lambda: {"size": 0.5})
     target: str | None = None
     reuse_factor: int | str = "auto"
