@@ -199,10 +199,10 @@ def test_cli_refuses_bad_budgets_before_training(tmp_path, capsys):
     assert main(["quantize", "--method", "hawq", "--model", "digits-cnn", "--budget",
                  "size=0.1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    # every layer at 3 bits (the narrowest default) but the first and last (8): 31,360 of
-    # 77,440 bits
+    # every layer at 2 bits (the narrowest default) but the first and last (8): 22,144 of
+    # 77,440 bits, 0.28595 rounded up
     assert err == ("qflow quantize: error: budget size=0.1 is infeasible: the smallest "
-                   "configuration (every layer at its cheapest allowed width) needs size=0.405")
+                   "configuration (every layer at its cheapest allowed width) needs size=0.286")
     assert not out.exists()
     assert main(["quantize", "--model", "digits-cnn", "--budget", "size=0.5",
                  "--out", str(out)]) == 2
