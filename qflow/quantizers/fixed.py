@@ -220,11 +220,28 @@ class FixedQuantizer(nn.Module):
             self.initialize(x)
             return
         flat = x.reshape(x.shape[0], -1) if self.per_channel else x.reshape(1, -1)
+        if self._holds(flat):  # the common case, checked on a few Python floats
+            return
         peak = flat.abs().amax(dim=1).clamp_min(2.0**-24)
         needed = self._covering_integer_bits(flat, torch.ceil(torch.log2(peak)))
         needed = needed.reshape(self.integer_bits.shape).to(self.integer_bits.dtype)
         current = self.integer_bits.data
         current.copy_(torch.where(torch.round(current) < needed, needed, current))
+
+    def _holds(self, flat: torch.Tensor) -> bool:
+        """Whether every row of ``flat`` lies inside its current type's range (so that no
+        value overflows under any rounding)."""
+        spec, signed = self.spec, self._signed
+        qmin, qmax = kernel.code_range(spec.bits, signed)
+        if spec.overflow is Overflow.SAT_SYM:
+            qmin = kernel.sat_sym_low(spec.bits, signed)
+        his, los = flat.amax(dim=1).tolist(), flat.amin(dim=1).tolist()
+        bits = torch.round(self.integer_bits.detach()).reshape(-1).tolist()
+        for i, (hi, lo) in enumerate(zip(his, los, strict=True)):
+            lsb = 2.0 ** (bits[i if len(bits) > 1 else 0] - (spec.bits - int(signed)))
+            if hi > qmax * lsb or (signed and lo < qmin * lsb):
+                return False
+        return True
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
