@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from qflow.config import LayerOverride, QFXConfig
@@ -239,9 +240,16 @@ def allocate(model: nn.Module, x, y, config: HAWQConfig, *,
     if progress:
         progress(f"HAWQ: Hessian traces of {len(names)} layers on {len(x)} samples")
     activations = config.act_widths is not None
-    est = hutchinson_traces(model, x, y, tol=config.tol, rel_error=config.rel_error,
-                            max_probes=config.max_probes, seed=config.seed,
-                            activations=activations)
+    columns = (TextColumn("Hessian probes"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("largest relative error {task.fields[error]:.3f} (stop at "
+                          f"{config.rel_error:g})"), TimeElapsedColumn())
+    with Progress(*columns, disable=progress is None, transient=False) as bar:
+        task = bar.add_task("probes", total=config.max_probes, error=float("inf"))
+        est = hutchinson_traces(
+            model, x, y, tol=config.tol, rel_error=config.rel_error,
+            max_probes=config.max_probes, seed=config.seed, activations=activations,
+            progress=lambda probes, error: bar.update(task, completed=probes, error=error))
+        bar.update(task, total=est.probes)
     seconds = time.perf_counter() - started
     widths_needed = set(config.widths) | {b for b in pinned.values() if b is not None}
     errors = quantization_errors(model, config.fixed, tuple(sorted(widths_needed)),
