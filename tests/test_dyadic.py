@@ -141,6 +141,16 @@ def test_freeze_refuses_products_beyond_float64():
     graph = qflow.freeze(model.eval(), x[:2])  # 32 + 15 bits: exact
     assert max(graph.tensors[n.output].type.width for n in graph.nodes
                if n.op == "scale_shift") <= 53
+    # HAWQ-V3's 32-bit multipliers on 8-bit inputs and 4-bit weights fit: eval == graph
+    model = qflow.quantize_(nn.Sequential(nn.Linear(4, 3)),
+                            DyadicConfig(multiplier_bits=32, weight_bits=4, act_bits=4))
+    calibrate(model, x)
+    graph = qflow.freeze(model.eval(), x[:2])
+    codes, _ = model[1].multiplier()
+    assert int(codes.max()) >= 2**30  # 31 significant bits used
+    with torch.no_grad():
+        expected = model(x).numpy() / graph.output_type.lsb
+    assert int((qflow.emulate(graph, x.numpy()) != expected).any(axis=1).sum()) == 0
 
 
 def test_input_range_follows_training_and_stays_fixed_in_eval():
@@ -163,7 +173,7 @@ def test_config_round_trip_and_errors():
     assert cfg.replace_bits(act_bits=5).weight_bits == 3
     for data, message in [
         ({"weight_bits": 17}, "config.weight_bits: expected an integer from 2 to 16"),
-        ({"multiplier_bits": 32}, "config.multiplier_bits: expected an integer from 4 to 24"),
+        ({"multiplier_bits": 33}, "config.multiplier_bits: expected an integer from 4 to 32"),
         ({"range_momentum": 1.0}, "config.range_momentum: expected a number in [0, 1)"),
         ({"overrides": {"fc": {"bits": 4}}}, "unknown key 'bits'"),
         ({"method": "qfx"}, "this is a dyadic config"),

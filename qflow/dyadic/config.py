@@ -30,9 +30,10 @@ from qflow.method_config import (
 DYADIC_CONFIG_VERSION = 1
 #: weight and input code widths (the sign included)
 MIN_BITS, MAX_BITS = 2, 16
-#: multiplier widths: QAT eval computes acc · M in float64, exact while the product's
-#: significant bits (accumulator + multiplier) stay within 53
-MIN_MULTIPLIER_BITS, MAX_MULTIPLIER_BITS = 4, 24
+#: multiplier widths (HAWQ-V3's b / 2^c with b up to 32 bits). QAT eval computes the
+#: products in float64: ``qflow.freeze`` refuses a layer whose products need more than
+#: float64's 53 significant bits (a wide multiplier on a wide accumulator)
+MIN_MULTIPLIER_BITS, MAX_MULTIPLIER_BITS = 4, 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +69,7 @@ class DyadicConfig(FixedMethodConfig):
       scale (the input's range over training batches, an exponential moving average
       with ``range_momentum``; unsigned when the first batch has no negative value),
       fixed in eval mode and in the deployed model;
-    - ``multiplier_bits``: width B (4 to 24) of the fixed-point multipliers b / 2^c
+    - ``multiplier_bits``: width B (4 to 32) of the fixed-point multipliers b / 2^c
       that deploy the input scale (1/s_in) and each output channel's s_in · s_w,r;
       every multiplier has its own binary point (its code lies in [2^(B−2), 2^(B−1)));
     - ``fixed``: the QFX config of the model input, the layers' bias and output
