@@ -64,17 +64,29 @@ How it measures
     make a step ten times slower, which swamps the comparison. ``--threads 2`` (or 0 for
     torch's default) measures multi-threaded steps on an otherwise idle machine.
 
+    ``--memory BATCH`` measures memory instead of time: for each model and variant, a
+    fresh process builds it at that batch size, notes its resident set size, runs a few
+    training steps and reports by how much the process's peak RSS rose above that
+    baseline; ``--repeats`` processes per variant (median and range), then the ratio of
+    the medians to float's. The figure swings between processes (glibc's heap layout):
+    read the range.
+
 Run it
     . .venv/bin/activate
     python scripts/bench_qat.py                      # defaults: about a minute
     python scripts/bench_qat.py --threads 2 --steps 50 --repeats 9 --models digits_cnn
+    python scripts/bench_qat.py --memory 4096        # peak memory per step instead
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -313,6 +325,56 @@ def measure(variants: dict[str, Variant], steps: int, repeats: int) -> None:
                 variant.times.append(variant.run(steps))
 
 
+MEMORY_STEPS = 3
+
+
+def _rss_bytes() -> int:
+    """The process's resident set size now (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_probe(name: str, variant: str, batch_size: int) -> float:
+    """MiB by which ``MEMORY_STEPS`` training steps of one variant raise this process's
+    peak RSS above its RSS once the model, its optimizer and the data exist (run in a
+    fresh process per variant: the peak is the process's own)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chosen = build(name, batch_size)[variant]
+        gc.collect()
+        base = _rss_bytes()
+        chosen.run(MEMORY_STEPS)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return max(peak - base, 0) / 2**20
+
+
+def memory_table(names: list[str], batch_size: int, threads: int, repeats: int) -> None:
+    """Peak memory of a step above the process baseline, per model and variant, each in
+    ``repeats`` fresh processes (interleaved over variants; the median and the range);
+    the ratio of the medians to float's."""
+    print(f"\nPeak memory of a training step above the process baseline (peak RSS of a fresh "
+          f"process, {MEMORY_STEPS} steps; median and range of {repeats} processes per "
+          f"variant), batch {batch_size}:")
+    print(f"{'model':<12} {'variant':<10} {'MiB':>9} {'range':>15} {'x float':>8}")
+    print("-" * 58)
+    for name in names:
+        runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(repeats):
+            for variant in VARIANTS:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--memory-probe", name, variant,
+                     "--batch-size", str(batch_size), "--threads", str(threads)],
+                    capture_output=True, text=True, check=True)
+                runs[variant].append(float(out.stdout.split()[-1]))
+        mib = {v: statistics.median(r) for v, r in runs.items()}
+        for variant in VARIANTS:
+            spread = f"{min(runs[variant]):.0f}–{max(runs[variant]):.0f}"
+            print(f"{name:<12} {variant:<10} {mib[variant]:>9.1f} {spread:>15} "
+                  f"{mib[variant] / mib['float']:>8.2f}")
+        print(f"{name}: qflow/float peak memory = {mib['qflow'] / mib['float']:.2f} "
+              "(goal <= 1.5 on digits_cnn at batch 4096)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20,
@@ -331,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time binary-cnn: float vs BiPer vs sign-STE (default on)")
     parser.add_argument("--trim-heap", action="store_true",
                         help="leave glibc's default heap trimming on (see 'How it measures')")
+    parser.add_argument("--memory", type=int, default=None, metavar="BATCH",
+                        help="instead of timing, the peak memory of a step at batch BATCH "
+                             "(e.g. 4096), each variant in a fresh process")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "VARIANT"),
+                        help=argparse.SUPPRESS)  # one variant's figure, in its own process
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.batch_size < 1 or args.warmup < 1:
         parser.error("--steps, --repeats, --batch-size and --warmup must be positive")
@@ -341,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     heap = "glibc's default heap trimming"
     if not args.trim_heap and qflow.train.keep_freed_memory():
         heap = "freed memory kept (qflow.train.keep_freed_memory, as fit does)"
+    if args.memory_probe:
+        print(f"{memory_probe(*args.memory_probe, args.batch_size):.3f}")
+        return 0
+    if args.memory is not None:
+        memory_table(args.models, args.memory, args.threads, args.repeats)
+        return 0
 
     print(f"QAT training step (forward + loss + backward + Adam), batch {args.batch_size}, "
           f"{BITS}-bit, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
