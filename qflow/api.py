@@ -146,7 +146,7 @@ def quantize_qfx(model: nn.Module, config: QFXConfig) -> nn.Module:
     input_quant = QInput(recorder)
     recorder.check_overrides()
     for name, new in swaps:  # only now, so that an error above leaves the model untouched
-        _replace(model, name, new)
+        replace_module(model, name, new)
     functional.apply()
     functional.warn_untraced()
     _attach_input_quantizer(model, input_quant)
@@ -205,7 +205,8 @@ def _attach_input_quantizer(model: nn.Module, quant: QInput) -> None:
         model.register_forward_pre_hook(_quantize_input, with_kwargs=True)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of ``model``'s submodule called ``name`` (dotted)."""
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 

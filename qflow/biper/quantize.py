@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from qflow.api import quantize_qfx
+from qflow.api import quantize_qfx, replace_module
 from qflow.errors import ConfigError
 from qflow.nn import QBatchNorm1d, QBatchNorm2d, QConv2d, QInput, QLinear
 from qflow.quantizers import FixedQuantizer
@@ -71,10 +71,10 @@ def quantize_biper(model: nn.Module, config: BiPerConfig) -> nn.Module:
             norm=norm, norm_name=item.norm)
     quantize_qfx(model, config.fixed)
     for item in plan:
-        _replace(model, item.name, layers[item.name])
+        replace_module(model, item.name, layers[item.name])
         for absorbed in (item.norm, item.relu):
             if absorbed:
-                _replace(model, absorbed, nn.Identity())
+                replace_module(model, absorbed, nn.Identity())
     model.qflow_config = config
     return model
 
@@ -131,10 +131,6 @@ def _replaced_relu(name: str, calls: dict[str, list[fx.Node]], modules) -> str |
         return None
     return source.target
 
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
 # -- stages ---------------------------------------------------------------------------

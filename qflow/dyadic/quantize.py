@@ -6,7 +6,7 @@ import dataclasses
 
 from torch import nn
 
-from qflow.api import quantize_qfx
+from qflow.api import quantize_qfx, replace_module
 
 from .config import DyadicConfig
 from .layers import DYADIC_TYPES, DyadicConv2d, DyadicLinear
@@ -47,8 +47,7 @@ def quantize_dyadic(model: nn.Module, config: DyadicConfig) -> nn.Module:
                                 multiplier_bits=config.multiplier_bits,
                                 bias_quant=qlayer.bias_quant, act_bits=act_bits,
                                 range_momentum=config.range_momentum)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        replace_module(model, name, layer)
     model.qflow_config = config
     return model
 

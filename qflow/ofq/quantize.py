@@ -6,7 +6,7 @@ import dataclasses
 
 from torch import fx, nn
 
-from qflow.api import quantize_qfx
+from qflow.api import quantize_qfx, replace_module
 from qflow.errors import ConfigError
 from qflow.quantizers.scaled import InputScale
 
@@ -62,7 +62,7 @@ def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
         layer = types[_float_type(qlayer)].from_float(
             qlayer, fixed, name, bits=bits, multiplier_bits=config.multiplier_bits,
             bias_quant=qlayer.bias_quant, input_quant=inputs)
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     for name, head_dim in heads.items():  # the estimate counts their extra products
         model.get_submodule(name).qkr_head_dim = head_dim
     model.qflow_config = config
@@ -95,10 +95,6 @@ def _plan(model: nn.Module, config: OFQConfig) -> list[tuple[str, int]]:
             plan.append((name, bits))
     return plan
 
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
 def statsq_layers(model: nn.Module) -> list[StatsQConv2d | StatsQLinear]:
