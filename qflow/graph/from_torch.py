@@ -176,33 +176,23 @@ def _freeze_binary(b: _Builder, name, module, src, shape):
 def _freeze_input_codes(b: _Builder, name, module, src):
     """A layer's input as integer codes (``module.input_quant``): a ``scale_shift`` (the
     input multiplier on every channel, no shift) and a ``cast`` to the integer type."""
-    in_shape = b.shape_of(src)
-    if not in_shape:
-        raise FreezeError(f"node {name}: input codes need a per-sample axis")
     code, frac = module.input_quant.multiplier()
-    channels, zeros = in_shape[0], np.zeros(in_shape[0], dtype=np.int64)
-    consts = {"scale": np.full(channels, code, np.int64), "scale_frac": np.full(
-        channels, frac, np.int64), "shift": zeros, "shift_frac": zeros.copy()}
-    ss_name = f"{name}_input_scale"
-    probe = Node("scale_shift", ss_name, [src], ss_name, {}, consts)
-    ss_type = infer.infer_scale_shift(probe, b.type_of(src))
-    _check_float64(name, module, [(b.type_of(src), ss_type)])
-    scaled = b.add("scale_shift", ss_name, [src], in_shape, ss_type, consts=consts,
-                   source=name)
-    return b.add("cast", f"{name}_input_codes", [scaled], in_shape,
+    scaled, scaled_type = _scale_every_channel(b, f"{name}_input_scale", src, code, frac,
+                                               source=name, needs="input codes need")
+    _check_float64(name, module, b.type_of(src), scaled_type)
+    return b.add("cast", f"{name}_input_codes", [scaled], b.shape_of(src),
                  module.input_quant.input_type(), source=name)
 
 
-def _check_float64(name, module, products: list[tuple[FixedType, FixedType]]) -> None:
-    """QAT eval computes each (input, result) ``scale_shift`` (a multiply by a B-bit
-    multiplier, then the shift) in float64: exact while the result's type, which holds
+def _check_float64(name, module, given: FixedType, result: FixedType) -> None:
+    """QAT eval computes a multiplier ``scale_shift`` (``given`` times a B-bit
+    multiplier, then the shift) in float64: exact while ``result``, the type that holds
     every value it can take, has at most 53 bits; refuse the layer otherwise."""
-    for given, result in products:
-        if result.width > 53:
-            raise FreezeError(
-                f"{name}: a {given.width}-bit tensor times a {module.multiplier_bits}-bit "
-                f"multiplier needs {result.width} bits, more than float64's 53 significant "
-                "bits: QAT eval would round; lower multiplier_bits or the widths")
+    if result.width > 53:
+        raise FreezeError(
+            f"{name}: a {given.width}-bit tensor times a {module.multiplier_bits}-bit "
+            f"multiplier needs {result.width} bits, more than float64's 53 significant "
+            "bits: QAT eval would round; lower multiplier_bits or the widths")
 
 
 def _freeze_statsq(b: _Builder, name, module, src, shape):
@@ -245,7 +235,7 @@ def _freeze_statsq(b: _Builder, name, module, src, shape):
     ss_name = f"{name}_scale_shift"
     probe = Node("scale_shift", ss_name, [acc], ss_name, {}, consts)
     ss_type = infer.infer_scale_shift(probe, b.type_of(acc))
-    _check_float64(name, module, [(b.type_of(acc), ss_type)])
+    _check_float64(name, module, b.type_of(acc), ss_type)
     out = b.add("scale_shift", ss_name, [acc], b.shape_of(acc), ss_type, consts=consts,
                 source=name)
     out = b.cast(name, out, module.out_quant, name)
@@ -271,23 +261,33 @@ def _freeze_batchnorm(b: _Builder, name, module, src, shape):
     return b.cast(name, out, module.out_quant, name)
 
 
+def _scale_every_channel(b: _Builder, name, src, code: int, frac: int, *, source: str,
+                         needs: str):
+    """A ``scale_shift`` node ``name`` of ``src`` by one fixed-point number
+    (code · 2^−frac) on every channel (the first per-sample axis), no shift; returns
+    (its output, its type). ``needs`` words the error for a tensor without that axis."""
+    in_shape = b.shape_of(src)
+    if not in_shape:
+        raise FreezeError(f"node {source}: {needs} a per-sample axis")
+    channels, zeros = in_shape[0], np.zeros(in_shape[0], dtype=np.int64)
+    consts = {"scale": np.full(channels, code, np.int64),
+              "scale_frac": np.full(channels, frac, np.int64),
+              "shift": zeros, "shift_frac": zeros.copy()}
+    probe = Node("scale_shift", name, [src], name, {}, consts)
+    out_type = infer.infer_scale_shift(probe, b.type_of(src))
+    return b.add("scale_shift", name, [src], in_shape, out_type, consts=consts,
+                 source=source), out_type
+
+
 def _freeze_mul_const(b: _Builder, name, module: QMulConst, src, shape):
     """``x * c``: a ``scale_shift`` with the constant's code on every channel (the first
     per-sample axis) and a zero shift, then the cast to the layer's output type."""
-    in_shape = b.shape_of(src)
-    if not in_shape:
-        raise FreezeError(f"node {name}: a product by a constant needs a per-sample axis")
     with torch.no_grad():
         value = module.quantized_value().reshape(1)
     frac = _fracs(module.value_quant, 1)
     code = _to_codes(value, frac, f"{name}.constant")
-    channels = in_shape[0]
-    zeros = np.zeros(channels, dtype=np.int64)
-    consts = {"scale": np.repeat(code, channels), "scale_frac": np.repeat(frac, channels),
-              "shift": zeros, "shift_frac": zeros.copy()}
-    probe = Node("scale_shift", name, [src], name, {}, consts)
-    out_type = infer.infer_scale_shift(probe, b.type_of(src))
-    out = b.add("scale_shift", name, [src], shape, out_type, consts=consts, source=name)
+    out, _ = _scale_every_channel(b, name, src, int(code[0]), int(frac[0]), source=name,
+                                  needs="a product by a constant needs")
     return b.cast(name, out, module.out_quant, name)
 
 
