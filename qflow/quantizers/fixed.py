@@ -167,6 +167,13 @@ class FixedQuantizer(nn.Module):
             best_err = torch.where(better, err, best_err)
         return best.reshape(shape)
 
+    def _code_limits(self) -> tuple[int, int]:
+        """(lowest, highest) code of the type under its overflow mode (SAT_SYM: −qmax)."""
+        qmin, qmax = kernel.code_range(self.spec.bits, self._signed)
+        if self.spec.overflow is Overflow.SAT_SYM:
+            qmin = kernel.sat_sym_low(self.spec.bits, self._signed)
+        return qmin, qmax
+
     def _covering_integer_bits(self, flat: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """Per row of ``flat``, the fewest integer bits under which neither the row's
         maximum nor its minimum overflows once rounded (by the type's rounding mode,
@@ -181,9 +188,7 @@ class FixedQuantizer(nn.Module):
         and wrap under WRAP): only its maximum decides.
         """
         spec, signed = self.spec, self.is_signed
-        qmin, qmax = kernel.code_range(spec.bits, signed)
-        if spec.overflow is Overflow.SAT_SYM:
-            qmin = kernel.sat_sym_low(spec.bits, signed)
+        qmin, qmax = self._code_limits()
         hi = flat.amax(dim=1).to(torch.float64)
         lo = flat.amin(dim=1).to(torch.float64)
         if not signed:
@@ -232,9 +237,7 @@ class FixedQuantizer(nn.Module):
         """Whether every row of ``flat`` lies inside its current type's range (so that no
         value overflows under any rounding)."""
         spec, signed = self.spec, self._signed
-        qmin, qmax = kernel.code_range(spec.bits, signed)
-        if spec.overflow is Overflow.SAT_SYM:
-            qmin = kernel.sat_sym_low(spec.bits, signed)
+        qmin, qmax = self._code_limits()
         his, los = flat.amax(dim=1).tolist(), flat.amin(dim=1).tolist()
         bits = torch.round(self.integer_bits.detach()).reshape(-1).tolist()
         for i, (hi, lo) in enumerate(zip(his, los, strict=True)):
