@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qflow.config import QFXConfig
+from qflow.dyadic.config import MAX_MULTIPLIER_BITS
 from qflow.dyadic.layers import symmetric_codes, symmetric_scale
 from qflow.quantizers import FixedQuantizer
+from qflow.quantizers.scaled import InputScale
 
 #: the layers HAWQ allocates widths to (the weight layers QFX quantizes)
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
@@ -88,14 +90,7 @@ def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     model.eval()
     params = [m.weight for m in layers.values()]
     inputs: dict[str, torch.Tensor] = {}
-
-    def keep_input(name):
-        def hook(module, args):
-            inputs.setdefault(name, args[0])
-        return hook
-
-    handles = [m.register_forward_pre_hook(keep_input(n)) for n, m in layers.items()] \
-        if activations else []
+    handles = _keep_inputs(layers, inputs) if activations else []
     try:
         loss = F.cross_entropy(model(x.clone().requires_grad_(activations)), y)
         for h in handles:
@@ -184,8 +179,9 @@ def activation_errors(model: nn.Module, x: torch.Tensor, widths: tuple[int, ...]
                       ) -> dict[str, dict[int, float]]:
     """‖Q_a(x_i) − x_i‖² for every weight layer's input x_i on the batch ``x`` (its first
     call's) and candidate width a, Q_a a dyadic layer's input quantizer with the batch's
-    range (:mod:`qflow.dyadic.layers`: unsigned when x_i has no negative value, scale
-    range / (2^a − 1), else signed with scale max|x_i| / (2^(a−1) − 1); ties to even).
+    range (:class:`~qflow.quantizers.scaled.InputScale`: unsigned when x_i has no
+    negative value, scale range / (2^a − 1), else signed with scale
+    max|x_i| / (2^(a−1) − 1); ties to even).
 
     >>> model = nn.Sequential(nn.Linear(2, 2))
     >>> errors = activation_errors(model, torch.tensor([[0.0, 0.4], [1.0, 0.9]]), (2,))
@@ -193,14 +189,8 @@ def activation_errors(model: nn.Module, x: torch.Tensor, widths: tuple[int, ...]
     0.014444
     """
     inputs: dict[str, torch.Tensor] = {}
-
-    def keep_input(name):
-        def hook(module, args):
-            inputs.setdefault(name, args[0].detach().to(torch.float64))
-        return hook
-
     layers = weight_layers(model)
-    handles = [m.register_forward_pre_hook(keep_input(n)) for n, m in layers.items()]
+    handles = _keep_inputs(layers, inputs)
     was_training = model.training
     try:
         model.eval()
@@ -212,17 +202,23 @@ def activation_errors(model: nn.Module, x: torch.Tensor, widths: tuple[int, ...]
             h.remove()
     errors: dict[str, dict[int, float]] = {}
     for name in layers:
-        v = inputs[name]
-        signed = bool(v.min() < 0)
-        peak = float(v.abs().max() if signed else v.max())
+        v = inputs[name].detach().to(torch.float64)
         errors[name] = {}
-        for a in widths:
-            steps = 2 ** (a - 1) - 1 if signed else 2**a - 1
-            scale = max(peak, 2.0**-16) / steps
-            low = -(steps + 1) if signed else 0
-            q = torch.round(v / scale).clamp(low, steps) * scale
+        for a in widths:  # a fresh quantizer takes its sign and range from v
+            q = InputScale(a, MAX_MULTIPLIER_BITS)(v)
             errors[name][a] = float(((q - v) ** 2).sum())
     return errors
+
+
+def _keep_inputs(layers: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> list:
+    """Forward pre-hooks that put each layer's first input (of its first call) in
+    ``inputs``; the handles, to remove."""
+    def keep(name):
+        def hook(module, args):
+            inputs.setdefault(name, args[0])
+        return hook
+
+    return [m.register_forward_pre_hook(keep(n)) for n, m in layers.items()]
 
 
 def omega(traces: dict[str, float], errors: dict[str, dict[int, float]],
