@@ -18,7 +18,8 @@ What it measures
     * ``OFQ w{b} without QKR`` (``--ablate-qkr``, default 2-bit only): StatsQ + CGA on
       the model's own layers, to tell QKR's share from StatsQ + CGA's.
 
-    Everything else is shared: QFX 8-bit activations, 8-bit first and last layers,
+    Everything else is shared: 8-bit activations (QFX, or with ``--acts lsq`` /
+    ``lsq_token`` learned LSQ scales per tensor / per token), 8-bit first and last layers,
     distillation from the float model (α 0.5, T 1) in both phases, the epochs and
     learning rates of ``qflow quantize`` (QAT: ``--qat-epochs``, default half the float
     epochs, at a third of the float learning rate, cosine; second phase: a third of the
@@ -43,6 +44,7 @@ Run it
     python scripts/bench_ofq.py --threads 1                  # both data sets, 3 seeds
     python scripts/bench_ofq.py --data digits --seeds 0 --epochs 5 --qat-epochs 3
     python scripts/bench_ofq.py --threads 1 --cga-br 0.0005 --no-lsq --ablate-qkr
+    python scripts/bench_ofq.py --threads 1 --data mnist5k --bits 2 --acts lsq_token
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from benchlib import apply_threads, common_arguments, deployed_accuracy, mean_st
 
 import qflow
 from qflow.methods import method_of
+from qflow.ofq.config import ACT_QUANTIZERS
 from qflow.ofq.quantize import lsq_layers, statsq_layers
 from qflow.oscillation import OscillationTracker
 from qflow.train import calibrate, evaluate, fit, seed_everything
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="widths with an extra OFQ row without QKR (default: 2)")
     parser.add_argument("--cga-br", type=float, default=None,
                         help="CGA's boundary range BR of the OFQ rows (default: OFQConfig's)")
+    parser.add_argument("--acts", choices=ACT_QUANTIZERS, default="qfx",
+                        help="the activation quantizer of every row (default: qfx)")
     parser.add_argument("--no-lsq", action="store_true",
                         help="OFQ rows only (the LSQ rows do not depend on --cga-br)")
     args = parser.parse_args(argv)
@@ -139,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         qat_epochs = args.qat_epochs if args.qat_epochs is not None else max(3, epochs // 2)
         data = DATASETS[data_name]()
         variants = {}
-        br = {} if args.cga_br is None else {"cga_br": args.cga_br}
+        br = {"act_quantizer": args.acts}
+        if args.cga_br is not None:
+            br["cga_br"] = args.cga_br
         for b in args.bits:
             variants[f"OFQ w{b}"] = qflow.OFQConfig(weight_bits=b, **br)
             if not args.no_lsq:
                 variants[f"LSQ w{b}"] = qflow.OFQConfig(weight_bits=b, weight_quantizer="lsq",
-                                                         qkr=False)
+                                                         qkr=False, act_quantizer=args.acts)
         for b in args.ablate_qkr:
             variants[f"OFQ w{b} without QKR"] = qflow.OFQConfig(weight_bits=b, qkr=False, **br)
         results: dict[str, dict[str, list[float]]] = {"float": {"accuracy": []}}

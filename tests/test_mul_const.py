@@ -343,13 +343,21 @@ def test_token_scale_shift_in_the_emulator_integer_onnx_and_qonnx(tmp_path, scal
     assert bad == [0, 0]
 
 
-def test_hls_exports_a_uniform_token_scale_and_refuses_a_per_token_one():
+def test_hls_exports_uniform_and_per_token_scales():
     model = hls_graph(_token_graph([45] * 4)).model
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
     inits = {t.name: t for t in model.graph.initializer}
     assert [list(inits[name].dims) for name in bn.input[1:]] == [[6]] * 4  # the features
-    with pytest.raises(HlsExportError, match=r"^node 'scaled' \(scale_shift\): a scale or "
-                                             r"shift per token of a 4x6 token tensor"):
-        hls_graph(_token_graph([45, -7, 0, 127]))
+    # per token: the tokens turned to hls4ml's last axis and back around the product
+    model = hls_graph(_token_graph([45, -7, 0, 127])).model
+    ops = [(n.op_type, {a.name: a.i for a in n.attribute if a.name in ("rows", "cols")})
+           for n in model.graph.node]
+    at = ops.index(("BatchNormalization", {}))
+    assert ops[at - 1:at + 2] == [("FixedTranspose", {"rows": 4, "cols": 6}),
+                                  ("BatchNormalization", {}),
+                                  ("FixedTranspose", {"rows": 6, "cols": 4})]
+    inits = {t.name: t for t in model.graph.initializer}
+    bn = model.graph.node[at]
+    assert [list(inits[name].dims) for name in bn.input[1:]] == [[4]] * 4  # the tokens
     with pytest.raises(HlsExportError, match=r"^node 'scaled' \(scale_shift\): .*io_parallel"):
         hls_graph(_token_graph([45] * 4), "io_stream")

@@ -62,7 +62,8 @@ def test_replace_bits_sets_the_statsq_width_and_activations():
     ({"weight_bits": True}, "config.weight_bits: expected an integer from 2 to 8, got True"),
     ({"multiplier_bits": 3}, "config.multiplier_bits: expected an integer from 4 to 24"),
     ({"version": 4}, "config version 4 is not supported"),
-    ({"act_quantizer": "pact"}, "config.act_quantizer: expected one of qfx, lsq, got 'pact'"),
+    ({"act_quantizer": "pact"},
+     "config.act_quantizer: expected one of qfx, lsq, lsq_token, got 'pact'"),
     ({"wieght_bits": 2}, "config: unknown key 'wieght_bits'"),
     ({"method": "biper"}, "biper"),
     ({"fixed": {"weight": {"bits": 0}}}, "config.fixed.weight"),
@@ -135,7 +136,7 @@ def test_layer_codes_are_odd_and_training_uses_float_levels():
 CASES = [("dense", (24,)), ("tokens", (6, 24)), ("conv", (3, 7, 7))]
 
 
-@pytest.mark.parametrize("acts", ["qfx", "lsq"])
+@pytest.mark.parametrize("acts", ["qfx", "lsq", "lsq_token"])
 @pytest.mark.parametrize("quantizer", ["statsq", "lsq"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("multiplier_bits", [8, 16])
@@ -167,9 +168,10 @@ def test_deployment_identity_on_random_layers(quantizer, bits, multiplier_bits, 
     x = torch.randn(64, *shape) * 3
     model.train()
     model(x)  # initializes the formats from data
-    if acts == "lsq":
-        with torch.no_grad():  # a learned step away from its start
-            model[1].input_quant.step.mul_(0.7)
+    if acts != "qfx":
+        with torch.no_grad():  # a learned step away from its start (per token: apart)
+            step = model[1].input_quant.step
+            step.mul_(torch.linspace(0.3, 1.5, step.numel()).reshape(step.shape))
     model.eval()
     graph = freeze(model, x[:4])
     with torch.no_grad():
@@ -179,10 +181,12 @@ def test_deployment_identity_on_random_layers(quantizer, bits, multiplier_bits, 
     ops = [n.op for n in graph.nodes]
     expected = ["conv2d" if kind == "conv" else "dense", "scale_shift", "cast"]
     if kind == "tokens":
-        expected = ["dense", "transpose", "scale_shift", "cast", "transpose"]
-    if acts == "lsq":
+        per_token = ["scale_shift", "cast"] if acts == "lsq_token" else []
+        expected = ["dense", *per_token, "transpose", "scale_shift", "cast", "transpose"]
+    if acts != "qfx":
         expected = ["scale_shift", "cast", *expected]
         assert graph.tensors[graph.nodes[1].output].type == model[1].input_quant.input_type()
+        assert model[1].input_quant.tokens == (kind == "tokens" and acts == "lsq_token")
     assert ops == expected
     weight = next(n for n in graph.nodes if n.op in ("dense", "conv2d")).consts["weight"]
     assert np.array_equal(weight, model[1].weight_codes().numpy())

@@ -18,6 +18,7 @@ from qflow.ofq import OFQConfig
 from qflow.ofq.lsq import LSQLinear, lsq_index, lsq_initial_scale, lsq_levels
 from qflow.ofq.quantize import lsq_layers, statsq_layers
 from qflow.oscillation import OscillationTracker, tracked_layers
+from qflow.runs import load_run
 
 
 # -- the config ----------------------------------------------------------------------
@@ -199,3 +200,33 @@ def test_learned_activation_scales_export_to_ultra96(lsq_run, tmp_path):
     nodes = [row["qgraph_node"] for row in json.loads((out / "report.json").read_text())[
         "layers"]]
     assert sum(n.endswith("_input_codes") for n in nodes) == 12  # the 12 LSQ layers
+
+
+@pytest.fixture(scope="module")
+def token_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ofq-token")
+    recipe = root / "token.yaml"
+    recipe.write_text("method: ofq\nact_quantizer: lsq_token\nweight_bits: 2\n")
+    return _quantize(root / "run", "--recipe", str(recipe))
+
+
+def test_per_token_activation_scales_export_to_ultra96(token_run, tmp_path):
+    # StatsQ layers whose inputs have one learned scale per token: per-token input
+    # multipliers, and per-token multipliers of the accumulator (the inverse scales,
+    # rounded to their own type) before each feature's; hls4ml turns the tokens to its
+    # last axis and back around them
+    model, _ = load_run(token_run)
+    scales = [m.input_quant for m in statsq_layers(model)]
+    assert scales and all(s.tokens and s.step.numel() == 16 for s in scales)
+    assert all(len(set(s.step.detach().tolist())) > 1 for s in scales)  # learned apart
+    out = tmp_path / "ultra96"
+    assert _export_and_verify(token_run, "ultra96", out) == {
+        "QAT model (torch eval)", "int_onnx", "hls_csim"}
+    nodes = [row["qgraph_node"] for row in json.loads((out / "report.json").read_text())[
+        "layers"]]
+    assert sum(n.endswith("_token_codes") for n in nodes) == len(scales)
+
+
+def test_per_token_activation_scales_export_to_cpu(token_run, tmp_path):
+    assert _export_and_verify(token_run, "cpu", tmp_path / "cpu") == {
+        "QAT model (torch eval)", "int_onnx", "tvm"}

@@ -175,9 +175,10 @@ def _freeze_binary(b: _Builder, name, module, src, shape):
 
 def _freeze_input_codes(b: _Builder, name, module, src):
     """A layer's input as integer codes (``module.input_quant``): a ``scale_shift`` (the
-    input multiplier on every channel, no shift) and a ``cast`` to the integer type."""
-    code, frac = module.input_quant.multiplier()
-    scaled, scaled_type = _scale_every_channel(b, f"{name}_input_scale", src, code, frac,
+    input multiplier on every channel, or each token's on its token, no shift) and a
+    ``cast`` to the integer type."""
+    codes, fracs = (t.cpu().numpy() for t in module.input_quant.multipliers())
+    scaled, scaled_type = _scale_every_channel(b, f"{name}_input_scale", src, codes, fracs,
                                                source=name, needs="input codes need")
     _check_float64(name, module, b.type_of(src), scaled_type)
     return b.add("cast", f"{name}_input_codes", [scaled], b.shape_of(src),
@@ -219,6 +220,15 @@ def _freeze_statsq(b: _Builder, name, module, src, shape):
     probe = Node(op, name, [src], name, attrs, consts)
     acc = b.add(op, name, [src], shape, infer.infer_weighted(probe, b.type_of(src)),
                 attrs=attrs, consts=consts, source=name)
+    tokens = module.token_multiplier()
+    if tokens is not None:  # per-token input scales: each token's 1/m_in first
+        codes, fracs = (t.cpu().numpy() for t in tokens)
+        given = b.type_of(acc)
+        acc, acc_type = _scale_every_channel(b, f"{name}_token_scale", acc, codes, fracs,
+                                             source=name, needs="per-token scales need")
+        _check_float64(name, module, given, acc_type)
+        acc = b.add("cast", f"{name}_token_codes", [acc], b.shape_of(acc),
+                    module.token_type(), source=name)
     rank = len(shape)
     turned = isinstance(module, nn.Linear) and rank > 1
     if turned:  # (..., features) -> (features, ...)
@@ -261,17 +271,20 @@ def _freeze_batchnorm(b: _Builder, name, module, src, shape):
     return b.cast(name, out, module.out_quant, name)
 
 
-def _scale_every_channel(b: _Builder, name, src, code: int, frac: int, *, source: str,
-                         needs: str):
-    """A ``scale_shift`` node ``name`` of ``src`` by one fixed-point number
-    (code · 2^−frac) on every channel (the first per-sample axis), no shift; returns
-    (its output, its type). ``needs`` words the error for a tensor without that axis."""
+def _scale_every_channel(b: _Builder, name, src, code, frac, *, source: str, needs: str):
+    """A ``scale_shift`` node ``name`` of ``src`` by fixed-point numbers code · 2^−frac
+    along the first per-sample axis (one number: the same on every channel; one per
+    channel otherwise), no shift; returns (its output, its type). ``needs`` words the
+    error for a tensor without that axis."""
     in_shape = b.shape_of(src)
     if not in_shape:
         raise FreezeError(f"node {source}: {needs} a per-sample axis")
     channels, zeros = in_shape[0], np.zeros(in_shape[0], dtype=np.int64)
-    consts = {"scale": np.full(channels, code, np.int64),
-              "scale_frac": np.full(channels, frac, np.int64),
+    code, frac = np.asarray(code, np.int64).reshape(-1), np.asarray(frac, np.int64).reshape(-1)
+    if code.size not in (1, channels):
+        raise FreezeError(f"node {source}: {code.size} scales for an axis of {channels}")
+    consts = {"scale": np.broadcast_to(code, (channels,)).copy(),
+              "scale_frac": np.broadcast_to(frac, (channels,)).copy(),
               "shift": zeros, "shift_frac": zeros.copy()}
     probe = Node("scale_shift", name, [src], name, {}, consts)
     out_type = infer.infer_scale_shift(probe, b.type_of(src))

@@ -40,8 +40,8 @@ MIN_MULTIPLIER_BITS, MAX_MULTIPLIER_BITS = 4, 24
 #: the weight quantizers: OFQ's StatsQ, or the learned-scale LSQ baseline
 WEIGHT_QUANTIZERS = ("statsq", "lsq")
 #: the input quantizers of the StatsQ/LSQ layers: QFX power-of-two fixed point, or a
-#: learned LSQ scale deployed as a fixed-point multiplier
-ACT_QUANTIZERS = ("qfx", "lsq")
+#: learned LSQ scale (per tensor, or per token) deployed as a fixed-point multiplier
+ACT_QUANTIZERS = ("qfx", "lsq", "lsq_token")
 
 
 #: the training fields (CGA and distillation), in to_dict's order
@@ -111,6 +111,9 @@ class OFQConfig(FixedMethodConfig):
       QFX power-of-two fixed point; ``"lsq"`` quantizes each to ``fixed.activation.bits``
       integer codes at a learned per-tensor scale (LSQ, Esser et al.), deployed as a
       fixed-point multiplier of ``multiplier_bits`` (:mod:`qflow.quantizers.scaled`);
+      ``"lsq_token"`` learns one scale per token position for inputs of tokens (batch,
+      T, features), deployed as one multiplier per token on the input and one for its
+      inverse on the accumulator (other inputs: one scale, as ``"lsq"``);
     - ``qkr``: query-key reparameterization (:mod:`qflow.ofq.qkr`): every attention whose
       scores are ``q @ kᵀ`` of two linear layers gets one C × C layer per head in their
       place, quantized like the other layers (a model without one is left as it is);
@@ -125,8 +128,6 @@ class OFQConfig(FixedMethodConfig):
       :mod:`qflow.ofq.cga`);
     - ``distill``: QAT and CGA distil from the float model, with the loss
       (1 − α)·CE + α·T²·KL; α = ``distill_alpha``, T = ``distill_temperature``.
-
-    Not yet: per-token activation scales (``docs/ofq.md``).
     """
 
     version: int = OFQ_CONFIG_VERSION

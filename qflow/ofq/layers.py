@@ -38,6 +38,8 @@ from torch import nn
 
 from qflow.nn.functional import exact_dtype
 from qflow.nn.layers import conv2d_like
+from qflow.numerics import FixedType
+from qflow.ops import fixed as fixed_ops
 from qflow.quantizers import FixedQuantizer
 from qflow.quantizers.scaled import InputScale, multiplier_codes
 
@@ -137,17 +139,53 @@ class _StatsQLayer:
         """Each row's weight scale (float64): the value of one code step, s_r / 2^b."""
         return statsq_scale(self.weight.to(torch.float64)) / 2**self.bits
 
+    def _token_inputs(self) -> bool:
+        return self.input_quant is not None and self.input_quant.tokens
+
     def multiplier(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes M, fractions F) of each row's multiplier m = M · 2^(−F): the row scale,
-        divided by the input multiplier when the input comes as codes."""
+        divided by the input multiplier when the input comes as codes at one scale (per
+        token, the tokens have their own: :meth:`token_multiplier`)."""
         scales = self.row_scales()
-        if self.input_quant is not None:
+        if self.input_quant is not None and not self._token_inputs():
             scales = scales / self.input_quant.multiplier_value()
         return multiplier_codes(scales, 0, self.multiplier_bits)
 
     def multiplier_values(self) -> torch.Tensor:
         codes, frac = self.multiplier()
         return torch.ldexp(codes.to(torch.float64), -frac)
+
+    def token_multiplier(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(codes, fractions) of 1/m_in[t], one B-bit multiplier per token, that the
+        accumulator is multiplied by before the row multiplier; None without per-token
+        input scales."""
+        if not self._token_inputs():
+            return None
+        return multiplier_codes(1 / self.input_quant.multiplier_values(), 0,
+                                self.multiplier_bits)
+
+    def token_type(self) -> FixedType | None:
+        """The type the accumulator times 1/m_in[t] is rounded to (RND_CONV) before the
+        row multiplier, so that the row product stays exact in float64: signed, integer
+        bits for the largest value the input and weight codes allow, and as many
+        fractional bits as leave room (53 bits) for the row multipliers with their
+        spread of binary points and the bias (at most the exact product's); None without
+        per-token input scales."""
+        tokens = self.token_multiplier()
+        if tokens is None:
+            return None
+        codes, fracs = tokens
+        in_t = self.input_quant.input_type()
+        weights = self.deployed_codes().abs().reshape(self.weight.shape[0], -1)
+        peak = max(-in_t.qmin, in_t.qmax) * float(weights.sum(1).max()) * float(
+            torch.ldexp(codes.to(torch.float64), -fracs).max())
+        integer = max(int(peak).bit_length(), 1)
+        row_fracs = self.multiplier()[1]
+        spread = int(row_fracs.max() - row_fracs.min()) if row_fracs.numel() else 0
+        room = 53 - 2 - self.multiplier_bits - spread - 1 - integer  # 1: the sign, 2: the bias
+        fractional = max(min(room, int(fracs.max())), 0)
+        return FixedType(signed=True, integer=integer, fractional=fractional,
+                         rounding="RND_CONV", overflow="SAT")
 
     def quantized_bias(self, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
         return None if self.bias is None else self.bias_quant(self.bias.to(dtype))
@@ -169,6 +207,10 @@ class _StatsQLayer:
             return self.out_quant(y if bias is None else y + bias.reshape(self._channel_shape(y)))
         acc = self._float_forward(x if inputs is None else inputs.codes(x),
                                   self.deployed_codes().to(dtype))
+        tokens = self.token_multiplier()
+        if tokens is not None:  # exact in float64 (the freeze checks the widths), rounded
+            acc = fixed_ops.cast(acc * torch.ldexp(tokens[0].to(dtype), -tokens[1]).reshape(
+                -1, 1), self.token_type())
         shape = self._channel_shape(acc)
         y = acc * self.multiplier_values().reshape(shape)
         bias = self.quantized_bias(dtype)

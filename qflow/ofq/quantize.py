@@ -56,9 +56,10 @@ def quantize_ofq(model: nn.Module, config: OFQConfig) -> nn.Module:
     for name, bits in plan:
         qlayer = model.get_submodule(name)
         inputs = None
-        if config.act_quantizer == "lsq":
+        if config.act_quantizer in ("lsq", "lsq_token"):
             inputs = InputScale(fixed.spec_for(name, "activation").bits,
-                                config.multiplier_bits, learned=True)
+                                config.multiplier_bits, learned=True,
+                                per_token=config.act_quantizer == "lsq_token")
         layer = types[_float_type(qlayer)].from_float(
             qlayer, fixed, name, bits=bits, multiplier_bits=config.multiplier_bits,
             bias_quant=qlayer.bias_quant, input_quant=inputs)

@@ -12,6 +12,11 @@ Q_a = 2^(a−1) − 1 (signed) or 2^a − 1 (unsigned: the first batch has no ne
 Eval mode computes q exactly that way, in float64; training uses the float scale,
 x_q = s · clamp(round(x / s)) with straight-through rounding (LSQ's gradients for a
 learned s). The layer then multiplies its accumulator by its row scale times 1/m_in.
+
+Per token (``per_token=True``, an input of tokens (batch, T, features)): one scale s_t
+and one multiplier per token position t (the first per-sample axis); the layer then
+multiplies its accumulator by 1/m_in[t] (its own fixed-point multiplier, per token)
+before the row scale. An input of any other rank keeps one scale.
 """
 
 from __future__ import annotations
@@ -70,12 +75,14 @@ class InputScale(nn.Module):
     """
 
     def __init__(self, bits: int, multiplier_bits: int, *, learned: bool = False,
-                 momentum: float = 0.99):
+                 momentum: float = 0.99, per_token: bool = False):
         super().__init__()
         self.bits = int(bits)
         self.multiplier_bits = int(multiplier_bits)
         self.learned = bool(learned)
         self.momentum = float(momentum)
+        #: asked for one scale per token; :attr:`tokens` says whether the input had them
+        self.per_token = bool(per_token)
         self.register_buffer("range", torch.zeros((), dtype=torch.float64))
         self.register_buffer("signed", torch.tensor(False))
         self.register_buffer("ready", torch.tensor(False))
@@ -86,6 +93,35 @@ class InputScale(nn.Module):
         """Q_a: the largest code."""
         return (1 << (self.bits - 1)) - 1 if bool(self.signed) else (1 << self.bits) - 1
 
+    @property
+    def tokens(self) -> bool:
+        """Whether there is one scale per token (known from the first input)."""
+        return self.range.dim() == 1
+
+    def _resize(self, tokens: int) -> None:
+        """One scale per token: the buffers (and a learned step, the same Parameter
+        object, so an optimizer built on it keeps it) get ``tokens`` entries."""
+        self.range = self.range.new_zeros(tokens)
+        if self.learned:
+            self.step.data = self.step.data.new_ones(tokens)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "range")
+        if self.per_token and saved is not None and saved.dim() == 1 and not self.tokens:
+            self._resize(saved.shape[0])  # a per-token scale saved before it is rebuilt
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _per_scale(self, values: torch.Tensor, reduce) -> torch.Tensor:
+        """``reduce`` of ``values`` (batch, ...) over everything but the token axis when
+        per token, over everything otherwise."""
+        if not self.tokens:
+            return reduce(values.reshape(-1), 0)
+        return reduce(values.transpose(0, 1).reshape(values.shape[1], -1), 1)
+
+    def _broadcast(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-token ``values`` shaped to multiply ``like`` (batch, T, features)."""
+        return values.reshape(-1, 1) if self.tokens and like.dim() == 3 else values
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Start from ``x`` (the first call: sign, range, a learned step's initial value);
@@ -95,17 +131,25 @@ class InputScale(nn.Module):
             return
         if not ready:
             self.signed.fill_(bool(x.min() < 0))
-        peak = (x.abs().max() if bool(self.signed) else x.max().clamp_min(0)).to(torch.float64)
+            if self.per_token and x.dim() == 3:
+                self._resize(x.shape[1])
+        if ready and self.tokens and (x.dim() != 3 or x.shape[1] != self.range.shape[0]):
+            raise ValueError(f"input of shape {tuple(x.shape)}: this per-token scale has "
+                             f"{self.range.shape[0]} tokens")
+        values = x.to(torch.float64)
+        peak = self._per_scale(values.abs() if bool(self.signed) else values,
+                               lambda v, dim: v.amax(dim)).clamp_min(0)
         if not ready and self.learned:  # Esser et al.: 2·mean|x| / sqrt(Q_P)
-            self.step.fill_(max(float(2 * x.abs().mean() / math.sqrt(self.steps())),
-                                MIN_RANGE / self.steps()))
+            mean = self._per_scale(values.abs(), lambda v, dim: v.mean(dim))
+            self.step.copy_((2 * mean / math.sqrt(self.steps())).clamp_min(
+                MIN_RANGE / self.steps()))
         if ready:
             peak = self.momentum * self.range + (1 - self.momentum) * peak
         self.range.copy_(peak)
         self.ready.fill_(True)
 
     def scale(self) -> torch.Tensor:
-        """The float scale s (float64, no gradient)."""
+        """The float scale s (float64, no gradient; one per token when per token)."""
         if self.learned:
             return self.step.detach().abs().to(torch.float64).clamp_min(MIN_RANGE / self.steps())
         return self.range.clamp_min(MIN_RANGE) / self.steps()
@@ -113,9 +157,22 @@ class InputScale(nn.Module):
     def input_type(self) -> FixedType:
         return input_type(self.bits, bool(self.signed))
 
+    def multipliers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes M, fractions F) of m_in = M · 2^(−F) ≈ 1/s, one per token when per
+        token (shape (T,)), else one (shape (1,))."""
+        return multiplier_codes((1 / self.scale()).reshape(-1), 0, self.multiplier_bits)
+
+    def multiplier_values(self) -> torch.Tensor:
+        """The values m_in (float64, shape (T,) or (1,))."""
+        codes, frac = self.multipliers()
+        return torch.ldexp(codes.to(torch.float64), -frac)
+
     def multiplier(self) -> tuple[int, int]:
-        """(code M, fraction F) of m_in = M · 2^(−F) ≈ 1/s."""
-        codes, frac = multiplier_codes((1 / self.scale()).reshape(1), 0, self.multiplier_bits)
+        """(code M, fraction F) of m_in = M · 2^(−F) ≈ 1/s (one scale only)."""
+        if self.tokens:
+            raise ValueError("a per-token input scale has one multiplier per token: "
+                             "use multipliers()")
+        codes, frac = self.multipliers()
         return int(codes[0]), int(frac[0])
 
     def multiplier_value(self) -> float:
@@ -125,23 +182,28 @@ class InputScale(nn.Module):
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes q = cast(x · m_in), exact in float64 (eval mode)."""
         self.observe(x)
-        return fixed_ops.cast(x.to(torch.float64) * self.multiplier_value(), self.input_type())
+        m = self._broadcast(self.multiplier_values(), x)
+        return fixed_ops.cast(x.to(torch.float64) * m, self.input_type())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Training: the fake-quantized input s · clamp(round(x / s)), straight through
-        (and LSQ's gradient for a learned s, scaled by 1/sqrt(n · Q_a))."""
+        (and LSQ's gradient for a learned s, scaled by 1/sqrt(n · Q_a), n the values
+        one scale quantizes per sample)."""
         self.observe(x)
         high = self.steps()
         low = -high - 1 if bool(self.signed) else 0
         if self.learned:
-            g = 1 / math.sqrt(x[0].numel() * high)
+            n = x[0].numel() // (self.step.numel() if self.tokens else 1)
+            g = 1 / math.sqrt(n * high)
             s = self.step.abs().clamp_min(MIN_RANGE / high).to(x.dtype)
             s = s * g + (s - s * g).detach()  # the value s, the gradient · g
         else:
             s = self.scale().to(x.dtype)
+        s = self._broadcast(s, x)
         v = torch.clamp(x / s, low, high)
         return (v + (torch.round(v) - v).detach()) * s
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, multiplier_bits={self.multiplier_bits}, " + (
-            "learned (LSQ)" if self.learned else f"static, momentum={self.momentum:g}")
+            "learned (LSQ)" if self.learned else f"static, momentum={self.momentum:g}") + (
+            ", per token" if self.per_token else "")

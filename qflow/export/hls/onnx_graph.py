@@ -344,17 +344,16 @@ def _emit_scale_shift(w: _Writer, node: Node, *, source: str | None = None,
     shape = w.graph.tensors[source].shape
     if len(shape) == 2:
         # tokens (T, D): the QGraph scales along T, hls4ml's BatchNormalization along its
-        # last axis D; equal only when every token has the same scale and shift (a
-        # product by a constant), which is then repeated D times
-        if not features_last and (len(set(s_codes.tolist())) > 1
-                                  or len(set(h_codes.tolist())) > 1):
-            raise HlsExportError(f"node {node.name!r} (scale_shift): a scale or shift per "
-                                 f"token of a {shape[0]}x{shape[1]} token tensor: hls4ml "
-                                 "scales the last axis (features); only a uniform one is "
-                                 "exported")
+        # last axis D; equal when every token has the same scale and shift (a product by
+        # a constant), which is then repeated D times; otherwise (per-token input scales)
+        # the tokens go to the last axis and back (FixedTranspose)
         if w.io_type == "io_stream":
             raise HlsExportError(f"node {node.name!r} (scale_shift): token tensors are "
                                  "exported in io_parallel only")
+        if not features_last and (len(set(s_codes.tolist())) > 1
+                                  or len(set(h_codes.tolist())) > 1):
+            return _emit_token_scale_shift(w, node, source, (s_codes, s_frac),
+                                           (h_codes, h_frac))
         if not features_last or n == 1:  # one value for every token: repeat it D times
             n = shape[1]
             s_codes, h_codes = np.repeat(s_codes[:1], n), np.repeat(h_codes[:1], n)
@@ -367,6 +366,29 @@ def _emit_scale_shift(w: _Writer, node: Node, *, source: str | None = None,
     out_t = w.type(node.output)
     w.layer(node.name, node.name, scale=weight_type(s_codes, s_frac),
             bias=weight_type(h_codes, h_frac), result=out_t)
+
+
+def _emit_token_scale_shift(w: _Writer, node: Node, source: str, scale, shift) -> None:
+    """A scale and shift per token of a (T, D) tensor: FixedTranspose to (D, T), the
+    BatchNormalization on hls4ml's last axis (now the tokens), FixedTranspose back. Pure
+    data movement around the one rounding-free product."""
+    tokens, depth = w.graph.tensors[source].shape
+    turned, scaled = w.fresh(f"{node.name}_tokens_last"), w.fresh(f"{node.name}_scaled")
+    back = w.fresh(f"{node.name}_tokens_first")
+    w.extra_shapes[turned] = w.extra_shapes[scaled] = (depth, tokens)
+    w.nodes.append(helper.make_node("FixedTranspose", w.names([source]), [turned],
+                                    name=turned, domain=QFLOW_DOMAIN, rows=tokens, cols=depth))
+    w.layer(turned, node.name, result=w.type(source))
+    names = [w.init(f"{node.name}_{k}", v) for k, v in (
+        ("scale", _real(*scale)), ("shift", _real(*shift)),
+        ("mean", np.zeros(tokens)), ("var", np.ones(tokens)))]
+    w.nodes.append(helper.make_node("BatchNormalization", [turned, *names], [scaled],
+                                    name=node.name, epsilon=0.0, domain=CHANNELS_LAST))
+    w.layer(node.name, node.name, scale=weight_type(*scale), bias=weight_type(*shift),
+            result=w.type(node.output))
+    w.nodes.append(helper.make_node("FixedTranspose", [scaled], [node.output], name=back,
+                                    domain=QFLOW_DOMAIN, rows=depth, cols=tokens))
+    w.layer(back, node.name, result=w.type(node.output))
 
 
 def _emit_relu(w: _Writer, node: Node) -> None:
