@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from qflow import distributed
 from qflow.errors import QflowError
+from qflow.nn.functional import batch_moments, update_running_stats
 
 if TYPE_CHECKING:
     from qflow.oscillation import OscillationTracker
@@ -63,10 +66,11 @@ def evaluate(model: nn.Module, x, y, *, batch_size: int = 1024) -> float:
     """Top-1 accuracy in percent, with the model in eval mode (exact quantized path)."""
     model.eval()
     x_t, y_t = torch.as_tensor(x), torch.as_tensor(y)
+    device = _device_of(model)
     correct = 0
     with torch.no_grad():
         for start in range(0, len(x_t), batch_size):
-            logits = model(x_t[start:start + batch_size])
+            logits = model(x_t[start:start + batch_size].to(device)).cpu()
             correct += int((logits.argmax(dim=1) == y_t[start:start + batch_size]).sum())
     return 100.0 * correct / len(x_t)
 
@@ -89,7 +93,7 @@ def calibrate(model: nn.Module, x) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.as_tensor(x, dtype=torch.float32))
+            model(torch.as_tensor(x, dtype=torch.float32).to(_device_of(model)))
     finally:
         for module, training in modes.items():
             module.training = training
@@ -196,6 +200,15 @@ def fit(
     >>> history = fit(model, x, y, epochs=2, progress=False)
     >>> sorted(history[-1])
     ['epoch', 'loss', 'lr']
+
+    In a data-parallel group (:mod:`qflow.distributed`, processes started by torchrun)
+    the model trains as ``DistributedDataParallel``: every process draws the same order,
+    takes its share of each global batch of ``batch_size`` samples and weighs its loss
+    by that share, so the averaged gradients are the whole batch's; BatchNorm statistics
+    are the whole batch's too. The result equals one process's up to float rounding,
+    except that a last batch with fewer samples than processes is skipped and random
+    layers (dropout) draw differently. Only rank 0 shows progress and calls
+    ``checkpoint``; the recorded loss is the whole batch's.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -211,6 +224,13 @@ def fit(
     x_t = torch.as_tensor(x_train, dtype=torch.float32)
     y_t = torch.as_tensor(y_train, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
+    device = _device_of(model)
+    world, me = distributed.world_size(), distributed.rank()
+    net = model
+    if world > 1:  # parameters and buffers start as rank 0's
+        net = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False,
+                                                  static_graph=True)
+    progress = progress and me == 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, (len(x_t) + batch_size - 1) // batch_size)
     if lr_schedule == "constant":
@@ -228,7 +248,7 @@ def fit(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, console=None, transient=False,
-                  redirect_stdout=False) as bar:
+                  redirect_stdout=False) as bar, _synced_batchnorms(model, world > 1):
         task = bar.add_task(description, total=epochs, completed=start_epoch,
                             loss=history[-1]["loss"] if history else float("nan"))
         for epoch in range(start_epoch, epochs):
@@ -237,18 +257,28 @@ def fit(
             total, count = 0.0, 0
             for start in range(0, len(x_t), batch_size):
                 idx = order[start:start + batch_size]
+                if world > 1:  # this process's share of the global batch
+                    if len(idx) < world:
+                        continue  # not one sample each: skipped by every process
+                    share, idx = len(idx), idx.tensor_split(world)[me]
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(x_t[idx])
+                x_batch, y_batch = x_t[idx].to(device), y_t[idx].to(device)
+                with (distributed.batch_share(len(idx), share) if world > 1
+                      else contextlib.nullcontext()):
+                    logits = _forward(net, x_batch)
                 if teacher is None:
-                    loss = loss_fn(logits, y_t[idx])
+                    loss = loss_fn(logits, y_batch)
                 else:
                     with torch.no_grad():
-                        teacher_logits = teacher(x_t[idx])
-                    loss = distillation_loss(logits, y_t[idx], teacher_logits,
+                        teacher_logits = teacher(x_batch)
+                    loss = distillation_loss(logits, y_batch, teacher_logits,
                                              alpha=distill_alpha, temperature=temperature)
                 if regularizer is not None:
                     loss = loss + regularizer(model)
-                loss.backward()
+                if world > 1:  # DDP averages: each share counts by its size
+                    (loss * (len(idx) * world / share)).backward()
+                else:
+                    loss.backward()
                 if step_hook is not None:
                     step_hook.before_step()
                 optimizer.step()
@@ -259,6 +289,9 @@ def fit(
                     oscillation.update()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
+            if world > 1:  # the whole batch's loss, the same in every process
+                total, count = distributed.sum_(torch.tensor([total, count],
+                                                             dtype=torch.float64)).tolist()
             if not math.isfinite(total):
                 raise TrainingDivergedError(
                     f"{description} training diverged: the loss is {total / count} in epoch "
@@ -272,7 +305,7 @@ def fit(
                 record[step_hook.key] = step_hook.epoch_record()
             history.append(record)
             bar.update(task, advance=1, loss=record["loss"])
-            if checkpoint is not None:
+            if checkpoint is not None and me == 0:
                 state = {
                     "epoch": epoch + 1, "history": [dict(r) for r in history],
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -285,6 +318,59 @@ def fit(
     if progress:
         sys.stderr.flush()
     return history
+
+
+def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    try:
+        return net(x)
+    except RuntimeError as exc:  # DDP: a parameter got no gradient in the last step
+        if "finished reduction" not in str(exc):
+            raise
+        raise QflowError("data-parallel training needs a gradient for every trainable "
+                         "parameter in every step; some got none (set requires_grad=False "
+                         "on parameters the loss does not use)") from None
+
+
+class _SyncedBatchNorm:
+    """The training forward of torch's BatchNorm with the statistics of a data-parallel
+    group's whole batch (torch's SyncBatchNorm runs on GPUs only)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        mean, var, count = batch_moments(x, synced=True)
+        update_running_stats(self, mean.detach(), var.detach(), count)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
+        if self.affine:
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return y
+
+
+_SYNCED = {cls: type(f"Synced{cls.__name__}", (_SyncedBatchNorm, cls), {})
+           for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
+
+
+@contextlib.contextmanager
+def _synced_batchnorms(model: nn.Module, synced: bool):
+    """While training data-parallel, torch's own BatchNorm layers of ``model`` (a float
+    model's; qflow's QAT BatchNorms sync by themselves) use the whole batch's
+    statistics: their class is swapped for the synced one and back."""
+    swapped = [m for m in model.modules() if type(m) in _SYNCED] if synced else []
+    for module in swapped:
+        module.__class__ = _SYNCED[type(module)]
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.__class__ = module.__class__.__mro__[2]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters (else buffers) live; the CPU for an empty model."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _constant(step: int) -> float:

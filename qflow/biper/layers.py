@@ -33,7 +33,7 @@ from torch import nn
 
 from qflow.errors import ConfigError
 from qflow.nn.elementwise import TrainingBatchNorm
-from qflow.nn.functional import channel_moments, exact_dtype, update_running_stats
+from qflow.nn.functional import batch_moments, exact_dtype, update_running_stats
 from qflow.nn.layers import conv2d_like
 from qflow.quantizers import FixedQuantizer
 
@@ -56,13 +56,15 @@ class _BinaryLayer:
         self.estimator = estimator
         self.norm = norm
         self.norm_name = norm_name
-        self.alpha = nn.Parameter(torch.ones(channels))
+        # an absorbed BatchNorm divides α out again (but for its ε): its gradient there
+        # is float rounding, which Adam would turn into full-size steps of a random walk
+        self.alpha = nn.Parameter(torch.ones(channels), requires_grad=norm is None)
         self.register_buffer("stage", torch.tensor(2))
         owner = norm_name or name
         self.scale_quant = FixedQuantizer(fixed.spec_for(owner, "norm_scale"), channels=channels)
         self.shift_quant = (FixedQuantizer(fixed.spec_for(owner, "bias"), channels=channels)
                             if norm is not None or self.bias is not None else None)
-        self.out_quant = FixedQuantizer(fixed.spec_for(name, "activation"))
+        self.out_quant = FixedQuantizer(fixed.spec_for(name, "activation"), per_sample=True)
         self._sync_stage()
         self.warm_start_alpha()
 
@@ -164,8 +166,7 @@ class _BinaryLayer:
         # bias cancels). It is a BatchNorm of acc with weight γ·sign(α) and
         # 1/std = |α|·r, whose fused backward gives acc's gradient (TrainingBatchNorm).
         with torch.no_grad():
-            mean, var = channel_moments(acc)
-            count = acc.numel() // acc.shape[1]
+            mean, var, count = batch_moments(acc, synced=True)  # a group's whole batch
             if norm.track_running_stats:
                 bias = 0.0 if self.bias is None else self.bias.detach()
                 a = alpha.detach()

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     input (one line on stderr), 130 interrupted (SIGINT), 143 terminated (SIGTERM)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to start it again (--nproc)
     if args.command is None:
         parser.print_help()
         return 2

@@ -13,16 +13,21 @@ import copy
 import dataclasses
 import functools
 import math
+import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.table import Table
 
 import qflow
+from qflow import distributed
 from qflow.api import describe, quantize_
 from qflow.errors import ConfigError, QflowError
 from qflow.jsonfile import write_json
@@ -100,6 +105,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(options not given again are the interrupted run's); start it "
                         "when there is none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="auto",
+                   help="where to train: auto (cuda when a GPU is present, else cpu), cpu, "
+                        "cuda or cuda:N (default auto); the run, its exports and verify do "
+                        "not depend on it")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train data-parallel in N processes on this machine: starts "
+                        "`torchrun --standalone --nproc-per-node N -m qflow quantize ...` "
+                        "(gloo on cpu, nccl on cuda; --batch-size stays the global batch)")
 
 
 @dataclass(frozen=True)
@@ -202,7 +215,19 @@ def _default_out(settings: Settings) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = make_console()
+    device = resolve_device(args.device)
+    if args.nproc != 1 and not distributed.launched():
+        return _launch(args, device)
+    distributed.start(device)
+    try:
+        return _run(args, device)
+    finally:
+        distributed.stop()
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> int:
+    main = distributed.is_main()  # rank 0 prints and writes; the others only train
+    console = make_console() if main else Console(quiet=True)
 
     def note(message: str) -> None:
         console.print(f"[yellow]note:[/] {message}")
@@ -231,8 +256,22 @@ def run(args: argparse.Namespace) -> int:
                                    module_search_path(data_spec))}
     if saved is not None:
         _check_same_sources(saved["sources"], sources)
-    out.check()
+    failure = None
+    if main:
+        try:
+            out.check()
+        except QflowError as exc:
+            failure = exc
+    if not distributed.all_ok(failure is None):
+        if failure is not None:
+            raise failure
+        return 2  # rank 0 says why
     _check_model(build_model, data, settings.config)
+    train = functools.partial(_train, settings, data, build_model, console, quiet=args.quiet,
+                              out=out, saved=saved, sources=sources, device=device)
+    if not main:
+        train(stage=None)
+        return 0
 
     with out.open(resume=saved is not None,
                   keep_progress_on=(KeyboardInterrupt, OSError)) as stage:
@@ -241,8 +280,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.resume:
             note(f"no interrupted run in {out.given}: starting it")
         try:
-            result = _train(settings, data, build_model, console, quiet=args.quiet,
-                            out=out, stage=stage, saved=saved, sources=sources)
+            result = train(stage=stage)
         except KeyboardInterrupt:
             saved_at = out.staged_progress()
             if saved_at:
@@ -263,13 +301,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bool,
-           out: OutputDirectory, stage: Path, saved: dict | None, sources: dict):
-    """Float training, quantization, QAT, the run files; per-epoch progress in ``stage``."""
+           out: OutputDirectory, stage: Path | None, saved: dict | None, sources: dict,
+           device: torch.device):
+    """Float training, quantization, QAT, the run files; per-epoch progress in ``stage``
+    (None: a data-parallel process other than rank 0, which writes nothing)."""
     started = time.perf_counter()
     before = saved["seconds"] if saved else 0.0
     s = settings
     seed_everything(s.seed)
-    float_model = build_model()
+    float_model = build_model().to(device)
     console.print(f"[bold]qflow quantize[/] model={s.model} data={data.name} "
                   f"train={len(data.x_train)} test={len(data.x_test)} seed={s.seed}")
 
@@ -278,6 +318,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     done = saved["phase_index"] if saved else 0  # 0: float training, i: QAT phase i
 
     def save(index: int, state: dict, **extra) -> None:
+        if stage is None:
+            return
         name, epochs = ("float training", s.epochs) if index == 0 else (
             phases[index - 1].name, phases[index - 1].epochs)
         progress = {"format": PROGRESS_FORMAT, "settings": s.plain(), "sources": sources,
@@ -365,10 +407,15 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         "lr": s.lr,
         "batch_size": s.batch_size,
         "input_shape": list(data.x_train.shape[1:]),
+        "processes": distributed.world_size(),
+        "device": device.type,
         "qflow": qflow.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    notes = "\n".join([oscillation.describe(), *(h.describe() for h in hooks.values())])
+    if stage is None:
+        return rows, float_acc, quant_acc, elapsed, notes
     write_run_files(stage, qat_model=qat_model, float_model=float_model, config=quant_config,
                     run_info=run_info, metrics=metrics)
     oscillation_figure(qat_history, stage / "oscillation.png",
@@ -377,8 +424,64 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         write_json(stage / f"{method.name}.json", resolved[0])
         if method.report_files is not None:  # HAWQ's pareto.png
             method.report_files(resolved[0], stage)
-    notes = "\n".join([oscillation.describe(), *(h.describe() for h in hooks.values())])
     return rows, float_acc, quant_acc, elapsed, notes
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``--device``: auto, cpu, cuda or cuda:N; a CUDA device must exist. Under torchrun
+    on CUDA, each process takes the GPU of its local rank."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    head, _, index = spec.partition(":")
+    if head != "cuda" or (index and not index.isdigit()):
+        raise QflowError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise QflowError(f"--device {spec}: no CUDA device is available here (torch "
+                         f"{torch.__version__}, torch.cuda.is_available() is False)")
+    count = torch.cuda.device_count()
+    number = int(index) if index else int(os.environ.get("LOCAL_RANK", "0"))
+    if number >= count:
+        raise QflowError(f"--device {spec}: cuda:{number} does not exist ({count} CUDA "
+                         f"device{'s' if count != 1 else ''})")
+    return torch.device("cuda", number)
+
+
+def _launch(args: argparse.Namespace, device: torch.device) -> int:
+    """``--nproc N``: check what the run needs (options, data, model, output), then run
+    this command again in N processes under torchrun; its exit code."""
+    if args.nproc < 1:
+        raise QflowError(f"--nproc must be >= 1, got {args.nproc}")
+    if device.type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise QflowError(f"--nproc {args.nproc} on cuda needs {args.nproc} GPUs; "
+                         f"{torch.cuda.device_count()} are present")
+    _check_options(args)
+    settings = _settings(args, lambda message: None)
+    if not args.resume:
+        OutputDirectory(args.out or _default_out(settings), kind="run",
+                        force=args.force).check()
+    _check_model(resolve_model(settings.model), resolve_data(settings.data), settings.config)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(args.nproc), "-m", "qflow", "quantize",
+               *_without_nproc(args.argv)]
+    env = dict(os.environ)  # threads per process: the cores shared out (torchrun's default: 1)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.run(command, env=env, check=False).returncode
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The quantize command line without ``--nproc N`` (or ``--nproc=N``)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--nproc":
+            skip = True
+        elif not word.startswith("--nproc="):
+            kept.append(word)
+    return kept[kept.index("quantize") + 1:] if "quantize" in kept else kept
 
 
 def _load_progress(out: OutputDirectory) -> dict | None:

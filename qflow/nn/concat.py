@@ -38,7 +38,7 @@ class QCat(nn.Module):
     def from_config(cls, config: QFXConfig, name: str, dim: int = 1) -> QCat:
         layer = cls(dim)
         layer.qflow_name = name
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"), per_sample=True)
         return layer
 
     def channel_dim(self, ndim: int) -> int:

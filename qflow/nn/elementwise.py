@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qflow import distributed
 from qflow.config import QFXConfig
 from qflow.errors import ConfigError
 from qflow.numerics import FixedType, Overflow, cast
@@ -39,7 +40,7 @@ class QInput(nn.Module):
     def __init__(self, config: QFXConfig, name: str = "input"):
         super().__init__()
         self.qflow_name = name
-        self.quant = FixedQuantizer(config.spec_for(name, "input"))
+        self.quant = FixedQuantizer(config.spec_for(name, "input"), per_sample=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant(x.to(exact_dtype(x, self)))
@@ -57,7 +58,7 @@ class _QBatchNorm:
         channels = module.num_features
         layer.scale_quant = FixedQuantizer(config.spec_for(name, "norm_scale"), channels=channels)
         layer.shift_quant = FixedQuantizer(config.spec_for(name, "bias"), channels=channels)
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"), per_sample=True)
         return layer
 
     def quantized_scale_shift(self, x: torch.Tensor):
@@ -115,14 +116,33 @@ class _TrainingBatchNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale_q, scale, weight, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
+        synced = distributed.active()  # the statistics came from the group's whole batch
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, mean, invstd, True, ctx.eps, [need[0], True, True])
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps,
+            [need[0] and not synced, True, True])
+        if need[0] and synced:
+            grad_x = _synced_input_grad(grad, x, weight, mean, invstd, grad_weight, grad_bias)
         shape = scale_q.shape
         grad_scale = (grad_weight / invstd + mean * grad_bias).reshape(shape) if need[1] else None
         grad_shift = grad_bias.reshape(shape) if need[2] else None
         if need[0]:
             grad_x.add_(grad * (scale_q - scale.reshape(shape)))
         return grad_x, grad_scale, grad_shift, None
+
+
+def _synced_input_grad(grad, x, weight, mean, invstd, grad_weight, grad_bias):
+    """BatchNorm's input gradient when the statistics are over a data-parallel group's
+    whole batch: w·r·(g − Σg/N − x̂·Σ(g·x̂)/N), x̂ = (x − μ)·r, the sums over every
+    process (this one's sums are the fused backward's bias and weight gradients)."""
+    n = x.numel() // x.shape[1]
+    sums = distributed.sum_(torch.cat([grad_bias, grad_weight, grad_bias.new_tensor([n])]))
+    channels = mean.numel()
+    count = sums[-1]
+    mean_dy, mean_dy_xhat = sums[:channels] / count, sums[channels:2 * channels] / count
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
+    return (grad - mean_dy.reshape(shape) - xhat * mean_dy_xhat.reshape(shape)) * (
+        weight * invstd).reshape(shape)
 
 
 #: public name of the training BatchNorm function, for methods whose layers fold a
@@ -145,7 +165,7 @@ class QReLU(nn.ReLU):
     def from_float(cls, module: nn.ReLU, config: QFXConfig, name: str) -> QReLU:
         layer = cls()
         layer.qflow_name = name
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"), per_sample=True)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +185,7 @@ class QAdd(nn.Module):
     def from_float(cls, module: nn.Module, config: QFXConfig, name: str) -> QAdd:
         layer = cls()
         layer.qflow_name = name
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"), per_sample=True)
         return layer
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -218,7 +238,7 @@ class QMulConst(nn.Module):
         if float(layer.quantized_value()) == 0.0:
             raise ConfigError(f"{name}: {written}: the constant is 0 in its type "
                               f"{layer.value_quant.fixed_type()} (the weight spec of {name})")
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"), per_sample=True)
         return layer
 
     def quantized_value(self) -> torch.Tensor:
@@ -252,7 +272,7 @@ class QAvgPool2d(nn.AvgPool2d):
         if module.ceil_mode:
             raise ConfigError(f"{name}: average pooling with ceil_mode is not supported")
         layer.qflow_name = name
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"), per_sample=True)
         return layer
 
     def window_size(self) -> int:
@@ -281,7 +301,7 @@ class QAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
                               "(only global pooling, output size 1)")
         layer = cls(1)
         layer.qflow_name = name
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"), per_sample=True)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

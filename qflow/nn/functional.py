@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qflow import distributed
+
 
 class Add(nn.Module):
     """Element-wise ``a + b`` as a module (a residual add); quantized to :class:`QAdd`.
@@ -54,19 +56,35 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     >>> mean.tolist(), var.tolist()
     ([4.0], [5.0])
     """
+    mean, var, _ = batch_moments(x, synced=False)
+    return mean, var
+
+
+def batch_moments(x: torch.Tensor, *, synced: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`channel_moments` and the number of values per channel; ``synced``: over
+    the whole batch of a data-parallel group (:mod:`qflow.distributed`: the sums, and
+    with them the gradient, go over every process's share)."""
     n = x.numel() // x.shape[1]
     flat = x.reshape(x.shape[0], x.shape[1], -1)
-    mean = flat.sum(2).sum(0) / n
+    sums = flat.sum(2).sum(0)
+    if synced and distributed.active():
+        total = distributed.summed(torch.cat([sums, sums.new_tensor([n])]))
+        n, sums = int(total[-1]), total[:-1]
+        mean = sums / n
+        centered = flat - mean[:, None]
+        return mean, distributed.summed(torch.linalg.vecdot(centered, centered).sum(0)) / n, n
+    mean = sums / n
     centered = flat - mean[:, None]
-    return mean, torch.linalg.vecdot(centered, centered).sum(0) / n
+    return mean, torch.linalg.vecdot(centered, centered).sum(0) / n, n
 
 
 def batch_statistics(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
-    """Mean and (biased) variance per channel: from the batch in training, else running."""
+    """Mean and (biased) variance per channel: from the batch in training (the whole
+    batch of a data-parallel group), else running."""
     if bn.training or not bn.track_running_stats:
-        mean, var = channel_moments(x)
+        mean, var, count = batch_moments(x, synced=bn.training)
         if bn.training:
-            update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+            update_running_stats(bn, mean, var, count)
         return mean, var
     return bn.running_mean, bn.running_var
 

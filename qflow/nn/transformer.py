@@ -147,10 +147,10 @@ class QLayerNorm(nn.LayerNorm):
 
     def _setup(self, config: QFXConfig, name: str) -> None:
         self.qflow_name = name
-        self.in_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
+        self.in_quant = FixedQuantizer(config.spec_for(name, "intermediate"), per_sample=True)
         self.gamma_quant = FixedQuantizer(config.spec_for(name, "norm_scale"))
         self.beta_quant = FixedQuantizer(config.spec_for(name, "bias"))
-        self.out_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        self.out_quant = FixedQuantizer(config.spec_for(name, "activation"), per_sample=True)
 
     def quantized_gamma_beta(self, dtype: torch.dtype, weight=None, bias=None):
         """(γ values, γ type, β values, β type): the layer's own, or ``weight``/``bias``
@@ -196,8 +196,8 @@ class QGELU(nn.GELU):
     def from_float(cls, module: nn.GELU, config: QFXConfig, name: str) -> QGELU:
         layer = cls(approximate=module.approximate)
         layer.qflow_name = name
-        layer.in_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        layer.in_quant = FixedQuantizer(config.spec_for(name, "intermediate"), per_sample=True)
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "activation"), per_sample=True)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,8 +239,8 @@ class QSoftmax(nn.Module):
     def from_config(cls, config: QFXConfig, name: str, dim: int = -1) -> QSoftmax:
         layer = cls(dim)
         layer.qflow_name = name
-        layer.in_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
-        layer.out_quant = FixedQuantizer(softmax_output_spec(config, name))
+        layer.in_quant = FixedQuantizer(config.spec_for(name, "intermediate"), per_sample=True)
+        layer.out_quant = FixedQuantizer(softmax_output_spec(config, name), per_sample=True)
         return layer
 
     @classmethod
@@ -277,8 +277,9 @@ class QMatmul(nn.Module):
         the type they have is then exact."""
         layer = cls()
         layer.qflow_name = name
-        layer.a_quant = FixedQuantizer(a_spec or config.spec_for(name, "activation"))
-        layer.b_quant = FixedQuantizer(config.spec_for(name, "activation"))
+        layer.a_quant = FixedQuantizer(a_spec or config.spec_for(name, "activation"),
+                                       per_sample=True)
+        layer.b_quant = FixedQuantizer(config.spec_for(name, "activation"), per_sample=True)
         return layer
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -309,7 +310,7 @@ class QAddConst(nn.Module):
         layer = cls()
         layer.qflow_name = name
         layer.value_quant = FixedQuantizer(config.spec_for(name, "bias"))
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"), per_sample=True)
         return layer
 
     def forward(self, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -343,7 +344,7 @@ class QMean(nn.Module):
                     keepdim: bool = False) -> QMean:
         layer = cls(dim, keepdim)
         layer.qflow_name = name
-        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"))
+        layer.out_quant = FixedQuantizer(config.spec_for(name, "intermediate"), per_sample=True)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,7 @@ class _StatsQLayer:
         channels = self.weight.shape[0]
         self.bias_quant = bias_quant if bias_quant is not None else FixedQuantizer(
             fixed.spec_for(name, "bias"), channels=channels)
-        self.out_quant = FixedQuantizer(fixed.spec_for(name, "activation"))
+        self.out_quant = FixedQuantizer(fixed.spec_for(name, "activation"), per_sample=True)
         #: the input as integer codes at a non-power-of-two scale (None: the input as it
         #: comes, a QFX fixed-point tensor)
         self.input_quant = input_quant

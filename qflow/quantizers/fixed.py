@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from qflow import distributed
 from qflow.config import QuantSpec
 from qflow.numerics import kernel
 from qflow.numerics.types import FixedType, Overflow, Rounding
@@ -48,9 +49,13 @@ class FixedQuantizer(nn.Module):
     'ap_fixed<4,1,AP_RND_CONV,AP_SAT>'
     """
 
-    def __init__(self, spec: QuantSpec, *, channels: int | None = None, ndim: int = 1):
+    def __init__(self, spec: QuantSpec, *, channels: int | None = None, ndim: int = 1,
+                 per_sample: bool = False):
         super().__init__()
         self.spec = spec
+        #: it quantizes a batch of values per sample (activations, not weights): under
+        #: data-parallel training its gradient scale counts the whole batch
+        self.per_sample = per_sample
         self.per_channel = bool(spec.per_channel and channels)
         shape = (channels,) + (1,) * (ndim - 1) if self.per_channel else ()
         start = float(spec.integer_bits) if spec.integer_bits is not None else 0.0
@@ -107,7 +112,9 @@ class FixedQuantizer(nn.Module):
             rounding=spec.rounding,
             overflow=spec.overflow,
             khot=spec.khot,
-            grad_scale=self._grad_scale(x.numel()),
+            grad_scale=self._grad_scale(
+                distributed.whole_batch(x.numel(), x.shape[0]) if self.per_sample and x.dim()
+                else x.numel()),
         )
 
     @torch.no_grad()

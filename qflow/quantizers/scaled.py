@@ -26,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from qflow import distributed
 from qflow.numerics import FixedType
 from qflow.ops import fixed as fixed_ops
 
@@ -129,18 +130,20 @@ class InputScale(nn.Module):
         ready = bool(self.ready)
         if ready and (self.learned or not self.training):
             return
-        if not ready:
-            self.signed.fill_(bool(x.min() < 0))
+        if not ready:  # signed when any process sees a negative value
+            self.signed.fill_(bool(distributed.max_((x.min() < 0).to(torch.float32)) > 0))
             if self.per_token and x.dim() == 3:
                 self._resize(x.shape[1])
         if ready and self.tokens and (x.dim() != 3 or x.shape[1] != self.range.shape[0]):
             raise ValueError(f"input of shape {tuple(x.shape)}: this per-token scale has "
                              f"{self.range.shape[0]} tokens")
         values = x.to(torch.float64)
-        peak = self._per_scale(values.abs() if bool(self.signed) else values,
-                               lambda v, dim: v.amax(dim)).clamp_min(0)
+        peak = distributed.max_(self._per_scale(values.abs() if bool(self.signed) else values,
+                                                lambda v, dim: v.amax(dim)).clamp_min(0))
         if not ready and self.learned:  # Esser et al.: 2·mean|x| / sqrt(Q_P)
-            mean = self._per_scale(values.abs(), lambda v, dim: v.mean(dim))
+            sums = self._per_scale(values.abs(), lambda v, dim: v.sum(dim))
+            count = distributed.sum_(values.new_tensor(float(values.numel() // sums.numel())))
+            mean = distributed.sum_(sums) / count
             self.step.copy_((2 * mean / math.sqrt(self.steps())).clamp_min(
                 MIN_RANGE / self.steps()))
         if ready:

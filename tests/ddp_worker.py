@@ -1,0 +1,50 @@
+"""A few QAT steps of a zoo model, in one process or in each of torchrun's processes.
+
+    python tests/ddp_worker.py MODEL OUT                     one process
+    torchrun --nproc-per-node 2 tests/ddp_worker.py MODEL OUT  two
+
+The model is the zoo's (QFX digits-cnn, BiPer binary-cnn: its stage-2 phase), trained
+from the same float weights on the same 384 digits with global batch 96 for one epoch
+(4 steps); each process saves its state_dict to OUT/rank<r>.pt (one process:
+OUT/single.pt). ``tests/test_distributed.py`` compares them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+import qflow
+from qflow import distributed
+from qflow.methods import method_of
+from qflow.train import calibrate, fit, seed_everything
+from qflow.zoo import DATASETS, MODELS
+
+SAMPLES, BATCH = 384, 96
+
+
+def main(model_name: str, out: str) -> None:
+    distributed.start(torch.device("cpu"))
+    torch.set_num_threads(1)
+    zoo = MODELS[model_name]
+    data = DATASETS[zoo.data]()
+    x, y = data.x_train[:SAMPLES], data.y_train[:SAMPLES]
+    seed_everything(0)
+    model = zoo.factory()
+    config = qflow.QFXConfig() if zoo.method == "qfx" else qflow.BiPerConfig()
+    qflow.quantize_(model, config)
+    calibrate(model, x[:BATCH])
+    phase = method_of(config).phases(config, 1)[-1]
+    if phase.prepare is not None:
+        phase.prepare(model)
+    options = phase.fit_options(model, teacher=None)
+    fit(model, x, y, epochs=1, lr=3e-3, batch_size=BATCH, seed=1, progress=False, **options)
+    name = f"rank{distributed.rank()}.pt" if distributed.active() else "single.pt"
+    torch.save(model.state_dict(), Path(out) / name)
+    distributed.stop()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
