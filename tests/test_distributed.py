@@ -75,6 +75,17 @@ def test_two_processes_train_as_one(name, tmp_path):
         t: two.tensors[t].type for t in two.tensors}
 
 
+def test_hutchinson_traces_are_data_parallel(tmp_path):
+    # each process probes its half of the batch; the products are summed over the group
+    _run(str(WORKER), "hutchinson", str(tmp_path))
+    _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+         "hutchinson", str(tmp_path))
+    single, rank0, rank1 = (torch.load(tmp_path / f"traces-{n}.pt", weights_only=True)
+                            for n in ("single", "rank0", "rank1"))
+    assert torch.equal(rank0["traces"], rank1["traces"]) and int(rank0["probes"]) == 20
+    assert torch.allclose(rank0["traces"], single["traces"], rtol=1e-4, atol=0)
+
+
 # -- the command line --------------------------------------------------------------------
 ARGS = ["quantize", "--epochs", "2", "--qat-epochs", "2", "--batch-size", "8", "--quiet",
         "--nproc", "2"]

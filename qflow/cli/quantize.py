@@ -346,7 +346,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
     quant_config, resolved = s.config, None
     if method.resolve is not None:  # HAWQ: the config comes from the float model and data
         quant_config, report, line = method.resolve(
-            s.config, float_model, data, None if quiet else console.print)
+            s.config, float_model, data,
+            None if quiet or not distributed.is_main() else console.print)
         resolved = (report, line)
         console.print(line)
     quantize_(qat_model, quant_config)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qflow import distributed
 from qflow.config import QFXConfig
 from qflow.dyadic.config import MAX_MULTIPLIER_BITS
 from qflow.dyadic.layers import symmetric_codes, symmetric_scale
@@ -76,6 +77,12 @@ def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     of the Hessian with respect to every weight layer's input on the batch (its first
     call's), probed and stopped the same way.
 
+    In a data-parallel group (:mod:`qflow.distributed`) each process takes its share of
+    the batch and every probe's products are summed over the group (the Hessian of the
+    whole batch's mean loss is the sum of the shares'); the probes, their count and the
+    result are the same in every process, and the weight traces are one process's (up
+    to float rounding).
+
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     >>> est = hutchinson_traces(model, torch.randn(16, 3), torch.randint(0, 2, (16,)),
@@ -91,8 +98,13 @@ def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     params = [m.weight for m in layers.values()]
     inputs: dict[str, torch.Tensor] = {}
     handles = _keep_inputs(layers, inputs) if activations else []
+    total = int(x.shape[0])
+    if distributed.active():  # this process's share; the products are summed below
+        x = x.tensor_split(distributed.world_size())[distributed.rank()]
+        y = y.tensor_split(distributed.world_size())[distributed.rank()]
     try:
-        loss = F.cross_entropy(model(x.clone().requires_grad_(activations)), y)
+        logits = model(x.clone().requires_grad_(activations))
+        loss = F.cross_entropy(logits, y, reduction="sum") / total
         for h in handles:
             h.remove()
         if activations:
@@ -109,13 +121,15 @@ def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         converged = False
         probes = 0
         while probes < max_probes:
+            samples = torch.zeros(len(params), dtype=torch.float64)
             for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 # one layer at a time: H_ii v_i alone, no cross-layer terms in the variance
                 v = torch.randint(0, 2, p.shape, generator=generator).to(p.dtype) * 2 - 1
                 (hv,) = torch.autograd.grad(g, p, grad_outputs=v, retain_graph=True)
-                sample = float((v * hv).sum())
-                sums[i] += sample
-                squares[i] += sample * sample
+                samples[i] = float((v * hv).sum())
+            distributed.sum_(samples)
+            sums += samples
+            squares += samples * samples
             probes += 1
             new = sums / probes
             change = 1.0 if means is None else float(
@@ -138,11 +152,14 @@ def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     traces = dict(zip(names, means[:n], strict=True))
     errors = dict(zip(names, standard[:n], strict=True))
     if not activations:
-        return TraceEstimate(traces, errors, probes, converged, int(x.shape[0]))
-    return TraceEstimate(traces, errors, probes, converged, int(x.shape[0]),
+        return TraceEstimate(traces, errors, probes, converged, total)
+    sizes = distributed.sum_(torch.tensor([float(inputs[k].numel()) for k in names],
+                                          dtype=torch.float64))
+    return TraceEstimate(traces, errors, probes, converged, total,
                          act_traces=dict(zip(names, means[n:], strict=True)),
                          act_errors=dict(zip(names, standard[n:], strict=True)),
-                         act_sizes={k: int(inputs[k].numel()) for k in names})
+                         act_sizes={k: int(v) for k, v in zip(names, sizes.tolist(),
+                                                               strict=True)})
 
 
 def _standard_errors(sums: torch.Tensor, squares: torch.Tensor, n: int) -> torch.Tensor:
