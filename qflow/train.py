@@ -263,22 +263,23 @@ def fit(
                     share, idx = len(idx), idx.tensor_split(world)[me]
                 optimizer.zero_grad(set_to_none=True)
                 x_batch, y_batch = x_t[idx].to(device), y_t[idx].to(device)
+                # the share also covers the backward pass, which recomputes some layers
                 with (distributed.batch_share(len(idx), share) if world > 1
                       else contextlib.nullcontext()):
                     logits = _forward(net, x_batch)
-                if teacher is None:
-                    loss = loss_fn(logits, y_batch)
-                else:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x_batch)
-                    loss = distillation_loss(logits, y_batch, teacher_logits,
-                                             alpha=distill_alpha, temperature=temperature)
-                if regularizer is not None:
-                    loss = loss + regularizer(model)
-                if world > 1:  # DDP averages: each share counts by its size
-                    (loss * (len(idx) * world / share)).backward()
-                else:
-                    loss.backward()
+                    if teacher is None:
+                        loss = loss_fn(logits, y_batch)
+                    else:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x_batch)
+                        loss = distillation_loss(logits, y_batch, teacher_logits,
+                                                 alpha=distill_alpha, temperature=temperature)
+                    if regularizer is not None:
+                        loss = loss + regularizer(model)
+                    if world > 1:  # DDP averages: each share counts by its size
+                        (loss * (len(idx) * world / share)).backward()
+                    else:
+                        loss.backward()
                 if step_hook is not None:
                     step_hook.before_step()
                 optimizer.step()

@@ -126,7 +126,7 @@ class _TrainingBatchNorm(torch.autograd.Function):
         grad_scale = (grad_weight / invstd + mean * grad_bias).reshape(shape) if need[1] else None
         grad_shift = grad_bias.reshape(shape) if need[2] else None
         if need[0]:
-            grad_x.add_(grad * (scale_q - scale.reshape(shape)))
+            grad_x.addcmul_(grad, scale_q - scale.reshape(shape))  # no full-size temporary
         return grad_x, grad_scale, grad_shift, None
 
 

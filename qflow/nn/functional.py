@@ -103,3 +103,4 @@ def scale_shift_from_invstd(bn: nn.modules.batchnorm._BatchNorm, mean, invstd, d
     else:
         scale, shift = invstd, -mean * invstd
     return scale, shift
+
