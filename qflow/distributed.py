@@ -71,6 +71,8 @@ def start(device: torch.device) -> None:
     gloo otherwise); nothing when this process was not started as one of several."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
@@ -104,16 +106,23 @@ class _Summed(torch.autograd.Function):
 @torch.no_grad()
 def sum_(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the group, in place, without autograd; returns ``x``."""
-    if active():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+    return _all_reduce(x, dist.ReduceOp.SUM) if active() else x
 
 
 @torch.no_grad()
 def max_(x: torch.Tensor) -> torch.Tensor:
     """The element-wise maximum of ``x`` over the group, in place; returns ``x``."""
-    if active():
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return _all_reduce(x, dist.ReduceOp.MAX) if active() else x
+
+
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    """``dist.all_reduce`` in place; a CPU tensor goes through this process's GPU under
+    nccl (which reduces CUDA tensors only)."""
+    if x.device.type == "cpu" and dist.get_backend() == "nccl":
+        on_gpu = x.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op)
+        return x.copy_(on_gpu)
+    dist.all_reduce(x, op=op)
     return x
 
 

@@ -228,8 +228,9 @@ def fit(
     world, me = distributed.world_size(), distributed.rank()
     net = model
     if world > 1:  # parameters and buffers start as rank 0's
-        net = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False,
-                                                  static_graph=True)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False, static_graph=True)
     progress = progress and me == 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, (len(x_t) + batch_size - 1) // batch_size)
