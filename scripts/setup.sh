@@ -67,3 +67,58 @@ target="."
 [ -n "$extras" ] && target=".[$extras]"
 echo "setup: installing qflow${extras:+ with extras [$extras]}"
 quiet_pip -e "$target"
+
+# qemu-user runs `qflow export --target arm64` builds on this x86 machine, so that
+# `qflow verify` checks them (the artifact tvm_arm64): an aarch64 Python from Debian's
+# arm64 packages, unpacked (never installed) into .venv/arm64/sysroot, and aarch64
+# wheels of numpy and the TVM runtime unpacked into .venv/arm64/site. Best effort, once:
+# only as root with apt-get; it says what is missing otherwise.
+ARM64_PACKAGES="python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 zlib1g
+    libexpat1 libffi8 libssl3 libbz2-1.0 liblzma5 libstdc++6 libgcc-s1 libsqlite3-0 libuuid1
+    libncursesw6 libtinfo6 libreadline8 libcrypt1"
+arm64_emulation_steps() {  # dir tmp: each step or return 1
+    local dir=$1 tmp=$2 deb wheel tvm_version numpy_version
+    tvm_version=$(python -c 'import importlib.metadata as m; print(m.version("apache-tvm"))') || return 1
+    numpy_version=$(python -c 'import numpy; print(numpy.__version__)') || return 1
+    dpkg --add-architecture arm64 || return 1
+    apt-get update -qq || return 1
+    if ! command -v qemu-aarch64 >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            qemu-user || return 1
+    fi
+    # shellcheck disable=SC2046
+    (cd "$tmp" && chmod 777 . && apt-get download \
+        $(for p in $ARM64_PACKAGES; do echo "$p:arm64"; done)) || return 1
+    for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$dir/sysroot" || return 1; done
+    pip download --quiet --disable-pip-version-check --only-binary=:all: \
+        --platform manylinux_2_28_aarch64 --python-version 3.11 -d "$tmp/wheels" \
+        "numpy==$numpy_version" "apache-tvm==$tvm_version" || return 1
+    for wheel in "$tmp"/wheels/*.whl; do python -m zipfile -e "$wheel" "$dir/site" || return 1; done
+}
+install_arm64_emulation() {
+    local dir=.venv/arm64 tmp
+    if [ -f "$dir/.complete" ]; then
+        return
+    fi
+    if [ "${QFLOW_NO_APT:-}" = 1 ] || ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
+        echo "setup: arm64 emulation not set up (needs root and apt-get: qemu-user and" \
+             "Debian's arm64 Python); arm64 exports are built but not run by qflow verify"
+        return
+    fi
+    echo "setup: setting up arm64 emulation in $dir (qemu-user, Debian arm64 Python," \
+         "aarch64 numpy and TVM wheels)"
+    tmp=$(mktemp -d)
+    rm -rf "$dir" && mkdir -p "$dir/sysroot" "$dir/site"
+    if arm64_emulation_steps "$dir" "$tmp" >/dev/null 2>&1; then
+        touch "$dir/.complete"
+        echo "setup: arm64 emulation ready ($(qemu-aarch64 --version | head -n 1))"
+    else
+        rm -rf "$dir"
+        echo "setup: could not set up arm64 emulation (apt-get or pip download failed);" \
+             "arm64 exports are built but not run by qflow verify"
+    fi
+    rm -rf "$tmp"
+}
+case ",$extras," in
+    *,dev,*|*,tvm,*) install_arm64_emulation ;;
+esac

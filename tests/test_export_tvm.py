@@ -4,9 +4,11 @@ code; the CUDA build is a module that verify reports as not run without a GPU; w
 cannot be compiled exactly, or without TVM, is refused with a one-line QflowError."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -151,12 +153,46 @@ def test_arm64_without_cross_compiler_writes_aarch64_objects(tmp_path):
     assert _results(report)["tvm"]["note"].startswith("not run: cross-compiled for aarch64")
 
 
-def test_verify_reports_a_cross_build_as_not_run(arm64_export):
+def _require_arm64_emulation() -> None:
+    """Fail (or skip, where the set-up was told not to use apt-get) without qemu-user
+    and the aarch64 Python that scripts/setup.sh prepares."""
+    from qflow.export.tvm import qemu
+
+    reason = qemu.missing()
+    if reason and os.environ.get("QFLOW_NO_APT") == "1":
+        pytest.skip(f"arm64 emulation not set up (QFLOW_NO_APT=1): {reason}")
+    assert reason is None, f"arm64 emulation not set up: {reason} (scripts/setup.sh dev)"
+
+
+def test_verify_runs_the_arm64_build_under_qemu(arm64_export):
     out, _ = arm64_export
-    report = verify_directory(out, samples=50, corners=8)
-    result = _results(report)["tvm"]
-    assert result["note"].startswith("not run: cross-compiled for aarch64"), result
-    assert _results(report)["int_onnx"]["mismatching_samples"] == 0
+    if not json.loads((out / "tvm" / "build.json").read_text())["library"]:
+        pytest.fail("no aarch64 cross linker: scripts/setup.sh dev installs it as root")
+    _require_arm64_emulation()
+    report = verify_directory(out, samples=300, corners=64)
+    rows = _results(report)
+    assert "tvm" not in rows  # a linked aarch64 build is the artifact tvm_arm64
+    result = rows["tvm_arm64"]
+    assert (result["status"], result["mismatching_samples"]) == ("ok", 0), result
+    assert result["samples"] == report["samples"] >= 364
+    assert report["passed"]
+
+
+def test_a_corpus_cnn_exported_for_arm64_verifies_under_qemu(tmp_path):
+    # LeNet-5 as users write it (conv, max pool, x.view, F.relu), through the commands
+    from qflow.cli.main import main
+
+    _require_arm64_emulation()
+    model = Path(__file__).parent / "corpus" / "lenet5.py"
+    run, out = tmp_path / "run", tmp_path / "arm64"
+    assert main(["quantize", "--model", f"{model}:build", "--epochs", "2", "--qat-epochs",
+                 "1", "--quiet", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--target", "arm64", "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    rows = _results(json.loads((out / "verify.json").read_text()))
+    assert set(rows) >= {"QAT model (torch eval)", "int_onnx", "tvm_arm64"}
+    assert (rows["tvm_arm64"]["status"], rows["tvm_arm64"]["mismatching_samples"]) == ("ok", 0)
+    assert rows["tvm_arm64"]["samples"] > 500
 
 
 # -- cuda: built here, run only with a GPU ---------------------------------------------------

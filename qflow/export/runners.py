@@ -44,10 +44,17 @@ def _run_tvm(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
     return run_tvm(path, graph, x)
 
 
+def _run_tvm_arm64(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
+    from .tvm.qemu import run_arm64
+
+    return run_arm64(path, graph, x)
+
+
 #: artifact kind (a key of export.json's ``artifacts``) -> runner(path, graph, x) -> codes
 RUNNERS: dict[str, Runner] = {
     "qonnx": _run_qonnx,
     "int_onnx": _run_int_onnx,
     "hls_csim": _run_hls_csim,
     "tvm": _run_tvm,
+    "tvm_arm64": _run_tvm_arm64,
 }

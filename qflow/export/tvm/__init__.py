@@ -7,7 +7,9 @@ codes in and out) into ``tvm/``: the library, ``build.json`` and ``run.py``, a r
 that needs only numpy and the TVM runtime (see :mod:`qflow.export.tvm.runner`).
 :func:`run_tvm` is the verify command's runner for the artifact kind ``tvm``; it raises
 :class:`qflow.errors.ArtifactNotRunnableError` for a build this machine cannot run
-(cross-compiled, or CUDA without a GPU).
+(cross-compiled, or CUDA without a GPU). A linked aarch64 build is the artifact
+``tvm_arm64`` instead: :func:`qflow.export.tvm.qemu.run_arm64` runs it natively on an
+aarch64 machine and under qemu-user elsewhere.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ def export_tvm(graph: QGraph, out_dir: Path, target: TargetSpec, options) -> dic
     artifacts = export_onnx(graph, out_dir, target, options)
     options.progress(f"TVM: compiling model.int.onnx for {target.name} "
                      f"({target.description})")
-    build_tvm(graph, out_dir / artifacts["int_onnx"], out_dir / TVM_DIR, target,
-              options.progress)
-    return {**artifacts, "tvm": TVM_DIR}
+    build = build_tvm(graph, out_dir / artifacts["int_onnx"], out_dir / TVM_DIR, target,
+                      options.progress)
+    # a linked aarch64 build runs natively on aarch64 and under qemu-user elsewhere
+    linked_arm = build.get("arch") == "aarch64" and build.get("library")
+    return {**artifacts, "tvm_arm64" if linked_arm else "tvm": TVM_DIR}
 
 
 def run_tvm(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
