@@ -95,6 +95,9 @@ def resolve_data(spec: str, search_path: list[str] | None = None) -> Dataset:
         if not callable(function):
             raise QflowError(f"data {spec}: {func!r} is not a function")
         result = _call_user_code(function, f"data {spec}: calling {func}()")
+        torch_data = _from_torch_datasets(spec, result)
+        if torch_data is not None:
+            return torch_data
         if isinstance(result, dict):
             missing = [k for k in _NPZ_KEYS if k not in result]
             if missing:
@@ -102,12 +105,15 @@ def resolve_data(spec: str, search_path: list[str] | None = None) -> Dataset:
             return Dataset.checked(spec, *(result[k] for k in _NPZ_KEYS))
         if isinstance(result, tuple | list) and len(result) == 4:
             return Dataset.checked(spec, *result)
-        raise QflowError(f"data {spec}: expected a dict with {', '.join(_NPZ_KEYS)} or a 4-tuple")
+        raise QflowError(f"data {spec}: expected a dict with {', '.join(_NPZ_KEYS)}, a "
+                         "4-tuple, or a (train, test) pair of torch Datasets")
     raise QflowError(f"unknown data {spec!r}: use a zoo name ({', '.join(sorted(DATASETS))}), "
                      "a .npz file or module:function")
 
 
 def _load_npz(path: Path) -> Dataset:
+    """The four arrays of an ``.npz``; inputs stored uncompressed (``np.savez``) are
+    memory-mapped, not read into memory (``np.savez_compressed`` members are read)."""
     if not path.is_file():
         raise QflowError(f"data file not found: {path}")
     try:
@@ -115,12 +121,83 @@ def _load_npz(path: Path) -> Dataset:
             missing = [k for k in _NPZ_KEYS if k not in npz.files]
             if missing:
                 raise QflowError(f"data file {path} lacks arrays {', '.join(missing)}")
-            arrays = [npz[k] for k in _NPZ_KEYS]
+            mapped = _mapped_npz_members(path, ("x_train", "x_test"))
+            arrays = [mapped[k] if k in mapped else npz[k] for k in _NPZ_KEYS]
     except QflowError:
         raise
     except Exception as exc:
         raise QflowError(f"data file {path} is not a readable .npz: {exc}") from None
     return Dataset.checked(str(path), *arrays)
+
+
+def _mapped_npz_members(path: Path, names: tuple[str, ...]) -> dict[str, np.memmap]:
+    """Read-only memory maps of the members ``names`` that are stored uncompressed."""
+    import struct
+    import zipfile
+
+    mapped = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for name in names:
+            try:
+                info = archive.getinfo(f"{name}.npy")
+            except KeyError:
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)  # the local file header: its name and extra field follow
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                continue
+            if dtype.hasobject or fortran or not shape:
+                continue
+            mapped[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(),
+                                     shape=shape)
+    return mapped
+
+
+def _from_torch_datasets(spec: str, result) -> Dataset | None:
+    """A ``(train, test)`` pair of torch ``Dataset``s (each item ``(input, label)``), or
+    None for anything else. Inputs are read on demand (:class:`qflow.zoo.data.Rows`);
+    the labels are read once (a dataset's ``targets``, else every item)."""
+    import torch.utils.data as tud
+
+    if not (isinstance(result, tuple | list) and len(result) == 2
+            and all(isinstance(d, tud.Dataset) for d in result)):
+        return None
+    return Dataset.checked(spec, *_torch_split(spec, "train", result[0]),
+                           *_torch_split(spec, "test", result[1]))
+
+
+def _torch_split(spec: str, split: str, dataset):
+    from qflow.zoo.data import Rows
+
+    try:
+        length = len(dataset)
+        first = dataset[0]
+    except Exception as exc:
+        raise QflowError(f"data {spec}: the {split} Dataset cannot be read: "
+                         f"{_describe(exc)}") from None
+    if not (isinstance(first, tuple | list) and len(first) == 2):
+        raise QflowError(f"data {spec}: each item of the {split} Dataset must be "
+                         "(input, label)")
+
+    def item(i):
+        return dataset[int(i)]
+
+    def read(indices):
+        return np.stack([np.asarray(item(i)[0], dtype=np.float32) for i in indices])
+
+    targets = getattr(dataset, "targets", None)
+    labels = np.asarray(targets) if targets is not None and len(targets) == length else \
+        np.array([int(item(i)[1]) for i in range(length)])
+    return Rows(read, length, np.asarray(first[0]).shape), labels
 
 
 def _call_user_code(function: Callable[[], object], what: str):
@@ -179,11 +256,13 @@ def file_sha256(path: Path) -> str:
 
 def dataset_sha256(data: Dataset) -> str:
     """The sha256 of a data set's arrays (shapes, dtypes and values, in order)."""
+    from qflow.zoo.data import row_chunks
+
     digest = hashlib.sha256()
     for array in (data.x_train, data.y_train, data.x_test, data.y_test):
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
+        digest.update(f"{np.dtype(array.dtype).str}{tuple(array.shape)}".encode())
+        for chunk in row_chunks(array):  # the bytes of the C-ordered array, block by block
+            digest.update(np.ascontiguousarray(chunk, dtype=array.dtype).tobytes())
     return digest.hexdigest()
 
 

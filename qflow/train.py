@@ -20,6 +20,7 @@ from torch import nn
 from qflow import distributed
 from qflow.errors import QflowError
 from qflow.nn.functional import batch_moments, update_running_stats
+from qflow.zoo.data import Rows
 
 if TYPE_CHECKING:
     from qflow.oscillation import OscillationTracker
@@ -65,14 +66,15 @@ def keep_freed_memory(trim_threshold: int = 64 << 20) -> bool:
 def evaluate(model: nn.Module, x, y, *, batch_size: int = 1024) -> float:
     """Top-1 accuracy in percent, with the model in eval mode (exact quantized path)."""
     model.eval()
-    x_t, y_t = torch.as_tensor(x), torch.as_tensor(y)
+    y_t = torch.as_tensor(y)
     device = _device_of(model)
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(x_t), batch_size):
-            logits = model(x_t[start:start + batch_size].to(device)).cpu()
+        for start in range(0, len(y_t), batch_size):  # x read a batch at a time
+            batch = _tensor(x[start:start + batch_size])
+            logits = model(batch.to(device)).cpu()
             correct += int((logits.argmax(dim=1) == y_t[start:start + batch_size]).sum())
-    return 100.0 * correct / len(x_t)
+    return 100.0 * correct / len(y_t)
 
 
 def calibrate(model: nn.Module, x) -> None:
@@ -93,7 +95,7 @@ def calibrate(model: nn.Module, x) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.as_tensor(x, dtype=torch.float32).to(_device_of(model)))
+            model(_tensor(x, torch.float32).to(_device_of(model)))
     finally:
         for module, training in modes.items():
             module.training = training
@@ -170,6 +172,7 @@ def fit(
     teacher: nn.Module | None = None,
     distill_alpha: float = 0.5,
     temperature: float = 1.0,
+    workers: int = 0,
 ) -> list[dict]:
     """Train ``model`` (float or QFX) with Adam and cross-entropy; one dict per epoch.
 
@@ -201,6 +204,11 @@ def fit(
     >>> sorted(history[-1])
     ['epoch', 'loss', 'lr']
 
+    ``x_train`` may be an array in memory, a memory map or :class:`qflow.zoo.data.Rows`
+    (a torch ``Dataset``'s inputs, read on demand): the last two are read a batch at a
+    time, by ``workers`` background processes when ``workers`` > 0 (torch's
+    ``DataLoader``); the batches are the same either way.
+
     In a data-parallel group (:mod:`qflow.distributed`, processes started by torchrun)
     the model trains as ``DistributedDataParallel``: every process draws the same order,
     takes its share of each global batch of ``batch_size`` samples and weighs its loss
@@ -221,8 +229,11 @@ def fit(
             raise ValueError(f"temperature must be > 0, got {temperature}")
         teacher.eval()
     keep_freed_memory()
-    x_t = torch.as_tensor(x_train, dtype=torch.float32)
-    y_t = torch.as_tensor(y_train, dtype=torch.long)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    lazy = isinstance(x_train, np.memmap | Rows)  # read a batch at a time
+    x_t = x_train if lazy else torch.as_tensor(x_train, dtype=torch.float32)
+    y_t = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     device = _device_of(model)
     world, me = distributed.world_size(), distributed.rank()
@@ -254,16 +265,21 @@ def fit(
                             loss=history[-1]["loss"] if history else float("nan"))
         for epoch in range(start_epoch, epochs):
             model.train()
-            order = torch.randperm(len(x_t), generator=gen)
+            order = torch.randperm(len(y_t), generator=gen)
             total, count = 0.0, 0
-            for start in range(0, len(x_t), batch_size):
+            shares = []  # (this process's sample indices, the global batch's size)
+            for start in range(0, len(y_t), batch_size):
                 idx = order[start:start + batch_size]
                 if world > 1:  # this process's share of the global batch
                     if len(idx) < world:
                         continue  # not one sample each: skipped by every process
-                    share, idx = len(idx), idx.tensor_split(world)[me]
+                    shares.append((idx.tensor_split(world)[me], len(idx)))
+                else:
+                    shares.append((idx, len(idx)))
+            for (idx, share), x_batch in zip(shares, _batches(x_t, shares, workers),
+                                             strict=True):
                 optimizer.zero_grad(set_to_none=True)
-                x_batch, y_batch = x_t[idx].to(device), y_t[idx].to(device)
+                x_batch, y_batch = x_batch.to(device), y_t[idx].to(device)
                 # the share also covers the backward pass, which recomputes some layers
                 with (distributed.batch_share(len(idx), share) if world > 1
                       else contextlib.nullcontext()):
@@ -320,6 +336,36 @@ def fit(
     if progress:
         sys.stderr.flush()
     return history
+
+
+def _tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` (a tensor, an array, a memory map's rows) as a tensor; arrays are copied (a
+    memory map's rows are read-only)."""
+    if isinstance(x, torch.Tensor):
+        return x if dtype is None else x.to(dtype)
+    return torch.from_numpy(np.array(x)).to(dtype) if dtype else torch.from_numpy(np.array(x))
+
+
+def _batches(x, shares: list, workers: int):
+    """The input batches of one epoch: ``x``'s rows at each share's indices."""
+    if isinstance(x, torch.Tensor):
+        return (x[idx] for idx, _ in shares)
+    indices = [idx.numpy() for idx, _ in shares]
+    if workers == 0:
+        return (torch.from_numpy(np.asarray(x[i], dtype=np.float32)) for i in indices)
+    loader = torch.utils.data.DataLoader(_RowReader(x), batch_size=None, sampler=indices,
+                                         num_workers=workers)
+    return iter(loader)
+
+
+class _RowReader(torch.utils.data.Dataset):
+    """``x``'s rows at an index array, as a float32 tensor (for DataLoader workers)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __getitem__(self, indices):
+        return torch.from_numpy(np.asarray(self.x[indices], dtype=np.float32))
 
 
 def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:

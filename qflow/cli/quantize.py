@@ -39,6 +39,7 @@ from qflow.runs import data_source, model_source, write_run_files
 from qflow.sources import absolute_spec, module_search_path, resolve_data, resolve_model
 from qflow.train import calibrate, evaluate, fit, seed_everything
 from qflow.zoo import DATASETS, MODELS, Dataset
+from qflow.zoo.data import peak_magnitude
 
 from .console import make_console
 
@@ -64,8 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "runs")
     p.add_argument("--data", default=None,
                    help=f"zoo name ({', '.join(sorted(DATASETS))}), file.npz with "
-                        "x_train/y_train/x_test/y_test, "
-                        "or module:function (default: the model's own data set)")
+                        "x_train/y_train/x_test/y_test (inputs saved uncompressed are "
+                        "memory-mapped), or module:function returning such arrays or a "
+                        "(train, test) pair of torch Datasets (default: the model's own "
+                        "data set)")
     p.add_argument("--recipe", type=Path, default=None,
                    help="YAML file holding a method's config (its `method:` key names the "
                         "method; the other keys are the fields of its config class, e.g. "
@@ -105,6 +108,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(options not given again are the interrupted run's); start it "
                         "when there is none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, default=0,
+                   help="background processes that read training batches of data that is "
+                        "not in memory (a memory-mapped .npz, torch Datasets); default 0: "
+                        "read in the training process")
     p.add_argument("--device", default="auto",
                    help="where to train: auto (cuda when a GPU is present, else cpu), cpu, "
                         "cuda or cuda:N (default auto); the run, its exports and verify do "
@@ -185,6 +192,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise QflowError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise QflowError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    if getattr(args, "workers", 0) < 0:
+        raise QflowError(f"--workers must be >= 0, got {args.workers}")
     if args.resume and args.force:
         raise QflowError("--resume and --force exclude each other: --resume continues the "
                          "interrupted run, --force starts over")
@@ -268,7 +277,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         return 2  # rank 0 says why
     _check_model(build_model, data, settings.config)
     train = functools.partial(_train, settings, data, build_model, console, quiet=args.quiet,
-                              out=out, saved=saved, sources=sources, device=device)
+                              out=out, saved=saved, sources=sources, device=device,
+                              workers=args.workers)
     if not main:
         train(stage=None)
         return 0
@@ -302,7 +312,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
 
 def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bool,
            out: OutputDirectory, stage: Path | None, saved: dict | None, sources: dict,
-           device: torch.device):
+           device: torch.device, workers: int = 0):
     """Float training, quantization, QAT, the run files; per-epoch progress in ``stage``
     (None: a data-parallel process other than rank 0, which writes nothing)."""
     started = time.perf_counter()
@@ -338,7 +348,7 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         float_history = fit(float_model, data.x_train, data.y_train, epochs=s.epochs, lr=s.lr,
                             batch_size=s.batch_size, seed=s.seed, progress=progress,
                             description="float", resume=saved and saved["state"],
-                            checkpoint=lambda state: save(0, state))
+                            checkpoint=lambda state: save(0, state), workers=workers)
     float_acc = evaluate(float_model, data.x_test, data.y_test)
     _warn_if_not_learning(console, float_acc, data)
 
@@ -374,7 +384,7 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
                       lr=s.lr * phase.lr_scale, batch_size=s.batch_size, seed=s.seed + index,
                       progress=progress, description=phase.name, oscillation=oscillation,
                       resume=saved["state"] if saved and index == done else None,
-                      checkpoint=checkpoint, **options)
+                      checkpoint=checkpoint, workers=workers, **options)
         histories.append([{**r, "phase": phase.name} for r in history])
         if options["step_hook"] is not None and phase.epochs > 0:
             hooks[phase.name] = options["step_hook"]
@@ -568,7 +578,7 @@ def _warn_if_not_learning(console, float_acc: float, data: Dataset) -> None:
     counts = np.bincount(data.y_test)
     guess = 100.0 * counts.max() / len(data.y_test)
     if float_acc <= guess + 5.0:
-        peak = float(np.abs(data.x_train).max())
+        peak = peak_magnitude(data.x_train)
         console.print(f"[yellow]warning:[/] the float model reaches {float_acc:.2f} %, no better "
                       f"than always guessing the commonest class ({guess:.2f} %): check the "
                       f"data's scale (inputs reach {peak:.3g}), --lr and --epochs")

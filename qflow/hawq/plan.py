@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -231,8 +232,8 @@ def allocate(model: nn.Module, x, y, config: HAWQConfig, *,
     >>> plan.report["costs"]["size"]["fraction"] <= 0.7
     True
     """
-    x = torch.as_tensor(x)[: config.samples].float()
-    y = torch.as_tensor(y)[: config.samples].long()
+    x = torch.as_tensor(np.asarray(x[: config.samples])).float()  # only what is used
+    y = torch.as_tensor(np.asarray(y[: config.samples])).long()
     layout = _layout(model, x, config)
     names, pinned = layout.names, layout.pinned
     modules = weight_layers(model)

@@ -13,9 +13,73 @@ from qflow.errors import QflowError
 MAX_MAGNITUDE = 2.0**64
 
 
+#: rows read at a time when a whole input array is scanned (checks, digests)
+CHUNK_BYTES = 64 << 20
+
+
+class Rows:
+    """Input rows read on demand, as a read-only array: ``len``, ``shape``, ``dtype``
+    (float32) and indexing by an integer, a slice or an integer array (numpy results).
+    What qflow reads from data that need not fit in memory (a torch ``Dataset``'s
+    inputs, a memory-mapped array of another dtype); ``read(indices)`` gives the rows
+    ``indices`` (an int64 array) stacked.
+
+    >>> rows = Rows(lambda i: np.stack([np.full(2, k) for k in i]), 5, (2,))
+    >>> rows.shape, rows[1:3].tolist(), rows[np.array([4, 0])][:, 0].tolist()
+    ((5, 2), [[1.0, 1.0], [2.0, 2.0]], [4.0, 0.0])
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, read, length: int, row_shape: tuple[int, ...]):
+        self._read = read
+        self.shape = (int(length), *map(int, row_shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            indices = np.arange(*key.indices(len(self)), dtype=np.int64)
+        elif isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        else:
+            indices = np.asarray(key, dtype=np.int64).reshape(-1)
+        if len(indices) == 0:
+            return np.zeros((0, *self.shape[1:]), np.float32)
+        rows = np.asarray(self._read(indices), dtype=np.float32)
+        if rows.shape != (len(indices), *self.shape[1:]):
+            raise QflowError(f"data rows {indices[:4].tolist()}...: got shape {rows.shape}, "
+                             f"expected {(len(indices), *self.shape[1:])}")
+        return rows
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[:], dtype=dtype)
+
+
+def row_chunks(x):
+    """``x`` (an array, a memory map or :class:`Rows`) in consecutive blocks of rows,
+    each at most about :data:`CHUNK_BYTES`, as numpy arrays."""
+    per_row = max(1, int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize)
+    step = max(1, CHUNK_BYTES // per_row)
+    for start in range(0, len(x), step):
+        yield np.asarray(x[start:start + step])
+
+
+def peak_magnitude(x) -> float:
+    """max |x| over every value, a block of rows at a time (0 for an empty array)."""
+    return max((float(np.abs(c.astype(np.float64)).max()) for c in row_chunks(x) if c.size),
+               default=0.0)
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test arrays: ``x`` float32, ``y`` int64 class labels."""
+    """Train and test arrays: ``x`` float32 (in memory, memory-mapped or :class:`Rows`
+    read on demand), ``y`` int64 class labels (in memory)."""
 
     name: str
     x_train: np.ndarray
@@ -33,10 +97,12 @@ class Dataset:
         arrays = {}
         for key, value in (("x_train", x_train), ("y_train", y_train),
                            ("x_test", x_test), ("y_test", y_test)):
-            arr = np.asarray(value)
+            # inputs that need not fit in memory stay where they are; labels are loaded
+            arr = value if key[0] == "x" and isinstance(value, (np.memmap, Rows)) else \
+                np.asarray(value)
             if arr.dtype.kind not in "fiub":
                 raise QflowError(f"data {name}: {key} is not numeric (dtype {arr.dtype})")
-            if arr.size == 0:
+            if 0 in arr.shape:
                 raise QflowError(f"data {name}: {key} is empty")
             arrays[key] = arr
         for split in ("train", "test"):
@@ -44,11 +110,10 @@ class Dataset:
             if x.ndim < 2:
                 raise QflowError(f"data {name}: x_{split} must hold one sample per row (at least "
                                  f"2-D), got shape {x.shape}")
-            x64 = x.astype(np.float64)
-            if not np.isfinite(x64).all():
-                bad = int((~np.isfinite(x64)).sum())
+            bad = sum(int((~np.isfinite(c.astype(np.float64))).sum()) for c in row_chunks(x))
+            if bad:
                 raise QflowError(f"data {name}: x_{split} has {bad} non-finite values (NaN or inf)")
-            peak = float(np.abs(x64).max())
+            peak = peak_magnitude(x)
             if peak >= MAX_MAGNITUDE:
                 raise QflowError(f"data {name}: x_{split} reaches {peak:.3g} in magnitude, beyond "
                                  "qflow's fixed-point range (|x| < 2^64, at most 64 integer "
@@ -65,11 +130,22 @@ class Dataset:
                              f"x_test rows {arrays['x_test'].shape[1:]} differ in shape")
         return cls(
             name=name,
-            x_train=arrays["x_train"].astype(np.float32),
+            x_train=_float32_rows(arrays["x_train"]),
             y_train=arrays["y_train"].astype(np.int64),
-            x_test=arrays["x_test"].astype(np.float32),
+            x_test=_float32_rows(arrays["x_test"]),
             y_test=arrays["y_test"].astype(np.int64),
         )
+
+
+def _float32_rows(x):
+    """``x`` as float32: in memory a converted array; a float32 memory map as it is;
+    another memory map as :class:`Rows` converting each read."""
+    if isinstance(x, Rows) or (isinstance(x, np.memmap) and x.dtype == np.float32):
+        return x
+    if isinstance(x, np.memmap):
+        return Rows(lambda i, m=x: np.asarray(m[np.sort(i)][np.argsort(np.argsort(i))]),
+                    len(x), x.shape[1:])
+    return x.astype(np.float32)
 
 
 def digits() -> Dataset:
