@@ -99,6 +99,8 @@ def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     inputs: dict[str, torch.Tensor] = {}
     handles = _keep_inputs(layers, inputs) if activations else []
     total = int(x.shape[0])
+    device = next(iter(model.parameters())).device  # the probes run where the model is
+    x, y = x.to(device), y.to(device)
     if distributed.active():  # this process's share; the products are summed below
         x = x.tensor_split(distributed.world_size())[distributed.rank()]
         y = y.tensor_split(distributed.world_size())[distributed.rank()]
@@ -124,7 +126,7 @@ def hutchinson_traces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             samples = torch.zeros(len(params), dtype=torch.float64)
             for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 # one layer at a time: H_ii v_i alone, no cross-layer terms in the variance
-                v = torch.randint(0, 2, p.shape, generator=generator).to(p.dtype) * 2 - 1
+                v = torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1
                 (hv,) = torch.autograd.grad(g, p, grad_outputs=v, retain_graph=True)
                 samples[i] = float((v * hv).sum())
             distributed.sum_(samples)
