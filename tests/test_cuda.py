@@ -50,3 +50,28 @@ def test_cuda_eval_equals_cpu_eval_after_training_there(name, build, config):
         cuda_out = model.eval()(x.cuda()).cpu()
         cpu_out = on_cpu(x)
     assert int((cuda_out != cpu_out).sum()) == 0
+
+
+def test_hawq_traces_on_cuda_equal_the_cpu_ones():
+    from qflow.hawq.sensitivity import hutchinson_traces
+
+    torch.manual_seed(0)
+    model = _cnn().eval()
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    cpu = hutchinson_traces(model, x, y, min_probes=8, max_probes=8)
+    gpu = hutchinson_traces(copy.deepcopy(model).cuda(), x, y, min_probes=8, max_probes=8)
+    for name, trace in cpu.traces.items():
+        assert gpu.traces[name] == pytest.approx(trace, rel=1e-4)
+
+
+def test_a_cuda_export_verifies_on_the_gpu(tmp_path):
+    tvm = pytest.importorskip("tvm")
+    if not tvm.device("cuda", 0).exist:
+        pytest.skip("this TVM runtime has no CUDA device (the apache-tvm wheel is CPU-only)")
+    from qflow.cli.main import main
+
+    run, out = tmp_path / "run", tmp_path / "cuda"
+    assert main(["quantize", "--epochs", "2", "--qat-epochs", "1", "--quiet", "--device",
+                 "cuda", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--target", "cuda", "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
