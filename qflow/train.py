@@ -71,7 +71,7 @@ def evaluate(model: nn.Module, x, y, *, batch_size: int = 1024) -> float:
     correct = 0
     with torch.no_grad():
         for start in range(0, len(y_t), batch_size):  # x read a batch at a time
-            batch = _tensor(x[start:start + batch_size])
+            batch = rows_tensor(x[start:start + batch_size])
             logits = model(batch.to(device)).cpu()
             correct += int((logits.argmax(dim=1) == y_t[start:start + batch_size]).sum())
     return 100.0 * correct / len(y_t)
@@ -95,7 +95,7 @@ def calibrate(model: nn.Module, x) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(_tensor(x, torch.float32).to(_device_of(model)))
+            model(rows_tensor(x, torch.float32).to(_device_of(model)))
     finally:
         for module, training in modes.items():
             module.training = training
@@ -338,12 +338,17 @@ def fit(
     return history
 
 
-def _tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x`` (a tensor, an array, a memory map's rows) as a tensor; arrays are copied (a
-    memory map's rows are read-only)."""
+def rows_tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` (a tensor, an array, rows of a memory map or of :class:`~qflow.zoo.data.Rows`)
+    as a tensor; arrays are copied (a memory map's rows are read-only).
+
+    >>> rows_tensor(np.arange(3), torch.float32).tolist()
+    [0.0, 1.0, 2.0]
+    """
     if isinstance(x, torch.Tensor):
         return x if dtype is None else x.to(dtype)
-    return torch.from_numpy(np.array(x)).to(dtype) if dtype else torch.from_numpy(np.array(x))
+    tensor = torch.from_numpy(np.array(x))
+    return tensor if dtype is None else tensor.to(dtype)
 
 
 def _batches(x, shares: list, workers: int):

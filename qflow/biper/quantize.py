@@ -6,7 +6,6 @@ import contextlib
 import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import fx, nn
 
@@ -230,7 +229,9 @@ def reestimate_statistics(model: nn.Module, x, *, batch_size: int = 256,
     >>> int(model[2].norm.num_batches_tracked), model.training
     (1, False)
     """
-    x = torch.as_tensor(np.asarray(x[:max_samples]), dtype=torch.float32)  # only what is used
+    from qflow.train import rows_tensor
+
+    x = rows_tensor(x[:max_samples], torch.float32)  # only what is used
     owners = _statistics_in_forward_order(model, x[:2])
     model.eval()
     for owner, norm in owners:

@@ -37,7 +37,7 @@ from qflow.oscillation_plot import oscillation_figure
 from qflow.outdir import OutputDirectory, read_marker
 from qflow.runs import data_source, model_source, write_run_files
 from qflow.sources import absolute_spec, module_search_path, resolve_data, resolve_model
-from qflow.train import calibrate, evaluate, fit, seed_everything
+from qflow.train import calibrate, evaluate, fit, rows_tensor, seed_everything
 from qflow.zoo import DATASETS, MODELS, Dataset
 from qflow.zoo.data import peak_magnitude
 
@@ -548,7 +548,7 @@ def _check_model(build_model, data: Dataset, config) -> None:
     """Build the model once and check it against the data and the config, so that a
     mismatch stops the command before any training or writing."""
     model = build_model()
-    sample = torch.as_tensor(data.x_train[:2])
+    sample = rows_tensor(data.x_train[:2])
     try:
         with torch.no_grad():
             logits = model.eval()(sample)

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -232,8 +231,10 @@ def allocate(model: nn.Module, x, y, config: HAWQConfig, *,
     >>> plan.report["costs"]["size"]["fraction"] <= 0.7
     True
     """
-    x = torch.as_tensor(np.asarray(x[: config.samples])).float()  # only what is used
-    y = torch.as_tensor(np.asarray(y[: config.samples])).long()
+    from qflow.train import rows_tensor
+
+    x = rows_tensor(x[: config.samples], torch.float32)  # only what is used
+    y = rows_tensor(y[: config.samples], torch.long)
     layout = _layout(model, x, config)
     names, pinned = layout.names, layout.pinned
     modules = weight_layers(model)
