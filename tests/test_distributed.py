@@ -151,6 +151,27 @@ def test_nproc_2_writes_one_run_and_resumes_exactly(tmp_path):
     assert sorted(p.name for p in cut.iterdir()) == ["run"]
 
 
+def test_ctrl_c_stops_every_process_keeps_progress_and_exits_130(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "qflow", "quantize", "--epochs", "40",
+                             "--batch-size", "8", "--quiet", "--nproc", "2", "--out", "run"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while "float training" not in _progress(tmp_path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no progress saved"
+        time.sleep(0.01)
+    tree = _tree(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err
+    assert "saved after epoch" in _progress(tmp_path)  # continues with --resume
+    time.sleep(1)
+    assert [pid for pid in tree if Path(f"/proc/{pid}").exists()] == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present here")
 def test_device_cuda_is_refused_without_a_gpu(tmp_path, capsys):
     from qflow.cli.main import main

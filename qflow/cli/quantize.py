@@ -9,12 +9,14 @@ into the output's staging directory, so a killed run continues with ``--resume``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -474,12 +476,24 @@ def _launch(args: argparse.Namespace, device: torch.device) -> int:
         OutputDirectory(args.out or _default_out(settings), kind="run",
                         force=args.force).check()
     _check_model(resolve_model(settings.model), resolve_data(settings.data), settings.config)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    command = [sys.executable, "-m", "qflow.cli.torchrun", "--standalone",
                "--nproc-per-node", str(args.nproc), "-m", "qflow", "quantize",
                *_without_nproc(args.argv)]
     env = dict(os.environ)  # threads per process: the cores shared out (torchrun's default: 1)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.run(command, env=env, check=False).returncode
+    env.setdefault("LOGLEVEL", "ERROR")  # the launcher's notes on shutting processes down
+    with signal_ignored(signal.SIGINT):  # Ctrl-C reaches the launcher, which stops the rest
+        return subprocess.run(command, env=env, check=False).returncode
+
+
+@contextlib.contextmanager
+def signal_ignored(signum: int):
+    """While inside, this process ignores ``signum`` (its child handles it)."""
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
