@@ -72,8 +72,19 @@ def row_chunks(x):
 
 def peak_magnitude(x) -> float:
     """max |x| over every value, a block of rows at a time (0 for an empty array)."""
-    return max((float(np.abs(c.astype(np.float64)).max()) for c in row_chunks(x) if c.size),
-               default=0.0)
+    return _nonfinite_and_peak(x)[1]
+
+
+def _nonfinite_and_peak(x) -> tuple[int, float]:
+    """(how many values are NaN or infinite, max |x| over the finite ones), in one pass."""
+    bad, peak = 0, 0.0
+    for chunk in row_chunks(x):
+        values = np.abs(chunk.astype(np.float64))
+        finite = np.isfinite(values)
+        bad += int(values.size - finite.sum())
+        if finite.any():
+            peak = max(peak, float(values[finite].max()))
+    return bad, peak
 
 
 @dataclass(frozen=True)
@@ -110,10 +121,9 @@ class Dataset:
             if x.ndim < 2:
                 raise QflowError(f"data {name}: x_{split} must hold one sample per row (at least "
                                  f"2-D), got shape {x.shape}")
-            bad = sum(int((~np.isfinite(c.astype(np.float64))).sum()) for c in row_chunks(x))
+            bad, peak = _nonfinite_and_peak(x)  # one pass: x may be read from disk
             if bad:
                 raise QflowError(f"data {name}: x_{split} has {bad} non-finite values (NaN or inf)")
-            peak = peak_magnitude(x)
             if peak >= MAX_MAGNITUDE:
                 raise QflowError(f"data {name}: x_{split} reaches {peak:.3g} in magnitude, beyond "
                                  "qflow's fixed-point range (|x| < 2^64, at most 64 integer "
@@ -143,8 +153,7 @@ def _float32_rows(x):
     if isinstance(x, Rows) or (isinstance(x, np.memmap) and x.dtype == np.float32):
         return x
     if isinstance(x, np.memmap):
-        return Rows(lambda i, m=x: np.asarray(m[np.sort(i)][np.argsort(np.argsort(i))]),
-                    len(x), x.shape[1:])
+        return Rows(lambda i, m=x: m[i], len(x), x.shape[1:])  # Rows makes them float32
     return x.astype(np.float32)
 
 

@@ -357,15 +357,23 @@ def _emit_scale_shift(w: _Writer, node: Node, *, source: str | None = None,
         if not features_last or n == 1:  # one value for every token: repeat it D times
             n = shape[1]
             s_codes, h_codes = np.repeat(s_codes[:1], n), np.repeat(h_codes[:1], n)
+    _batchnorm(w, node, w.names([source])[0], node.output, (s_codes, s_frac),
+               (h_codes, h_frac), domain=CHANNELS_LAST if len(shape) in (2, 3) else "")
+
+
+def _batchnorm(w: _Writer, node: Node, source: str, output: str, scale, shift, *,
+               domain: str) -> None:
+    """The BatchNormalization (mean 0, variance 1, ε 0) of ONNX tensor ``source`` into
+    ``output`` that multiplies by ``scale`` and adds ``shift`` ((codes, fraction) each,
+    one per channel of hls4ml's last axis), with their types; named after ``node``."""
+    n = len(scale[0])
     names = [w.init(f"{node.name}_{k}", v) for k, v in (
-        ("scale", _real(s_codes, s_frac)), ("shift", _real(h_codes, h_frac)),
+        ("scale", _real(*scale)), ("shift", _real(*shift)),
         ("mean", np.zeros(n)), ("var", np.ones(n)))]
-    w.nodes.append(helper.make_node(
-        "BatchNormalization", [*w.names([source]), *names], [node.output], name=node.name,
-        epsilon=0.0, domain=CHANNELS_LAST if len(shape) in (2, 3) else ""))
-    out_t = w.type(node.output)
-    w.layer(node.name, node.name, scale=weight_type(s_codes, s_frac),
-            bias=weight_type(h_codes, h_frac), result=out_t)
+    w.nodes.append(helper.make_node("BatchNormalization", [source, *names], [output],
+                                    name=node.name, epsilon=0.0, domain=domain))
+    w.layer(node.name, node.name, scale=weight_type(*scale), bias=weight_type(*shift),
+            result=w.type(node.output))
 
 
 def _emit_token_scale_shift(w: _Writer, node: Node, source: str, scale, shift) -> None:
@@ -379,13 +387,7 @@ def _emit_token_scale_shift(w: _Writer, node: Node, source: str, scale, shift) -
     w.nodes.append(helper.make_node("FixedTranspose", w.names([source]), [turned],
                                     name=turned, domain=QFLOW_DOMAIN, rows=tokens, cols=depth))
     w.layer(turned, node.name, result=w.type(source))
-    names = [w.init(f"{node.name}_{k}", v) for k, v in (
-        ("scale", _real(*scale)), ("shift", _real(*shift)),
-        ("mean", np.zeros(tokens)), ("var", np.ones(tokens)))]
-    w.nodes.append(helper.make_node("BatchNormalization", [turned, *names], [scaled],
-                                    name=node.name, epsilon=0.0, domain=CHANNELS_LAST))
-    w.layer(node.name, node.name, scale=weight_type(*scale), bias=weight_type(*shift),
-            result=w.type(node.output))
+    _batchnorm(w, node, turned, scaled, scale, shift, domain=CHANNELS_LAST)
     w.nodes.append(helper.make_node("FixedTranspose", [scaled], [node.output], name=back,
                                     domain=QFLOW_DOMAIN, rows=depth, cols=tokens))
     w.layer(back, node.name, result=w.type(node.output))

@@ -55,6 +55,7 @@ def run_arm64(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
     """Output codes of the aarch64 build in ``path`` (an export's ``tvm/``) for real
     input ``x``: through its own ``run.py``, natively on aarch64, else under qemu-user."""
     from .build import RUNNER
+    from .runner import read_manifest
 
     path = Path(path)
     if platform.machine().lower() in ("aarch64", "arm64"):
@@ -65,12 +66,12 @@ def run_arm64(path: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
     if reason:
         raise ArtifactNotRunnableError(f"arm64 emulation is not set up: {reason}; "
                                        "scripts/setup.sh dev sets it up as root")
-    manifest = path / "build.json"
-    if not (path / RUNNER).is_file() or not manifest.is_file():
-        raise QflowError(f"{path}: not a TVM build ({RUNNER} or build.json not found)")
-    import json
-
-    build = json.loads(manifest.read_text())
+    if not (path / RUNNER).is_file():
+        raise QflowError(f"{path}: not a TVM build ({RUNNER} not found)")
+    try:
+        build = read_manifest(path)
+    except ValueError as exc:
+        raise QflowError(str(exc)) from None
     if build.get("arch") != "aarch64":
         raise ArtifactNotRunnableError(f"built for {build.get('arch')}, not aarch64")
     if not build.get("library"):
