@@ -11,7 +11,8 @@ from zoo_fixtures import CONFIGS, MODEL_NAMES, frozen
 from zoo_fixtures import test_inputs as zoo_inputs
 
 from qflow.errors import QflowError
-from qflow.export.int_onnx import export_int_onnx, export_routes, run_int_onnx
+from qflow.export.int_onnx import (exact_in, export_arithmetics, export_int_onnx,
+                                   export_routes, run_int_onnx)
 from qflow.export.int_onnx_ops import MAX_FAN_IN
 from qflow.graph import infer
 from qflow.graph.emulator import Emulator
@@ -41,13 +42,26 @@ def _check_exact(graph: QGraph, path, codes: np.ndarray) -> None:
 
 
 # -- the zoo ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arithmetic", ["auto", "int64"])
 @pytest.mark.parametrize(("model_name", "config_name"), CELLS)
-def test_zoo_model_equals_emulator(model_name, config_name, tmp_path):
+def test_zoo_model_equals_emulator(model_name, config_name, arithmetic, tmp_path):
     _, graph = frozen(model_name, config_name)
-    path = export_int_onnx(graph, tmp_path / "model.int.onnx")
+    path = export_int_onnx(graph, tmp_path / "model.int.onnx", arithmetic)
     onnx.checker.check_model(onnx.load(path), full_check=True)
     counts = _op_counts(path)
-    assert not {"Conv", "Gemm", "Relu", "Floor", "Round", "QuantizeLinear"} & set(counts)
+    assert not {"Gemm", "Relu", "QuantizeLinear"} & set(counts)
+    routes = export_routes(path)
+    if arithmetic == "int64":
+        assert export_arithmetics(path) == {"int64"}
+        assert not {"Conv", "Floor", "Round"} & set(counts)
+    else:  # every product the bounds allow in float32 takes the float kernels
+        float_products = [n.name for n in graph.nodes if n.op in ("dense", "conv2d")
+                          and exact_in(graph, n, "float32")]
+        assert all("(float32, sums below" in routes[n] for n in float_products)
+        assert counts["Conv"] + counts["MatMul"] >= len(float_products)
+        assert all(routes[n.name].endswith("(int64)") or "Integer" in routes[n.name]
+                   or "int64" in routes[n.name] for n in graph.nodes
+                   if n.op in ("dense", "conv2d") and n.name not in float_products)
     x = zoo_inputs(model_name, 2000)
     x = np.concatenate([x, corner_inputs(graph.input_type, x.shape[1:], 256)])
     _check_exact(graph, path, to_codes(x, graph.input_type))
@@ -56,7 +70,7 @@ def test_zoo_model_equals_emulator(model_name, config_name, tmp_path):
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_8bit_config_uses_integer_kernels(model_name, tmp_path):
     _, graph = frozen(model_name, "8bit")
-    counts = _op_counts(export_int_onnx(graph, tmp_path / "m.onnx"))
+    counts = _op_counts(export_int_onnx(graph, tmp_path / "m.onnx", "int64"))
     ops = collections.Counter(n.op for n in graph.nodes)
     # products of two activations (attention) are integer kernels too
     assert counts["MatMulInteger"] == ops["dense"] + ops["matmul"] > 0
@@ -166,10 +180,11 @@ def _unsigned_wide_conv_graph():
     return m.graph()
 
 
+@pytest.mark.parametrize("arithmetic", ["auto", "int64"])
 @pytest.mark.parametrize("make", [_wide_conv_graph, _narrow_graph, _unsigned_wide_conv_graph])
-def test_hand_built_graph_equals_emulator(make, tmp_path):
+def test_hand_built_graph_equals_emulator(make, arithmetic, tmp_path):
     graph = make()
-    path = export_int_onnx(graph, tmp_path / "g.onnx")
+    path = export_int_onnx(graph, tmp_path / "g.onnx", arithmetic)
     onnx.checker.check_model(onnx.load(path), full_check=True)
     shape = graph.tensors["x"].shape
     _check_exact(graph, path, _random_codes(graph.input_type, shape, 3000))
@@ -179,7 +194,7 @@ def test_hand_built_graph_equals_emulator(make, tmp_path):
 
 def test_wide_operands_take_the_exact_wide_routes(tmp_path):
     graph = _wide_conv_graph()
-    counts = _op_counts(export_int_onnx(graph, tmp_path / "g.onnx"))
+    counts = _op_counts(export_int_onnx(graph, tmp_path / "g.onnx", "int64"))
     routes = export_routes(tmp_path / "g.onnx")
     assert counts["MatMulInteger"] == 0 and counts["MatMul"] == 1  # 12-bit weights: int64
     assert counts["ConvInteger"] == 4  # 12-bit input x 11-bit weights: 2 x 2 limbs
@@ -197,7 +212,7 @@ def test_large_fan_in_is_split_into_channel_chunks(tmp_path):
     m.add("reshape", (2,), attrs={"shape": [2]})
     m.add("dense", (1,), weight=rng.integers(-128, 128, (1, 2)), weight_frac=[7])
     graph = m.graph()
-    path = export_int_onnx(graph, tmp_path / "g.onnx")
+    path = export_int_onnx(graph, tmp_path / "g.onnx", "int64")
     assert _op_counts(path)["ConvInteger"] == 2
     _check_exact(graph, path, _random_codes(graph.input_type, (channels, 3, 3), 40))
 
@@ -234,16 +249,23 @@ def _cast_codes(src: FixedType, dst: FixedType, count=4000, seed=0) -> np.ndarra
     return np.clip(codes, src.qmin, src.qmax).astype(np.int64)
 
 
+@pytest.mark.parametrize("arithmetic", ["auto", "int64"])
 @pytest.mark.parametrize("overflow", list(Overflow))
 @pytest.mark.parametrize("rounding", list(Rounding))
-def test_cast_equals_requantize(rounding, overflow, tmp_path):
+def test_cast_equals_requantize(rounding, overflow, arithmetic, tmp_path):
+    """``auto`` casts in float32 (codes below 24 bits), float64 (below 53) or int64."""
     for i, (src_spec, dst_spec) in enumerate(CAST_CASES):
         src = _fx(src_spec)
         dst = _fx(dst_spec[:-1] + f",AP_{rounding.value},AP_{overflow.value}>")
         m = _Maker(src, (1,))
         m.cast(dst)
         graph = m.graph()
-        path = export_int_onnx(graph, tmp_path / f"cast{i}.onnx")
+        path = export_int_onnx(graph, tmp_path / f"cast{i}.onnx", arithmetic)
+        width = max(src.width, dst.width)
+        held = ("int64" if arithmetic == "int64" or width >= 53
+                else "float32" if width < 24 else "float64")
+        assert export_routes(path)[graph.nodes[0].name].endswith(
+            f"({held})" if held != "int64" else overflow.value), export_routes(path)
         codes = _cast_codes(src, dst, seed=i)
         got = run_int_onnx(path, codes[:, None])[:, 0]
         want = requantize(codes, src.fractional, dst)

@@ -2,9 +2,22 @@
 
 The model takes the int64 input codes (``codes``, shape ``[N, *input_shape]``) and
 returns the int64 output codes (``codes_out``), computing exactly what
-:class:`qflow.graph.emulator.Emulator` computes. Only default-domain ops, opset 17, and
-integer arithmetic (plus one float step that is exact, below). The routes, and why each
-is exact:
+:class:`qflow.graph.emulator.Emulator` computes. Only default-domain ops, opset 17.
+
+Two arithmetics carry the codes between nodes (``qflow.arithmetic`` in the metadata):
+
+- ``float32`` (the default where it is exact): the codes are float32 integers. A graph
+  takes it when every value its arithmetic forms is an integer below 2**24 in magnitude
+  (``qflow.graph.infer.float_bounds``: every code, every partial sum of a product in any
+  order plus the bias, every scaled term and pooling sum) and every power-of-two scaling
+  stays in float32's exponent range. Then the runtime's fast float kernels are exact:
+  ``dense`` / ``conv2d`` are ``MatMul`` / ``Conv`` on weights aligned to the
+  accumulator's fraction, with the bias (each bound re-checked per node at export); a
+  ``cast`` scales by ``2**k`` and rounds and clamps by
+  ``qflow.numerics.kernel.quantize_scaled`` itself, traced onto ONNX ``Floor``, ``Round``
+  (half to even), ``Clip``, ``Where`` and ``Mod``; the other ops are those below, on
+  float32 codes. The input is cast to float32 once, the output back to int64.
+- ``int64`` otherwise (wider codes, larger sums, the transformer ops), by these routes:
 
 - ``dense`` / ``conv2d`` on raw weight codes, then a per-output-channel int64 ``Mul``
   by ``2**k`` (the alignment of the weights' fractional bits) and an int64 ``Add`` of
@@ -83,8 +96,8 @@ from qflow.graph import infer, transformer
 from qflow.graph.ir import Node, QGraph
 from qflow.numerics import FixedType
 
+from .int_onnx_ops import ARITHMETICS, Builder, aligned_products
 from .int_onnx_ops import EMITTERS as BASE_EMITTERS
-from .int_onnx_ops import Builder
 from .int_onnx_transformer import EMITTERS as TRANSFORMER_EMITTERS
 
 #: QGraph op -> emitter: the ops above and the transformer and token ops
@@ -97,16 +110,18 @@ FORMAT = "qflow-int-onnx/1"
 RUN_CHUNK = 4096  # samples per ONNX Runtime call: bounds the intermediate buffers
 
 
-def export_int_onnx(graph: QGraph, path: str | Path) -> Path:
-    """Write ``graph`` as an integer-only standard-ONNX model to ``path``; return the path.
+def export_int_onnx(graph: QGraph, path: str | Path, arithmetic: str = "auto") -> Path:
+    """Write ``graph`` as a standard-ONNX model on integer codes to ``path``; return the path.
 
     The model maps int64 input codes ``codes`` ``[N, *input_shape]`` to int64 output
-    codes ``codes_out``, equal bit for bit to ``Emulator(graph).run_codes(codes)``. The
-    file is written atomically (temporary file in the same directory, then rename).
-    Raises :class:`QflowError` naming the node and op for anything not exportable exactly.
+    codes ``codes_out``, equal bit for bit to ``Emulator(graph).run_codes(codes)``.
+    ``arithmetic`` is ``"auto"`` (each node in the narrowest exact arithmetic) or
+    ``"int64"`` (every node in integers). The file is written atomically (temporary file
+    in the same directory, then rename). Raises :class:`QflowError` naming the node and
+    op for anything not exportable exactly.
     """
     path = Path(path)
-    model = build_int_onnx(graph)
+    model = build_int_onnx(graph, arithmetic)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         onnx.save_model(model, tmp)
@@ -116,8 +131,10 @@ def export_int_onnx(graph: QGraph, path: str | Path) -> Path:
     return path
 
 
-def build_int_onnx(graph: QGraph) -> onnx.ModelProto:
+def build_int_onnx(graph: QGraph, arithmetic: str = "auto") -> onnx.ModelProto:
     """The in-memory ONNX model of :func:`export_int_onnx` (checked with the ONNX checker)."""
+    if arithmetic not in ("auto", "int64"):
+        raise QflowError(f"int ONNX export: unknown arithmetic {arithmetic!r} (auto, int64)")
     graph.validate()
     _check_types(graph)
     b = Builder()
@@ -126,21 +143,41 @@ def build_int_onnx(graph: QGraph) -> onnx.ModelProto:
         if tensor != graph.input:
             names[tensor] = tensor if tensor not in (INPUT_NAME, OUTPUT_NAME) else f"t_{tensor}"
     b.used.update(names.values())
+    held = {graph.input: "int64"}  # tensor -> the arithmetic its codes are held in
+    converted: dict[tuple[str, str], str] = {}
+
+    def operand(tensor: str, wanted: str) -> str:
+        """``tensor``'s value in arithmetic ``wanted``: a Cast (exact: the consumer's
+        arithmetic holds every code of the tensor's type), made once per pair."""
+        if held[tensor] == wanted:
+            return names[tensor]
+        if (tensor, wanted) not in converted:
+            b.prefix = tensor
+            converted[tensor, wanted] = b.op("Cast", [names[tensor]], f"as_{wanted}",
+                                             to=ARITHMETICS[wanted][1])
+        return converted[tensor, wanted]
+
     routes = {}
     for node in graph.nodes:
+        wanted = ("int64" if arithmetic == "int64"
+                  else node_arithmetic(graph, node, held[node.inputs[0]]))
+        inputs = [operand(i, wanted) for i in node.inputs]
         b.prefix = node.name
+        b.use(wanted)
         start = len(b.nodes)
-        value, routes[node.name] = EMITTERS[node.op](b, graph, node,
-                                                     *(names[i] for i in node.inputs))
+        value, routes[node.name] = EMITTERS[node.op](b, graph, node, *inputs)
         b.rename_output(value, names[node.output], start)
+        held[node.output] = wanted
     b.prefix = "output"
-    b.nodes.append(helper.make_node("Identity", [names[graph.output]], [OUTPUT_NAME],
-                                    name="output/identity"))
+    b.use("int64")
+    b.nodes.append(helper.make_node("Identity", [operand(graph.output, "int64")],
+                                    [OUTPUT_NAME], name="output/identity"))
     b.prune([OUTPUT_NAME])
 
-    def info(name: str, tensor: str):
+    def info(name: str, tensor: str, elem_type: int | None = None):
         dims = ["N", *graph.tensors[tensor].shape]
-        return helper.make_tensor_value_info(name, TensorProto.INT64, dims)
+        elem_type = elem_type or ARITHMETICS[held[tensor]][1]
+        return helper.make_tensor_value_info(name, elem_type, dims)
 
     produced = {o for n in b.nodes for o in n.output}
     value_info = [info(names[t], t) for t in graph.tensors
@@ -149,7 +186,8 @@ def build_int_onnx(graph: QGraph) -> onnx.ModelProto:
         value_info.append(info(names[graph.output], graph.output))
     onnx_graph = helper.make_graph(
         b.nodes, f"qflow_int_{graph.meta.get('model') or 'model'}",
-        [info(INPUT_NAME, graph.input)], [info(OUTPUT_NAME, graph.output)],
+        [info(INPUT_NAME, graph.input, TensorProto.INT64)],
+        [info(OUTPUT_NAME, graph.output, TensorProto.INT64)],
         initializer=b.inits, value_info=value_info)
     model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="qflow", ir_version=IR_VERSION)
@@ -159,12 +197,43 @@ def build_int_onnx(graph: QGraph) -> onnx.ModelProto:
         f"int64 output codes of {graph.output_type.to_ap()} ('{OUTPUT_NAME}'); "
         "bit-exact with the qflow QGraph emulator. Real value = code * 2**-fractional.")
     meta = {"qflow.format": FORMAT, "qflow.input_tensor": graph.input,
-            "qflow.output_tensor": graph.output}
+            "qflow.output_tensor": graph.output, "qflow.arithmetic": arithmetic,
+            "qflow.arithmetics": ",".join(sorted(set(held.values())))}
     meta.update({f"qflow.type.{t}": info_.type.to_ap() for t, info_ in graph.tensors.items()})
     meta.update({f"qflow.route.{n}": r for n, r in routes.items()})
     helper.set_model_props(model, meta)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+#: float formats by arithmetic, narrowest first
+FLOAT_FORMATS = {"float32": infer.FLOAT32, "float64": infer.FLOAT64}
+
+
+def node_arithmetic(graph: QGraph, node: Node, input_arithmetic: str) -> str:
+    """The arithmetic ``node`` is emitted in: its input's when exact there (no
+    conversion), else the narrowest exact float format, else int64. ``dense`` and
+    ``conv2d`` take float32 (the runtimes' fast float kernels) or int64 (the integer
+    kernels and limbs)."""
+    if node.op in ("dense", "conv2d"):
+        return "float32" if exact_in(graph, node, "float32") else "int64"
+    if input_arithmetic != "int64" and exact_in(graph, node, input_arithmetic):
+        return input_arithmetic
+    return next((a for a in FLOAT_FORMATS if exact_in(graph, node, a)), "int64")
+
+
+def exact_in(graph: QGraph, node: Node, arithmetic: str) -> bool:
+    """Is every value ``node`` forms (its codes in and out, its sums, products and
+    scalings) exact in float ``arithmetic``?"""
+    if node.op not in BASE_EMITTERS:  # the transformer ops compute in int64
+        return False
+    fmt = FLOAT_FORMATS[arithmetic]
+    widths = [graph.tensors[t].type.width for t in (*node.inputs, node.output)]
+    peak, shift = infer.node_float_bounds(graph, node)
+    if node.op in ("dense", "conv2d"):  # with the bias on top of any partial sum
+        in_t = graph.tensors[node.inputs[0]].type
+        peak = aligned_products(node, in_t, graph.tensors[node.output].type.fractional)[2]
+    return max(widths) < fmt.bits and peak < 2**fmt.bits and shift <= fmt.max_shift
 
 
 def export_routes(model_or_path) -> dict[str, str]:
@@ -174,6 +243,15 @@ def export_routes(model_or_path) -> dict[str, str]:
     prefix = "qflow.route."
     return {p.key[len(prefix):]: p.value for p in model.metadata_props
             if p.key.startswith(prefix)}
+
+
+def export_arithmetics(model_or_path) -> set[str]:
+    """The arithmetics (``int64``, ``float32``, ``float64``) an integer ONNX model's codes
+    are held in."""
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(
+        model_or_path, load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    return set(meta.get("qflow.arithmetics", "int64").split(","))
 
 
 # -- checks --------------------------------------------------------------------------------

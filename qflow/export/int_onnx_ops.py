@@ -1,6 +1,10 @@
 """Builders for :mod:`qflow.export.int_onnx`: one emitter per QGraph op, each in
-integer-only standard ONNX. The module docstring of ``int_onnx`` explains the routes
+standard ONNX on integer codes. The module docstring of ``int_onnx`` explains the routes
 and why each is exact; the bounds that the proofs need are checked here, at export.
+
+A :class:`Builder` emits each node's codes as int64 or as float32 / float64
+(integer-valued, below 2**24 / 2**53: see ``int_onnx``); the emitters write their
+arithmetic constants with :meth:`Builder.num`, so most of them serve every arithmetic.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from qflow.numerics import kernel as K
 
 INT64_LIMIT = 2**63
 INT32_LIMIT = 2**31
+FLOAT32_EXACT_LIMIT = 2**24  # integers of smaller magnitude are exact in float32
+#: arithmetic -> (numpy dtype, ONNX element type) of the codes between nodes
+ARITHMETICS = {"int64": (np.int64, TensorProto.INT64), "float32": (np.float32, TensorProto.FLOAT),
+               "float64": (np.float64, TensorProto.DOUBLE)}
 DOUBLE_EXACT_WIDTH = 53  # codes of at most this many bits are exact in a double
 LIMB = 8  # bits per operand limb of MatMulInteger / ConvInteger
 
@@ -34,9 +42,11 @@ def _int64(values, node: Node, what: str) -> np.ndarray:
 
 
 class Builder:
-    """Accumulates ONNX nodes and initializers with unique, node-derived names."""
+    """Accumulates ONNX nodes and initializers with unique, node-derived names; the codes
+    of the node being emitted are ``arithmetic`` values (a key of :data:`ARITHMETICS`)."""
 
-    def __init__(self):
+    def __init__(self, arithmetic: str = "int64"):
+        self.use(arithmetic)
         self.nodes: list = []
         self.inits: list = []
         self.used: set[str] = set()
@@ -61,6 +71,20 @@ class Builder:
             self.inits.append(numpy_helper.from_array(arr, name))
             self._consts[key] = name
         return self._consts[key]
+
+    def use(self, arithmetic: str) -> None:
+        """Emit the next nodes in ``arithmetic``."""
+        self.arithmetic = arithmetic
+        self.value_dtype, self.value_type = ARITHMETICS[arithmetic]
+
+    def num(self, value, label: str = "const") -> str:
+        """An arithmetic constant in the codes' dtype; refuses one it would change."""
+        arr = np.asarray(value)
+        converted = arr.astype(self.value_dtype)
+        if arr.size and not np.array_equal(converted.astype(arr.dtype), arr):
+            raise QflowError(f"int ONNX export: constant {value!r} is not exact in "
+                             f"{self.arithmetic}")
+        return self.const(converted, self.value_dtype, label)
 
     def op(self, op_type: str, inputs: list[str], label: str | None = None, **attrs) -> str:
         out = self.fresh(label or op_type.lower())
@@ -103,9 +127,9 @@ class Sym:
     def _arg(self, other) -> str:
         if isinstance(other, Sym):
             if other.is_bool:
-                return self.b.op("Cast", [other.name], "cast", to=TensorProto.INT64)
+                return self.b.op("Cast", [other.name], "cast", to=self.b.value_type)
             return other.name
-        return self.b.const(int(other))
+        return self.b.num(other)
 
     def _int(self, op_type, other, label, swap=False) -> Sym:
         a, c = self._arg(self), self._arg(other)
@@ -139,6 +163,9 @@ class Sym:
     def __gt__(self, other):
         return self._cmp("Greater", other)
 
+    def __ge__(self, other):
+        return self._cmp("GreaterOrEqual", other)
+
     def __eq__(self, other):  # elementwise, as in numpy
         return self._cmp("Equal", other)
 
@@ -155,14 +182,15 @@ class Sym:
 
 
 class OnnxXp:
-    """The array namespace ``kernel.apply_overflow`` needs, on :class:`Sym` values."""
+    """The array namespace ``kernel.apply_overflow`` (int64 or float codes) and
+    ``kernel.quantize_scaled`` (float codes) need, on :class:`Sym` values."""
 
     int64 = np.int64
 
     @staticmethod
-    def clip(q: Sym, lo: int, hi: int) -> Sym:
+    def clip(q: Sym, lo, hi) -> Sym:
         b = q.b
-        return type(q)(b, b.op("Clip", [q.name, b.const(lo), b.const(hi)]))
+        return type(q)(b, b.op("Clip", [q.name, b.num(lo), b.num(hi)]))
 
     @staticmethod
     def where(cond: Sym, a, q: Sym) -> Sym:
@@ -172,7 +200,35 @@ class OnnxXp:
     @staticmethod
     def remainder(q: Sym, m: int) -> Sym:
         b = q.b
-        return type(q)(b, b.op("Mod", [q.name, b.const(m)], fmod=0))
+        return type(q)(b, b.op("Mod", [q.name, b.num(m)], fmod=0))
+
+    @staticmethod
+    def fmod(q: Sym, m: float) -> Sym:  # float codes: ONNX asks fmod=1 for floats
+        b = q.b
+        return type(q)(b, b.op("Mod", [q.name, b.num(m)], fmod=1))
+
+    @staticmethod
+    def zeros_like(q: Sym) -> Sym:  # a scalar zero: every use broadcasts
+        return type(q)(q.b, q.b.num(0))
+
+    @staticmethod
+    def abs(q: Sym) -> Sym:
+        return type(q)(q.b, q.b.op("Abs", [q.name]))
+
+    @staticmethod
+    def floor(q: Sym) -> Sym:
+        return type(q)(q.b, q.b.op("Floor", [q.name]))
+
+    @staticmethod
+    def round(q: Sym) -> Sym:  # ONNX Round rounds half to even, as numpy does
+        return type(q)(q.b, q.b.op("Round", [q.name]))
+
+    @staticmethod
+    def trunc(q: Sym) -> Sym:  # ONNX has no Trunc: ceil below zero, floor above
+        b = q.b
+        negative = b.op("Less", [q.name, b.num(0)], "negative")
+        return type(q)(b, b.op("Where", [negative, b.op("Ceil", [q.name]),
+                                         b.op("Floor", [q.name])], "trunc"))
 
 
 # -- cast (requantize) -----------------------------------------------------------------
@@ -272,6 +328,8 @@ def emit_weighted(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
     shifts = frac - in_t.fractional - np.asarray(c["weight_frac"], dtype=np.int64)
     if (shifts < 0).any() or (shifts > 62).any():
         _fail(node, "weight alignment shift out of range")
+    if b.arithmetic != "int64":
+        return _float_weighted(b, node, x, in_t, frac)
     w = np.asarray(c["weight"], dtype=np.int64)
     channels = w.shape[0]
     max_x = max(abs(in_t.qmin), abs(in_t.qmax))
@@ -304,6 +362,47 @@ def _dense_products(b, node, x, in_t, w, max_x, row_abs) -> tuple[str, str]:
         _fail(node, "int64 partial sums could overflow")
     acc = b.op("MatMul", [x, b.const(w.T.copy(), label="weight")], "matmul")
     return acc, "MatMul(int64)"
+
+
+def aligned_products(node: Node, in_t: FixedType, frac: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(weights and bias aligned to fraction ``frac``, as Python ints; the largest magnitude
+    of any partial sum of products in any order, plus the bias)."""
+    c = node.consts
+    w = aligned_weights(c["weight"], c["weight_frac"], in_t.fractional, frac)
+    channels = w.shape[0]
+    bias = (aligned_bias(c["bias"], c["bias_frac"], frac) if "bias" in c
+            else np.zeros(channels, dtype=object))
+    max_x = max(abs(in_t.qmin), abs(in_t.qmax))
+    rows = np.abs(w.reshape(channels, -1)).sum(axis=1)
+    return w, bias, int((rows * max_x + np.abs(bias)).max(initial=0))
+
+
+def _float_weighted(b: Builder, node: Node, x: str, in_t: FixedType,
+                    frac: int) -> tuple[str, str]:
+    """The float32 route: ``MatMul`` / ``Conv`` on weights aligned to the accumulator's
+    fraction, bias added. Every product, every partial sum of any subset of them in any
+    order (BLAS blocking, vector lanes, fused multiply-adds) and the bias on top is an
+    integer of magnitude at most ``max_x * sum|w| + |bias|``, checked here to be below
+    2**24: so each is exact in float32, whatever order the runtime's kernel takes (a
+    Winograd or FFT convolution would not be: the runtimes' CPU float kernels qflow
+    builds for are direct or im2col + GEMM, and ``qflow verify`` checks every artifact)."""
+    w, bias, bound = aligned_products(node, in_t, frac)
+    if bound >= FLOAT32_EXACT_LIMIT:
+        _fail(node, f"float32 sums could reach 2**{bound.bit_length()}, not exact")
+    has_bias = bool(np.any(bias != 0))
+    if node.op == "dense":
+        acc = b.op("MatMul", [x, b.num(w.T.copy(), "weight_aligned")], "matmul")
+        if has_bias:
+            acc = b.op("Add", [acc, b.num(bias, "bias_aligned")], "bias")
+        return acc, f"MatMul(float32, sums below 2**{bound.bit_length()})"
+    a = node.attrs
+    inputs = [x, b.num(w, "weight_aligned")]
+    if has_bias:
+        inputs.append(b.num(bias, "bias_aligned"))
+    acc = b.op("Conv", inputs, "conv", kernel_shape=list(w.shape[2:]),
+               strides=list(a["stride"]), pads=list(a["padding"]) * 2,
+               dilations=list(a["dilation"]), group=int(a["groups"]))
+    return acc, f"Conv(float32, sums below 2**{bound.bit_length()})"
 
 
 #: largest fan-in for one MatMulInteger / ConvInteger: with uint8 operands u, v and zero
@@ -368,10 +467,10 @@ def emit_scale_shift(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, st
     except QflowError as exc:
         _fail(node, str(exc))
     view = _channel_view(1 + len(g.tensors[node.inputs[0]].shape))
-    scale = b.const(_int64(scale, node, "scale").reshape(view), label="scale_aligned")
-    shift = b.const(_int64(shift, node, "shift").reshape(view), label="shift_aligned")
+    scale = b.num(_int64(scale, node, "scale").reshape(view), label="scale_aligned")
+    shift = b.num(_int64(shift, node, "shift").reshape(view), label="shift_aligned")
     out = b.op("Add", [b.op("Mul", [x, scale], "scale"), shift], "shift")
-    return out, "Mul+Add(int64)"
+    return out, f"Mul+Add({b.arithmetic})"
 
 
 def emit_add(b: Builder, g: QGraph, node: Node, xa: str, xb: str) -> tuple[str, str]:
@@ -381,8 +480,8 @@ def emit_add(b: Builder, g: QGraph, node: Node, xa: str, xb: str) -> tuple[str, 
         shift = frac - g.tensors[name].type.fractional
         if not 0 <= shift <= 62:
             _fail(node, f"alignment shift {shift} of input {name!r} is out of range")
-        terms.append(b.op("Mul", [value, b.const(1 << shift)], "align") if shift else value)
-    return b.op("Add", terms), "Add(int64)"
+        terms.append(b.op("Mul", [value, b.num(1 << shift)], "align") if shift else value)
+    return b.op("Add", terms), f"Add({b.arithmetic})"
 
 
 def emit_concat(b: Builder, g: QGraph, node: Node, *xs: str) -> tuple[str, str]:
@@ -393,12 +492,13 @@ def emit_concat(b: Builder, g: QGraph, node: Node, *xs: str) -> tuple[str, str]:
         shift = frac - g.tensors[name].type.fractional
         if not 0 <= shift <= 62:
             _fail(node, f"alignment shift {shift} of input {name!r} is out of range")
-        parts.append(b.op("Mul", [value, b.const(1 << shift)], "align") if shift else value)
-    return b.op("Concat", parts, "concat", axis=1 + int(node.attrs["axis"])), "Concat(int64)"
+        parts.append(b.op("Mul", [value, b.num(1 << shift)], "align") if shift else value)
+    route = f"Concat({b.arithmetic})"
+    return b.op("Concat", parts, "concat", axis=1 + int(node.attrs["axis"])), route
 
 
 def emit_relu(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
-    return b.op("Max", [x, b.const(0)], "relu"), "Max(int64)"
+    return b.op("Max", [x, b.num(0)], "relu"), f"Max({b.arithmetic})"
 
 
 def emit_maxpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
@@ -406,12 +506,14 @@ def emit_maxpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]
     if a["ceil_mode"]:
         _fail(node, "ceil_mode is not supported")
     width = g.tensors[node.inputs[0]].type.width
+    pool_attrs = {"kernel_shape": list(a["kernel"]), "strides": list(a["stride"]),
+                  "pads": list(a["padding"]) * 2, "dilations": list(a["dilation"])}
+    if b.arithmetic != "int64":  # the codes are exact floats already
+        return b.op("MaxPool", [x], "maxpool", **pool_attrs), f"MaxPool({b.arithmetic})"
     if width > DOUBLE_EXACT_WIDTH:
         _fail(node, f"{width}-bit codes are not exact in a double (MaxPool has no int64 kernel)")
     xd = b.op("Cast", [x], "to_double", to=TensorProto.DOUBLE)
-    pooled = b.op("MaxPool", [xd], "maxpool", kernel_shape=list(a["kernel"]),
-                  strides=list(a["stride"]), pads=list(a["padding"]) * 2,
-                  dilations=list(a["dilation"]))
+    pooled = b.op("MaxPool", [xd], "maxpool", **pool_attrs)
     return b.op("Cast", [pooled], "to_int64", to=TensorProto.INT64), "MaxPool(double)"
 
 
@@ -427,7 +529,7 @@ def emit_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]
                                b.const([2, 3])], "crop")
         tiles = b.op("Reshape", [x, b.const([0, channels, ho, kh, wo, kw])], "tiles")
         total = b.op("ReduceSum", [tiles, b.const([3, 5])], "sum", keepdims=0)
-        route = "Reshape+ReduceSum(int64)"
+        route = f"Reshape+ReduceSum({b.arithmetic})"
     else:  # overlapping or gapped windows: one strided slice per kernel tap
         total = None
         for i in range(kh):
@@ -436,14 +538,14 @@ def emit_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]
                                      b.const([i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1]),
                                      b.const([2, 3]), b.const([sh, sw])], "tap")
                 total = tap if total is None else b.op("Add", [total, tap], "sum")
-        route = f"{kh * kw} strided Slices+Add(int64)"
-    return b.op("Mul", [total, b.const(int(node.consts["reciprocal"]))], "reciprocal"), route
+        route = f"{kh * kw} strided Slices+Add({b.arithmetic})"
+    return b.op("Mul", [total, b.num(int(node.consts["reciprocal"]))], "reciprocal"), route
 
 
 def emit_global_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
     total = b.op("ReduceSum", [x, b.const([2, 3])], "sum", keepdims=1)
-    out = b.op("Mul", [total, b.const(int(node.consts["reciprocal"]))], "reciprocal")
-    return out, "ReduceSum(int64)"
+    out = b.op("Mul", [total, b.num(int(node.consts["reciprocal"]))], "reciprocal")
+    return out, f"ReduceSum({b.arithmetic})"
 
 
 def emit_reshape(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
@@ -455,13 +557,26 @@ def emit_reshape(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
 
 def emit_sign(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
     """+1 where x >= 0, else -1. Not ONNX ``Sign``: it gives 0 at 0, the QGraph +1."""
-    negative = b.op("Less", [x, b.const(0)], "negative")
-    return b.op("Where", [negative, b.const(-1), b.const(1)], "sign"), "Where(Less(int64))"
+    negative = b.op("Less", [x, b.num(0)], "negative")
+    return b.op("Where", [negative, b.num(-1), b.num(1)], "sign"), f"Where(Less({b.arithmetic}))"
 
 
 def emit_cast(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
-    return emit_requantize(b, x, g.tensors[node.inputs[0]].type.fractional,
-                           g.tensors[node.output].type, node)
+    from_frac, t = g.tensors[node.inputs[0]].type.fractional, g.tensors[node.output].type
+    if b.arithmetic != "int64":
+        return _float_requantize(b, x, from_frac, t)
+    return emit_requantize(b, x, from_frac, t, node)
+
+
+def _float_requantize(b: Builder, x: str, from_frac: int, t: FixedType) -> tuple[str, str]:
+    """``kernel.quantize_scaled`` itself, traced onto float codes: scaling by a power of
+    two, floor/round and comparisons are exact on integers below the format's bound
+    (2**24, 2**53: the export's bounds) and their power-of-two fractions."""
+    shift = t.fractional - from_frac
+    scaled = Sym(b, x) * 2.0**shift if shift else Sym(b, x)
+    out = K.quantize_scaled(scaled, t.width, t.signed, t.rounding, t.overflow, OnnxXp)
+    return out.name, (f"scale by 2**{shift}, {t.rounding.value}, {t.overflow.value} "
+                      f"({b.arithmetic})")
 
 
 EMITTERS = {

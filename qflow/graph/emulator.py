@@ -25,15 +25,14 @@ from qflow.numerics import Overflow, kernel, requantize, to_codes
 
 from . import transformer
 from .emulator_transformer import BUILDERS as TRANSFORMER_BUILDERS
-from .infer import FloatFormat, accumulator_frac, aligned_bias, aligned_weights, float_bounds
+from .infer import FLOAT32, FLOAT64, accumulator_frac, aligned_bias, aligned_weights, float_bounds
 from .ir import Node, QGraph, QGraphError
 
 #: bytes (per chunk) of the largest tensor or im2col buffer: small enough to stay in the
 #: L2 cache and let numpy reuse its buffers, large enough to amortize per-node overhead
 CHUNK_BYTES = 1 << 19
-#: float formats, narrowest first: (dtype, bound on exact integers, largest power-of-two
-#: scaling exponent that neither overflows nor underflows a code)
-FLOAT_FORMATS = (FloatFormat(np.float32, 24, 100), FloatFormat(np.float64, 53, 900))
+#: float formats, narrowest first
+FLOAT_FORMATS = (FLOAT32, FLOAT64)
 ARITHMETICS = ("auto", "float32", "float64", "int64")
 
 

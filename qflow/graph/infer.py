@@ -141,6 +141,12 @@ class FloatFormat:
     max_shift: int
 
 
+#: float32 and float64 codes: the bound on exact integers, and the largest power-of-two
+#: scaling exponent that neither overflows nor underflows a code
+FLOAT32 = FloatFormat(np.float32, 24, 100)
+FLOAT64 = FloatFormat(np.float64, 53, 900)
+
+
 @dataclass(frozen=True)
 class FloatBounds:
     """What a float arithmetic must hold exactly to run a graph (see :func:`float_bounds`)."""
@@ -166,53 +172,65 @@ def _max_abs(t: FixedType) -> int:
 def float_bounds(graph) -> FloatBounds:
     """Bounds on every value the emulator's float arithmetic forms for ``graph``.
 
-    From the exact types: every tensor's codes lie in its type; a dense/conv2d partial
-    sum (any subset of products, in any order, as BLAS may add them) is at most
-    max_c sum_j |w_cj| * max|x|, and adding the bias gives the accumulator, which is in
-    its type; a scale_shift product is at most max|scale| * max|x|; an add, add_const or
-    concat term is max|a| * 2**k; a pooling sum (and a mean's) is count * max|x|, times the
-    reciprocal; a matmul partial sum is at most K * max|a| * max|b|. Casts scale by
-    2**(f_out - f_in), the input cast by 2**f_in.
+    From the exact types: every tensor's codes lie in its type; each node's own values
+    are :func:`node_float_bounds`; the input cast scales by 2**f_in.
     """
     tensors = graph.tensors
     width = max(t.type.width for t in tensors.values())
     peak = max(_max_abs(t.type) for t in tensors.values())
     shift = abs(graph.input_type.fractional)
     for node in graph.nodes:
-        in_t = tensors[node.inputs[0]].type
-        out_t = tensors[node.output].type
-        c = node.consts
-        if node.op in ("dense", "conv2d"):
-            frac = accumulator_frac(in_t.fractional, c["weight_frac"], c.get("bias_frac"))
-            w = aligned_weights(c["weight"], c["weight_frac"], in_t.fractional, frac)
-            rows = np.abs(w.reshape(w.shape[0], -1)).sum(axis=1)
-            peak = max(peak, int(rows.max(initial=0)) * _max_abs(in_t))
-        elif node.op == "scale_shift":
-            scale = aligned_weights(c["scale"], c["scale_frac"], in_t.fractional,
-                                    out_t.fractional)
-            peak = max(peak, int(np.abs(scale).max(initial=0)) * _max_abs(in_t))
-        elif node.op in ("add", "concat"):
-            for name in node.inputs:
-                t = tensors[name].type
-                peak = max(peak, _max_abs(t) << (out_t.fractional - t.fractional))
-        elif node.op in ("avgpool2d", "global_avgpool2d"):
-            shape = tensors[node.inputs[0]].shape
-            count = (int(np.prod(node.attrs["kernel"])) if node.op == "avgpool2d"
-                     else int(np.prod(shape[-2:])))
-            peak = max(peak, count * _max_abs(in_t) * max(1, int(c["reciprocal"])))
-        elif node.op == "cast":
-            shift = max(shift, abs(out_t.fractional - in_t.fractional))
-        elif node.op == "matmul":  # any partial sum of K products of two codes
-            depth = tensors[node.inputs[0]].shape[-1]
-            peak = max(peak, depth * _max_abs(in_t) * _max_abs(tensors[node.inputs[1]].type))
-        elif node.op == "mean":
-            count = tensors[node.inputs[0]].shape[int(node.attrs["axis"])]
-            peak = max(peak, count * _max_abs(in_t) * max(1, int(c["reciprocal"])))
-        elif node.op == "add_const":
-            value = int(np.abs(c["value"]).max(initial=0))
-            peak = max(peak, _max_abs(in_t) << (out_t.fractional - in_t.fractional),
-                       value << (out_t.fractional - int(node.attrs["value_frac"])))
-        # sign: its codes are +-1, within the bipolar type's bound counted above;
-        # softmax, layernorm and gelu compute in int64 whatever the arithmetic (their
-        # codes in and out are counted above); transpose and slice move codes
+        node_peak, node_shift = node_float_bounds(graph, node)
+        peak, shift = max(peak, node_peak), max(shift, node_shift)
     return FloatBounds(width, peak, shift)
+
+
+def node_float_bounds(graph, node) -> tuple[int, int]:
+    """(largest magnitude, largest |k| of a scaling by 2**k) of the values ``node`` forms
+    beyond its input and output codes.
+
+    A dense/conv2d partial sum (any subset of products, in any order, as BLAS may add
+    them) is at most max_c sum_j |w_cj| * max|x|, and adding the bias gives the
+    accumulator, which is in its type; a scale_shift product is at most
+    max|scale| * max|x|; an add, add_const or concat term is max|a| * 2**k; a pooling sum
+    (and a mean's) is count * max|x|, times the reciprocal; a matmul partial sum is at
+    most K * max|a| * max|b|. Casts scale by 2**(f_out - f_in).
+    """
+    tensors = graph.tensors
+    in_t = tensors[node.inputs[0]].type
+    out_t = tensors[node.output].type
+    c = node.consts
+    peak, shift = 0, 0
+    if node.op in ("dense", "conv2d"):
+        frac = accumulator_frac(in_t.fractional, c["weight_frac"], c.get("bias_frac"))
+        w = aligned_weights(c["weight"], c["weight_frac"], in_t.fractional, frac)
+        rows = np.abs(w.reshape(w.shape[0], -1)).sum(axis=1)
+        peak = int(rows.max(initial=0)) * _max_abs(in_t)
+    elif node.op == "scale_shift":
+        scale = aligned_weights(c["scale"], c["scale_frac"], in_t.fractional, out_t.fractional)
+        peak = int(np.abs(scale).max(initial=0)) * _max_abs(in_t)
+    elif node.op in ("add", "concat"):
+        for name in node.inputs:
+            t = tensors[name].type
+            peak = max(peak, _max_abs(t) << (out_t.fractional - t.fractional))
+    elif node.op in ("avgpool2d", "global_avgpool2d"):
+        shape = tensors[node.inputs[0]].shape
+        count = (int(np.prod(node.attrs["kernel"])) if node.op == "avgpool2d"
+                 else int(np.prod(shape[-2:])))
+        peak = count * _max_abs(in_t) * max(1, int(c["reciprocal"]))
+    elif node.op == "cast":
+        shift = abs(out_t.fractional - in_t.fractional)
+    elif node.op == "matmul":  # any partial sum of K products of two codes
+        depth = tensors[node.inputs[0]].shape[-1]
+        peak = depth * _max_abs(in_t) * _max_abs(tensors[node.inputs[1]].type)
+    elif node.op == "mean":
+        count = tensors[node.inputs[0]].shape[int(node.attrs["axis"])]
+        peak = count * _max_abs(in_t) * max(1, int(c["reciprocal"]))
+    elif node.op == "add_const":
+        value = int(np.abs(c["value"]).max(initial=0))
+        peak = max(_max_abs(in_t) << (out_t.fractional - in_t.fractional),
+                   value << (out_t.fractional - int(node.attrs["value_frac"])))
+    # sign: its codes are +-1, within the bipolar type's bound; softmax, layernorm and
+    # gelu compute in int64 whatever the arithmetic (their codes in and out are counted
+    # with the tensors); transpose and slice move codes
+    return peak, shift

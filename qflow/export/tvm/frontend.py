@@ -11,8 +11,14 @@ order of summation.
 
 Why each op of the integer ONNX stays exact under TVM is the table :data:`EXACT_OPS`;
 :func:`check_exact` refuses, with a one-line error naming the node and op, a model with
-an op outside it or with operand types the reasoning does not cover (a float ``MatMul``,
-a float ``Div``), rather than compiling something approximate.
+an op outside it or with operand types the reasoning does not cover (a float ``Div``),
+rather than compiling something approximate. Float operands (:data:`FLOAT_EXACT_OPS`)
+are accepted only in a model whose exporter proved, node by node, that every value is an
+integer (or its power-of-two fraction) below the format's exact bound (the
+``qflow.arithmetics`` metadata of :mod:`qflow.export.int_onnx`): then TVM's float
+kernels compute exactly in any summation order. TVM lowers ``conv2d`` directly (no
+Winograd or FFT transform, whose fractional coefficients would round), the LLVM target
+has no fast-math, and ``qflow verify`` checks the build.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ EXACT_OPS: dict[str, tuple[frozenset | None, str]] = {
     "Sub": (INTEGER_TYPES, "int64 wrapping arithmetic; the export bounds the values"),
     "Mul": (INTEGER_TYPES, "int64 wrapping arithmetic; the export bounds the values"),
     "Max": (INTEGER_TYPES, "integer maximum"),
+    "GreaterOrEqual": (ANY_TYPE, "comparison"),
     "Clip": (INTEGER_TYPES, "integer maximum then minimum"),
     "ReduceSum": (INTEGER_TYPES, "int64 sum, bounded at export"),
     "ReduceMax": (INTEGER_TYPES, "integer maximum"),
@@ -49,7 +56,8 @@ EXACT_OPS: dict[str, tuple[frozenset | None, str]] = {
     "Transpose": (ANY_TYPE, "data movement"),
     "MaxPool": (frozenset({TensorProto.DOUBLE}), "maximum of exact doubles (codes <= 53 "
                                                  "bits); no fast-math in the LLVM target"),
-    "Cast": (ANY_TYPE, "integer <-> exact double, int64 -> uint8 of in-range codes"),
+    "Cast": (ANY_TYPE, "integer <-> exact float, float32 <-> float64, int64 -> uint8 of "
+                       "in-range codes"),
     "Equal": (ANY_TYPE, "comparison"),
     "Greater": (ANY_TYPE, "comparison"),
     "Less": (ANY_TYPE, "comparison"),
@@ -63,20 +71,41 @@ EXACT_OPS: dict[str, tuple[frozenset | None, str]] = {
     "Identity": (ANY_TYPE, "data movement"),
 }
 
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE})
+#: ONNX op -> why it is exact on float codes that the exporter bounded
+FLOAT_EXACT_OPS: dict[str, str] = {
+    "Conv": "direct conv2d; every partial sum an integer below 2**24",
+    "MatMul": "every partial sum an integer below 2**24",
+    "Add": "sums of integers (and power-of-two fractions) below the exact bound",
+    "Sub": "differences of exact values below the exact bound",
+    "Mul": "products by integers or powers of two below the exact bound",
+    "Max": "maximum", "Clip": "maximum then minimum", "Abs": "magnitude",
+    "Floor": "exact", "Ceil": "exact", "Round": "half to even (nearbyint), exact",
+    "Mod": "fmod of exact values by a power of two is exact",
+    "ReduceSum": "sums of integers below the exact bound",
+    "MaxPool": "maximum of exact values",
+}
+#: the metadata key of the arithmetics the exporter proved exact, node by node
+ARITHMETICS_KEY = "qflow.arithmetics"
+
 _registered = False
 
 
 def check_exact(model: onnx.ModelProto) -> None:
     """Refuse a model TVM might not compute exactly: a QflowError naming node and op."""
     types = _element_types(model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    proven = set(meta.get(ARITHMETICS_KEY, "").split(",")) & {"float32", "float64"}
     for node in model.graph.node:
         where = f"TVM export: node {node.name or node.output[0]!r} (op {node.op_type!r})"
         if node.domain not in ("", "ai.onnx"):
             raise QflowError(f"{where}: custom op domain {node.domain!r} is not supported")
+        elem = types.get(node.input[0]) if node.input else None
+        if proven and elem in FLOAT_TYPES and node.op_type in FLOAT_EXACT_OPS:
+            continue
         if node.op_type not in EXACT_OPS:
             raise QflowError(f"{where}: no exact TVM lowering for this op")
         allowed, _ = EXACT_OPS[node.op_type]
-        elem = types.get(node.input[0]) if node.input else None
         if allowed is not ANY_TYPE and elem not in allowed:
             name = TensorProto.DataType.Name(elem) if elem else "unknown"
             raise QflowError(f"{where}: operand type {name} is not computed exactly here")
