@@ -11,8 +11,13 @@ from zoo_fixtures import CONFIGS, MODEL_NAMES, frozen
 from zoo_fixtures import test_inputs as zoo_inputs
 
 from qflow.errors import QflowError
-from qflow.export.int_onnx import (exact_in, export_arithmetics, export_int_onnx,
-                                   export_routes, run_int_onnx)
+from qflow.export.int_onnx import (
+    exact_in,
+    export_arithmetics,
+    export_int_onnx,
+    export_routes,
+    run_int_onnx,
+)
 from qflow.export.int_onnx_ops import MAX_FAN_IN
 from qflow.graph import infer
 from qflow.graph.emulator import Emulator

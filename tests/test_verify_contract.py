@@ -106,7 +106,9 @@ def _flip_int_onnx_weight(directory):
     values = numpy_helper.to_array(init).copy()
     # a weight of a central pixel (the digits' corner pixels are always 0)
     at = tuple(max(0, d // 2 - 5) for d in values.shape)
-    values[at] = values[at] + 1 if values[at] < np.iinfo(values.dtype).max else 0
+    integer = values.dtype.kind in "iu"  # weights are float32 on the float32 route
+    values[at] = (values[at] + 1 if not integer
+                  or values[at] < np.iinfo(values.dtype).max else 0)
     init.CopyFrom(numpy_helper.from_array(values, init.name))
     onnx.save(model, directory / "model.int.onnx")
     _record_digests(directory)
@@ -124,10 +126,10 @@ def test_no_artifacts_is_exit_1_not_ok(onnx_export, capsys):
 
 def test_not_runnable_artifact_is_exit_1_and_the_others_still_run(onnx_export, capsys,
                                                                   monkeypatch):
-    def no_gpu(path, graph, x):
+    def no_gpu(path, graph, x, **_):
         raise ArtifactNotRunnableError("no GPU on this machine")
 
-    def crash(path, graph, x):
+    def crash(path, graph, x, **_):
         raise RuntimeError("segment 3 of the runtime fell over\nsecond line")
 
     monkeypatch.setitem(runners.RUNNERS, "qonnx", no_gpu)

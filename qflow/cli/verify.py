@@ -33,11 +33,16 @@ runs the export's compiled code: verify only folders you trust."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, help="export directory written by `qflow export`")
-    p.add_argument("--samples", type=int, default=2_000,
-                   help="data-derived samples (default 2000): the test split first, then "
-                        "the training split, then test inputs moved by a few LSBs")
-    p.add_argument("--corners", type=int, default=256,
-                   help="generated corner-case inputs added to the test samples (default 256)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="data-derived samples (default 2000, fewer for a large model: "
+                        "all inputs together stay within 5 G multiply-accumulates): the "
+                        "test split first, then the training split, then test inputs "
+                        "moved by a few LSBs")
+    p.add_argument("--corners", type=int, default=None,
+                   help="generated corner-case inputs added to the test samples (default "
+                        "256, a quarter of the inputs for a large model)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for the HLS C simulation (default: every CPU)")
     p.add_argument("--json", action="store_true",
                    help="print the report (verify.json's contents) as JSON on stdout; "
                         "progress and the table go to stderr")
@@ -51,12 +56,15 @@ def _stderr_console() -> Console:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.samples < 0 or args.corners < 0:
+    if (args.samples or 0) < 0 or (args.corners or 0) < 0:
         raise QflowError("--samples and --corners must be >= 0")
-    if args.samples + args.corners == 0:
+    if args.samples == 0 and args.corners == 0:
         raise QflowError("nothing to verify: --samples and --corners are both 0")
+    if args.workers is not None and args.workers < 1:
+        raise QflowError("--workers must be >= 1")
     console = _stderr_console() if args.json else make_console()
     report = verify_directory(args.directory, samples=args.samples, corners=args.corners,
+                              workers=args.workers,
                               progress=lambda msg: console.print(f"[dim]{msg}[/]"))
     kinds = ", ".join(f"{n} {kind}" for kind, n in report["sample_kinds"].items() if n)
     table = Table(title=f"Bit-exactness vs the emulator ({kinds} samples; output "

@@ -11,6 +11,7 @@ run: changed files, a compile error, a crash) or ``not run`` (cannot run here).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -43,6 +44,10 @@ QAT_NAME = "QAT model (torch eval)"
 
 def _noop(message: str) -> None:
     pass
+
+
+def _prefixed(progress: Callable[[str], None], prefix: str, message: str) -> None:
+    progress(f"{prefix}: {message}")
 
 
 def qat_codes(run_dir: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
@@ -83,6 +88,51 @@ def list_mismatches(reference: np.ndarray, codes: np.ndarray, kinds: list[tuple[
         listed.append({"index": int(i), "kind": kind, "output": j,
                        "expected": int(ref[i, j]), "got": int(got[i, j])})
     return listed
+
+
+#: the default inputs: data-derived samples and corner cases
+DEFAULT_SAMPLES, DEFAULT_CORNERS = 2_000, 256
+#: multiply-accumulates of all default inputs together: beyond it the defaults shrink. The
+#: slowest artifact, the HLS C simulation, takes about 16 ns a MAC on one core (the MLPerf
+#: Tiny ResNet-8, 12.5 M MACs: 0.2 s a sample), so this keeps it near a minute on two
+MAX_DEFAULT_MACS = 5_000_000_000
+#: the fewest default inputs, however large the model
+MIN_DEFAULT_INPUTS = 64
+
+
+def macs_per_sample(graph: QGraph) -> int:
+    """Multiply-accumulates of one sample: dense, conv2d and matmul products, plus one per
+    output value of every other node."""
+    total = 0
+    for node in graph.nodes:
+        outputs = int(np.prod(graph.tensors[node.output].shape))
+        if node.op in ("dense", "conv2d"):
+            total += outputs * int(np.prod(node.consts["weight"].shape[1:]))
+        elif node.op == "matmul":
+            total += outputs * int(graph.tensors[node.inputs[0]].shape[-1])
+        else:
+            total += outputs
+    return total
+
+
+def default_inputs(graph: QGraph) -> tuple[int, int]:
+    """(samples, corners) when the user gives neither: 2000 and 256, or for a model whose
+    inputs would exceed :data:`MAX_DEFAULT_MACS` together, as many as fit (at least
+    :data:`MIN_DEFAULT_INPUTS`), a quarter of them corner cases."""
+    total = DEFAULT_SAMPLES + DEFAULT_CORNERS
+    macs = max(1, macs_per_sample(graph))
+    if macs * total <= MAX_DEFAULT_MACS:
+        return DEFAULT_SAMPLES, DEFAULT_CORNERS
+    total = max(MIN_DEFAULT_INPUTS, MAX_DEFAULT_MACS // macs)
+    return total - total // 4, total // 4
+
+
+def default_workers() -> int:
+    """Worker processes for the slow artifacts: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def verification_inputs(graph: QGraph, data, samples: int, corners: int, seed: int = 0, *,
@@ -207,10 +257,15 @@ def verdict(report: dict) -> tuple[bool, str]:
     return False, text
 
 
-def verify_directory(directory: Path, *, samples: int, corners: int,
+def verify_directory(directory: Path, *, samples: int | None = None,
+                     corners: int | None = None, workers: int | None = None,
                      progress: Callable[[str], None] = _noop,
                      x: np.ndarray | None = None) -> dict:
     """Check every artifact in ``directory``; return the report written to verify.json.
+
+    ``samples`` and ``corners`` left None take :func:`default_inputs` for the model;
+    ``workers`` (None: every CPU) bounds the processes of the slow artifacts (the HLS C
+    simulation).
 
     The old ``verify.json`` is deleted first and the new one written (atomically) only
     at the end, so a report on disk always belongs to a finished check. Bad input (a
@@ -225,14 +280,23 @@ def verify_directory(directory: Path, *, samples: int, corners: int,
     # no qflow export --force may replace the folder while it is checked (nor the reverse)
     with OutputDirectory(directory, kind="export").locked():
         return _verify_locked(directory, samples=samples, corners=corners,
-                              progress=progress, x=x)
+                              workers=workers or default_workers(), progress=progress, x=x)
 
 
-def _verify_locked(directory: Path, *, samples: int, corners: int,
-                   progress: Callable[[str], None], x: np.ndarray | None) -> dict:
+def _verify_locked(directory: Path, *, samples: int | None, corners: int | None,
+                   workers: int, progress: Callable[[str], None],
+                   x: np.ndarray | None) -> dict:
     (directory / REPORT_FILE).unlink(missing_ok=True)
     info = read_export(directory)
     graph = QGraph.load(directory / info.qgraph)
+    if samples is None or corners is None:
+        default_samples, default_corners = default_inputs(graph)
+        if (default_samples, default_corners) != (DEFAULT_SAMPLES, DEFAULT_CORNERS):
+            progress(f"{macs_per_sample(graph) / 1e6:.1f} M multiply-accumulates a sample: "
+                     f"{default_samples} samples and {default_corners} corner cases by "
+                     "default (--samples, --corners to change)")
+        samples = default_samples if samples is None else samples
+        corners = default_corners if corners is None else corners
     digests, problems = check_files(directory, info.files)
     data = _load_data(info) if x is None and samples and info.data else None
     x, counts = verification_inputs(graph, data, samples, corners, x=x)
@@ -265,8 +329,10 @@ def _verify_locked(directory: Path, *, samples: int, corners: int,
                              note=f"{rel} is not among the file digests in {EXPORT_FILE}"))
         else:
             progress(f"running {kind} ({rel})")
-            rows.append(_checked_row(kind, ARTIFACT, rel, reference, kinds,
-                                     lambda r=RUNNERS[kind], p=directory / rel: r(p, graph, x)))
+            rows.append(_checked_row(kind, ARTIFACT, rel, reference, kinds, functools.partial(
+                RUNNERS[kind], directory / rel, graph, x, workers=workers,
+                progress=functools.partial(_prefixed, progress, kind))))
+            progress(f"{kind}: {rows[-1]['status']}, {rows[-1]['seconds']:.1f} s")
     report = {
         "directory": str(directory),
         "passed": False,

@@ -2,7 +2,8 @@
 
 >>> from qflow.zoo import MODELS
 >>> sorted(MODELS)
-['binary-cnn', 'binary-mlp', 'digits-cnn', 'digits-mlp', 'jet-mlp', 'tiny-vit', 'tiny-vit-mnist']
+['binary-cnn', 'binary-mlp', 'digits-cnn', 'digits-mlp', 'jet-mlp', 'resnet8', 'tiny-vit',
+ 'tiny-vit-mnist']
 """
 
 from __future__ import annotations
@@ -48,12 +49,16 @@ MODELS: dict[str, ZooModel] = {
     # the same for 28x28 mnist5k: 4x4 patches, 49 tokens (a position embedding per token,
     # so one model per image size)
     "tiny-vit-mnist": ZooModel(_lazy("tiny_vit_mnist"), "mnist5k", epochs=30, lr=2e-3),
+    # the MLPerf Tiny ResNet-8 (3x32x32), the deployment benchmark model: generated data,
+    # speed and exactness figures, not accuracy
+    "resnet8": ZooModel(_lazy("resnet8"), "images32", epochs=3),
 }
 
 DATASETS: dict[str, Callable[[], Dataset]] = {
     "digits": data.digits,
     "jets": data.jets,
     "mnist5k": data.mnist5k,
+    "images32": data.images32,
 }
 
 __all__ = ["DATASETS", "MODELS", "Dataset", "ZooModel"]

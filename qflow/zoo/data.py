@@ -191,6 +191,31 @@ def mnist5k(seed: int = 0) -> Dataset:
     return Dataset.checked("mnist5k", x_tr, y_tr, x_te, y_te)
 
 
+def images32(n_train: int = 2_000, n_test: int = 500, seed: int = 0) -> Dataset:
+    """Generated 3x32x32 colour images in 10 classes, the input shape of CIFAR-10 and
+    of the MLPerf Tiny ResNet-8, for deployment figures (speed, resources, exactness),
+    not accuracy: nothing real can be downloaded here.
+
+    Each class is a sinusoidal grating with its own orientation, frequency and colour
+    mix, at a random phase, plus Gaussian noise; values are roughly in [0, 1].
+    """
+    rng = np.random.default_rng(seed)
+    classes, size = 10, 32
+    angles = np.pi * np.arange(classes) / classes
+    freqs = rng.uniform(0.15, 0.6, classes)
+    colours = rng.uniform(0.2, 1.0, (classes, 3))
+    n = n_train + n_test
+    y = rng.integers(0, classes, n)
+    grid = np.arange(size, dtype=np.float64)
+    u = (np.cos(angles[y])[:, None, None] * grid[None, :, None]
+         + np.sin(angles[y])[:, None, None] * grid[None, None, :])
+    phase = rng.uniform(0, 2 * np.pi, n)[:, None, None]
+    wave = 0.5 + 0.5 * np.sin(freqs[y][:, None, None] * u + phase)
+    x = colours[y][:, :, None, None] * wave[:, None] + 0.15 * rng.normal(size=(n, 3, size, size))
+    x = x.astype(np.float32)
+    return Dataset.checked("images32", x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
 def jets(n_train: int = 20_000, n_test: int = 5_000, seed: int = 0) -> Dataset:
     """Generated stand-in for hls4ml's jet-tagging data: 16 features, 5 classes.
 

@@ -68,6 +68,46 @@ def jet_mlp() -> nn.Module:
     ]))
 
 
+class ResNet8(nn.Module):
+    """The MLPerf Tiny image-classification network (ResNet-8 for 3x32x32 images): a
+    3x3 stem of 16 channels, three residual stacks of 16, 32 and 64 channels (the last
+    two downsample by a strided 3x3 convolution, with a strided 1x1 convolution on the
+    shortcut), global average pooling and a dense layer. Written as users write it:
+    functional ReLU and ``+`` in ``forward``."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.stacks = nn.ModuleList()
+        for cin, cout, stride in ((16, 16, 1), (16, 32, 2), (32, 64, 2)):
+            stack = nn.Module()
+            stack.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+            stack.bn1 = nn.BatchNorm2d(cout)
+            stack.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+            stack.bn2 = nn.BatchNorm2d(cout)
+            if stride != 1:
+                stack.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+                stack.shortcut_bn = nn.BatchNorm2d(cout)
+            self.stacks.append(stack)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        for stack in self.stacks:
+            y = F.relu(stack.bn1(stack.conv1(x)))
+            y = stack.bn2(stack.conv2(y))
+            if hasattr(stack, "shortcut"):
+                x = stack.shortcut_bn(stack.shortcut(x))
+            x = F.relu(x + y)
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+def resnet8() -> nn.Module:
+    return ResNet8()
+
+
 class ResidualBlock(nn.Module):
     """``x + BN(conv3x3(relu(x)))``, a pre-activation residual block. With BiPer it is
     a Bi-Real block ``x + BN(binconv(sign(x)))``: the convolution becomes binary and its

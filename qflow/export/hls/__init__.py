@@ -19,6 +19,7 @@ codes of its C simulation; the verify command compares them with the emulator.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -134,10 +135,13 @@ def _write_board(graph: QGraph, out_dir: Path, target, project: Project) -> list
     return write_board(out_dir / BOARD_DIR, target, spec)
 
 
-def run_csim(hls_dir: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
-    """Output codes of the project's C simulation (g++) for real-valued input ``x``."""
+def run_csim(hls_dir: Path, graph: QGraph, x: np.ndarray, *, workers: int = 1,
+             progress: Callable[[str], None] | None = None) -> np.ndarray:
+    """Output codes of the project's C simulation (g++) for real-valued input ``x``, run
+    in ``workers`` processes."""
     _require_hls4ml()
     hls_dir = Path(hls_dir)
     if not (hls_dir / "firmware" / f"{PROJECT_NAME}.cpp").is_file():
         raise QflowError(f"{hls_dir} is not a qflow hls4ml project")
-    return run_project(hls_dir, graph, x, hls_dir.parent / "csim.log")
+    return run_project(hls_dir, graph, x, hls_dir.parent / "csim.log", workers=workers,
+                       progress=progress)

@@ -12,6 +12,8 @@ import contextlib
 import io
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,9 +211,11 @@ def to_hls_layout(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(len(x), -1))
 
 
-def run_project(hls_dir: Path, graph: QGraph, x: np.ndarray, log: Path) -> np.ndarray:
+def run_project(hls_dir: Path, graph: QGraph, x: np.ndarray, log: Path, *, workers: int = 1,
+                progress: Callable[[str], None] | None = None) -> np.ndarray:
     """Compile the project with g++ (hls4ml's ``compile()``) and run real-valued ``x``
-    through its C simulation; return the output codes in the QGraph's layout.
+    through its C simulation in ``workers`` processes (:mod:`.csim_pool`); return the
+    output codes in the QGraph's layout.
 
     The project is copied to a fresh temporary folder and built there, every time.
     hls4ml's ``build_lib.sh`` always recompiles, but the library it loads has a fixed
@@ -222,6 +226,8 @@ def run_project(hls_dir: Path, graph: QGraph, x: np.ndarray, log: Path) -> np.nd
     A compile failure raises QflowError with the first compiler error line.
     """
     import hls4ml
+
+    from .csim_pool import simulate
 
     out_shape = graph.tensors[graph.output].shape
     with tempfile.TemporaryDirectory(prefix="qflow-csim-") as tmp:
@@ -236,13 +242,20 @@ def run_project(hls_dir: Path, graph: QGraph, x: np.ndarray, log: Path) -> np.nd
             model = hls4ml.converters.link_existing_project(str(build))
             model.config.config["OutputDir"] = str(build)
             try:
+                start = time.perf_counter()
                 model.compile()
             except Exception:
                 failed = True
             else:
                 failed = False
-                # float64 in and out: exact for every type up to 53 significant bits
-                y = np.asarray(model.predict(to_hls_layout(x)), dtype=np.float64)
+        if not failed:
+            if progress is not None:
+                progress(f"C simulation compiled in {time.perf_counter() - start:.0f} s")
+            # float64 in and out (<project>_double): exact for every type up to 53
+            # significant bits
+            y = simulate(model._top_function_lib._name, f"{PROJECT_NAME}_double",
+                         to_hls_layout(x), int(np.prod(out_shape)), workers=workers,
+                         progress=progress)
     if failed:
         raise QflowError(f"C simulation did not compile: {_first_error(log)}")
     y = y.reshape(len(x), -1)
