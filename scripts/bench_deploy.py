@@ -1,19 +1,24 @@
-"""Deployment latency: the TVM host build vs ONNX Runtime vs PyTorch float eval.
+"""Deployment latency: qflow's exact CPU artifacts vs what a user would run instead.
 
-Run:  python scripts/bench_deploy.py [--models digits-cnn ...] [--rounds R] [--threads N]
+Run:  python scripts/bench_deploy.py [--models digits-cnn resnet8 ...] [--rounds R] [--threads N]
 
 For each zoo model (QFX 8-bit, briefly trained so that every quantizer is initialized)
 it exports ``model.int.onnx`` and compiles it with TVM for this CPU (``--target cpu``,
-default Relax pipeline, no tuning), then measures, at batch 1 and batch 256:
-  - the TVM build through its VM (numpy codes in, numpy codes out, as ``tvm/run.py``),
-  - ONNX Runtime on the same integer ONNX, default graph optimizations (its fastest
-    setting; ``qflow verify`` runs it with optimizations off, which is slower),
+qflow's default build: no tuning), then measures, at batch 1 and batch 256:
+  - the TVM build through its runner (numpy codes in, numpy codes out, as ``tvm/run.py``),
+  - ONNX Runtime on the same integer ONNX with graph optimizations off (as ``qflow
+    verify`` runs it: ONNX Runtime's fusions could form sums the export did not bound),
+  - ONNX Runtime on the float model (exported by ``torch.onnx``), default optimizations,
+  - ONNX Runtime int8: the same float model through ``onnxruntime.quantization
+    .quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, calibrated on
+    512 training samples), default optimizations: the fast route a user would pick; it is
+    not bit-exact to anything,
   - the float model in eval mode (PyTorch, float32, real values in and out),
 side by side in one run: rounds interleaved, median per call. Each runtime uses its
-default number of threads (all cores; ``--threads N`` sets all three), with spin-waiting
-turned off in all three (OpenMP passive wait, ONNX Runtime ``allow_spinning=0``, TVM spin
+default number of threads (all cores; ``--threads N`` sets all of them), with
+spin-waiting turned off (OpenMP passive wait, ONNX Runtime ``allow_spinning=0``, TVM spin
 count 0): otherwise the idle pool of one runtime spins on the cores the next one needs.
-Before timing, the TVM and ONNX Runtime outputs are compared on the benchmark batch
+Before timing, the TVM and integer-ONNX outputs are compared on the benchmark batch
 (mismatching samples are printed; they must be 0).
 """
 
@@ -32,6 +37,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,36 +72,82 @@ def _per_call(fn, seconds: float) -> float:
             return elapsed / calls
 
 
+def _session(path: Path, optimized: bool):
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = THREADS
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def float_onnx_models(float_model, data, out: Path) -> tuple[Path, Path]:
+    """The float model as ONNX, and its ONNX Runtime static int8 QDQ quantization."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    float_path, pre_path = out / "float.onnx", out / "float.pre.onnx"
+    int8_path = out / "int8.onnx"
+    example = torch.as_tensor(data.x_test[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(float_model, (example,), str(float_path), input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
+                          dynamo=False)
+        quant_pre_process(str(float_path), str(pre_path))
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": np.asarray(data.x_train[i:i + 64], np.float32)}
+                                 for i in range(0, 512, 64)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(pre_path), str(int8_path), Calibration(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return float_path, int8_path
+
+
 def prepare(model_name: str, workdir: Path):
-    """(float model, QGraph, TVM model, ORT session) for one zoo model."""
+    """(float model, QGraph, data, TVM model, sessions, build seconds) for one zoo model."""
     data, float_model, graph = quick_quantized(model_name)
+    float_model.eval()
     out = workdir / model_name
     out.mkdir()
     export_onnx(graph, out)
     start = time.perf_counter()
     build_tvm(graph, out / "model.int.onnx", out / "tvm", load_target("cpu"), print)
     build_seconds = time.perf_counter() - start
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(str(out / "model.int.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
-    return float_model.eval(), graph, load(out / "tvm"), session, data, build_seconds
+    float_path, int8_path = float_onnx_models(float_model, data, out)
+    sessions = {"int": _session(out / "model.int.onnx", optimized=False),
+                "float": _session(float_path, optimized=True),
+                "int8": _session(int8_path, optimized=True)}
+    return float_model, graph, data, load(out / "tvm"), sessions, build_seconds
 
 
 def bench(model_name: str, rounds: int, workdir: Path) -> list[dict]:
-    float_model, graph, tvm_model, session, data, build_seconds = prepare(model_name, workdir)
+    float_model, graph, data, tvm_model, sessions, build_seconds = prepare(model_name, workdir)
     rows = []
     for batch in BATCHES:
         x = batch_of_test_inputs(data, batch)
         codes = to_codes(x.astype(np.float64), graph.input_type)
-        xt = torch.as_tensor(x)
+        xf = np.ascontiguousarray(x, dtype=np.float32)
+        xt = torch.as_tensor(xf)
         tvm_out = tvm_model(codes)
-        ort_out = session.run(None, {INPUT_NAME: codes})[0]
-        mismatches = int((tvm_out != ort_out).reshape(batch, -1).any(axis=1).sum())
+        int_out = sessions["int"].run(None, {INPUT_NAME: codes})[0]
+        mismatches = int((tvm_out != int_out).reshape(batch, -1).any(axis=1).sum())
         runners = {
             "tvm": lambda c=codes: tvm_model(c),
-            "ort": lambda c=codes: session.run(None, {INPUT_NAME: c}),
+            "int_onnx": lambda c=codes: sessions["int"].run(None, {INPUT_NAME: c}),
+            "ort_float": lambda v=xf: sessions["float"].run(None, {"x": v}),
+            "ort_int8": lambda v=xf: sessions["int8"].run(None, {"x": v}),
             "torch": lambda t=xt: float_model(t),
         }
         times: dict[str, list[float]] = {name: [] for name in runners}
@@ -115,7 +167,8 @@ def _ms(seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["digits-mlp", "digits-cnn", "jet-mlp"],
+    parser.add_argument("--models", nargs="+",
+                        default=["digits-mlp", "digits-cnn", "jet-mlp", "resnet8"],
                         choices=sorted(MODELS))
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument("--threads", type=int, default=0,
@@ -132,13 +185,16 @@ def main() -> None:
         for name in args.models:
             rows += bench(name, args.rounds, Path(tmp))
     print()
-    print("| model | batch | TVM | ONNX Runtime | torch float | TVM / ORT | TVM / torch | "
-          "TVM samples/s | TVM vs ORT mismatches |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | batch | qflow TVM | qflow int ONNX (ORT) | ORT float | ORT int8 QDQ | "
+          "torch float | TVM / ORT int8 | int ONNX / ORT int8 | TVM / ORT float | "
+          "TVM / torch | TVM vs int ONNX mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {_ms(r['tvm'])} | {_ms(r['ort'])} | "
-              f"{_ms(r['torch'])} | **{r['tvm'] / r['ort']:.2f}** | {r['tvm'] / r['torch']:.2f} | "
-              f"{r['batch'] / r['tvm']:,.0f} | {r['mismatches']} |")
+        print(f"| {r['model']} | {r['batch']} | {_ms(r['tvm'])} | {_ms(r['int_onnx'])} | "
+              f"{_ms(r['ort_float'])} | {_ms(r['ort_int8'])} | {_ms(r['torch'])} | "
+              f"**{r['tvm'] / r['ort_int8']:.2f}** | **{r['int_onnx'] / r['ort_int8']:.2f}** | "
+              f"{r['tvm'] / r['ort_float']:.2f} | {r['tvm'] / r['torch']:.2f} | "
+              f"{r['mismatches']} |")
     print()
     for name in args.models:
         build = next(r["build_s"] for r in rows if r["model"] == name)

@@ -239,6 +239,52 @@ def test_integer_ops_pass_the_exactness_check():
     frontend.check_exact(_model("MatMul", TensorProto.INT64))
 
 
+def test_float_ops_pass_only_where_the_exporter_proved_them_exact():
+    proven = _model("MatMul", TensorProto.FLOAT)
+    helper.set_model_props(proven, {frontend.ARITHMETICS_KEY: "float32,int64"})
+    frontend.check_exact(proven)
+    with pytest.raises(QflowError, match="operand type FLOAT"):  # no proof, no float
+        frontend.check_exact(_model("MatMul", TensorProto.FLOAT))
+    division = _model("Div", TensorProto.DOUBLE)  # a float division is never exact
+    helper.set_model_props(division, {frontend.ARITHMETICS_KEY: "float64"})
+    with pytest.raises(QflowError, match="operand type DOUBLE"):
+        frontend.check_exact(division)
+
+
+def test_cpu_build_schedules_every_convolution_and_dense_layer(tmp_path):
+    """TVM's default CPU pipeline leaves conv2d and matmul as scalar loops; qflow's
+    schedule tiles and vectorizes each (the builds above show the result exact)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from qflow.export.int_onnx import export_int_onnx
+    from qflow.export.tvm.schedule import CONV_BLOCK, DENSE_BLOCK, schedule_convolutions
+
+    _, graph = frozen("digits-cnn", "8bit")
+    model = onnx.load(export_int_onnx(graph, tmp_path / "m.onnx"))
+    frontend.register_converters()
+    module = from_onnx(model, dtype_dict={"codes": "int64"})
+    with tvm.target.Target(tvm_target(load_target("cpu"))):
+        fused = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR()])(module)
+
+    def product_functions(mod):
+        return {var.name_hint: func.script() for var, func in mod.functions.items()
+                if isinstance(func, tvm.tirx.PrimFunc) and (
+                    f'sblock("{CONV_BLOCK}' in func.script()
+                    or f'sblock("{DENSE_BLOCK}' in func.script())}
+
+    before = product_functions(fused)
+    after = product_functions(schedule_convolutions(fused))
+    assert len(before) == sum(n.op in ("conv2d", "dense") for n in graph.nodes) > 0
+    assert all("T.vectorized" not in text for text in before.values())
+    assert after.keys() == before.keys()
+    assert all("T.vectorized" in text and '"local"' in text for text in after.values())
+
+
 def test_fast_math_targets_are_refused():
     import dataclasses
 

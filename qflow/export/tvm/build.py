@@ -17,6 +17,9 @@ How a target is built, by its TVM target ``kind`` and architecture:
 - ``cuda``: host code for this machine, kernels compiled through nvcc; the module is
   built without a GPU and runs only where one is present.
 
+CPU builds schedule their convolutions (:mod:`qflow.export.tvm.schedule`): TVM's default
+CPU pipeline leaves them as scalar loops.
+
 Exactness: no fast-math is allowed in the target (:func:`tvm_target` refuses it), and
 the model passes :func:`qflow.export.tvm.frontend.check_exact` before import.
 """
@@ -34,6 +37,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from qflow.errors import QflowError
@@ -43,6 +47,7 @@ from qflow.graph.transformer import DECLARED_TYPE_OPS
 from qflow.targets import TargetSpec
 
 from . import frontend, runner
+from .schedule import schedule_convolutions
 
 LIBRARY = "model.so"
 OBJECTS_ARCHIVE = "model.tar"
@@ -59,6 +64,8 @@ EXACT_CUDA_ENVIRONMENT = {"TVM_CUDA_NVCC_NO_FAST_MATH": "1",
 #: integer selects and divisions (one GELU: 0.7 s at depth 4, 28 s at 16, over 400 s at the
 #: default); shorter kernels compute the same integers
 CUDA_FUSE_DEPTH = 4
+#: bytes of the largest intermediate tensor per CPU call (:func:`samples_per_call`)
+CALL_BYTES = 256 * 1024
 #: LLVM target options that allow inexact floating-point rewrites
 FAST_MATH_KEYS = ("fast-math", "fast-math-nnan", "fast-math-ninf", "fast-math-nsz",
                   "fast-math-arcp", "fast-math-contract", "fast-math-reassoc")
@@ -122,9 +129,11 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
         cuda = config["kind"] == "cuda"
         fuse = ({"relax.FuseOps.max_depth": CUDA_FUSE_DEPTH} if cuda and any(
             n.op in DECLARED_TYPE_OPS for n in graph.nodes) else {})
+        target = _target_object(config)
         with (_environment(EXACT_CUDA_ENVIRONMENT if cuda else {}),
               tvm.transform.PassContext(config=fuse)):
-            executable = tvm.compile(module, target=_target_object(config))
+            executable = tvm.compile(module, target=target,
+                                     relax_pipeline="default" if cuda else _cpu_pipeline(target))
     except QflowError:
         raise
     except Exception as exc:  # TVM's errors are many-lined C++ traces
@@ -150,12 +159,34 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
         "note": note,
         "input": _tensor_spec(graph, graph.input),
         "output": _tensor_spec(graph, graph.output),
+        "samples_per_call": samples_per_call(graph) if device == "cpu" else None,
         "tvm_version": tvm.__version__,
         "build_seconds": round(seconds, 2),
     }
     (out_dir / runner.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     progress(f"TVM {spec.name}: compiled in {seconds:.1f} s for {device} ({arch}); {note}")
     return manifest
+
+
+def _cpu_pipeline(target):
+    """TVM's default CPU pipeline with qflow's convolution schedule after the fusion
+    (:mod:`.schedule`)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline
+
+    @tvm.transform.module_pass(opt_level=0, name="qflow.ScheduleConvolutions")
+    def scheduled(mod, _context):
+        return schedule_convolutions(mod)
+
+    @tvm.transform.module_pass(opt_level=0, name="qflow.CpuPipeline")
+    def cpu_pipeline(mod, _context):
+        with target:
+            return tvm.transform.Sequential(
+                pipeline.library_dispatch_passes(target) + pipeline.legalize_passes(target)
+                + [scheduled] + pipeline.dataflow_lower_passes(target)
+                + pipeline.finalize_passes(target))(mod)
+
+    return cpu_pipeline
 
 
 @contextlib.contextmanager
@@ -194,6 +225,14 @@ def _export(executable, out_dir: Path, spec: TargetSpec, arch: str) -> tuple[boo
     return False, (f"{linker or 'no cross compiler named'} not found: wrote the {arch} object "
                    f"files ({objects}); link them with `{linker or 'g++'} -shared -o "
                    f"{LIBRARY} {objects}` (or install the cross toolchain and export again)")
+
+
+def samples_per_call(graph: QGraph) -> int:
+    """Samples the runner passes per call on a CPU: the build's intermediate tensors stay
+    in cache (the largest, as float64, within :data:`CALL_BYTES`), a large batch runs as
+    a loop of small ones, and the per-call overhead stays small."""
+    largest = max(int(np.prod(t.shape)) for t in graph.tensors.values()) * 8
+    return int(np.clip(CALL_BYTES // max(largest, 1), 1, runner.RUN_CHUNK))
 
 
 def _tensor_spec(graph: QGraph, tensor: str) -> dict:

@@ -47,7 +47,7 @@ import numpy as np
 
 MANIFEST = "build.json"
 FORMAT = "qflow-tvm/1"
-RUN_CHUNK = 4096  # samples per call: bounds the intermediate buffers
+RUN_CHUNK = 4096  # samples per call when build.json names none: bounds the buffers
 #: platform.machine() spellings -> the architecture names build.json uses
 MACHINE_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64",
                 "arm64": "aarch64"}
@@ -131,8 +131,9 @@ class TvmModel:
             raise ValueError(f"input codes span [{codes.min()}, {codes.max()}], outside the "
                              f"range [{spec['qmin']}, {spec['qmax']}] of {spec['type']}")
         outs = [np.empty((0, *self.output_shape), dtype=np.int64)]
-        for start in range(0, len(codes), RUN_CHUNK):
-            chunk = self._tvm.runtime.tensor(codes[start:start + RUN_CHUNK], self.device)
+        step = int(self.manifest.get("samples_per_call") or RUN_CHUNK)
+        for start in range(0, len(codes), step):
+            chunk = self._tvm.runtime.tensor(codes[start:start + step], self.device)
             outs.append(self._main(chunk).numpy().astype(np.int64, copy=False))
         return np.concatenate(outs)
 

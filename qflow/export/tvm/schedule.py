@@ -1,0 +1,145 @@
+"""A CPU schedule for the convolutions and dense layers of a TVM build: what TVM's
+default CPU pipeline leaves out.
+
+TVM 0.27's Relax pipeline for ``llvm`` targets legalizes ``conv2d`` into a plain loop
+nest (batch, output channel, row, column, then the reduction over input channels and
+taps innermost) and applies no schedule, so LLVM gets scalar loops; its tuner
+(MetaSchedule) is the intended way to schedule them. :func:`schedule_convolutions` is a
+fixed schedule instead, applied to every fused function that holds a ``conv2d_nchw``
+block with static channel and column extents, or a 2-d ``matmul`` block (a dense layer)
+with a static output width:
+
+- the reduction moves outside a tile of output channels (up to 4, unrolled) times
+  output columns (up to 16, vectorized), accumulated in a local buffer, so one input
+  vector feeds several filters from registers (a dense layer: a vector of up to 16
+  outputs per sample);
+- the padded input is computed per sample, and the elementwise epilogue (the
+  requantization) is inlined into one loop right after each tile, while it is in cache.
+
+Exactness: the schedule reorders the summation of each output's products. The integer
+ONNX puts a convolution on float32 only where every partial sum in any order is an
+integer below 2**24 (:mod:`qflow.export.int_onnx`), and integer accumulation is exact in
+any order; reordering cannot change a result, and ``qflow verify`` checks the build.
+A function the schedule does not fit is left as TVM made it.
+"""
+
+from __future__ import annotations
+
+#: output channels per tile (unrolled) and output columns per tile (vectorized), largest
+#: first: the first that divides the extent is taken
+CHANNEL_TILES = (4, 2)
+COLUMN_TILES = (16, 8, 4, 2)
+CONV_BLOCK, DENSE_BLOCK = "conv2d_nchw", "matmul"
+
+
+def schedule_convolutions(mod):
+    """``mod`` (a legalized, fused Relax IRModule) with every convolution scheduled."""
+    import tvm
+
+    scheduled = {}
+    for var, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            new = schedule_function(func)
+            if new is not None:
+                scheduled[var] = new
+    for var, func in scheduled.items():
+        mod[var] = func
+    return mod
+
+
+def schedule_function(func):
+    """The scheduled PrimFunc, or None when it holds no convolution or dense layer the
+    schedule fits."""
+    from tvm import s_tir
+
+    for name, schedule in ((CONV_BLOCK, _schedule_conv), (DENSE_BLOCK, _schedule_dense)):
+        sch = s_tir.Schedule(func)
+        try:
+            block = sch.get_sblock(name)
+        except (RuntimeError, ValueError):
+            continue
+        try:
+            schedule(sch, block)
+        except (RuntimeError, ValueError):  # a shape or form the schedule does not fit
+            return None
+        return sch.mod["main"]
+    return None
+
+
+def _static(sch, loop) -> int | None:
+    import tvm
+
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tvm.tirx.IntImm) else None
+
+
+def _schedule_conv(sch, conv) -> None:
+    if len(sch.get_loops(conv)) != 7:
+        raise ValueError("not a 2-d convolution loop nest")
+    accumulator = sch.cache_write(conv, 0, "local")
+    batch, channel, row, column, reduce_in, reduce_y, reduce_x = sch.get_loops(conv)
+    channels, columns = _static(sch, channel), _static(sch, column)
+    if channels is None or columns is None:
+        raise ValueError("dynamic channel or column extent")
+    channel_tile = next((t for t in CHANNEL_TILES if channels % t == 0), 1)
+    column_tile = next((t for t in COLUMN_TILES if columns % t == 0), columns)
+    channel_out, channel_in = sch.split(channel, [None, channel_tile])
+    column_out, column_in = sch.split(column, [None, column_tile])
+    sch.reorder(batch, channel_out, row, column_out, reduce_in, reduce_y, reduce_x,
+                channel_in, column_in)
+    sch.unroll(channel_in)
+    _accumulate(sch, conv, accumulator, column_out, column_in, reduce_in)
+    _pad_per_sample(sch, batch)
+
+
+def _schedule_dense(sch, dense) -> None:
+    if len(sch.get_loops(dense)) != 3:
+        raise ValueError("not a 2-d matrix product")
+    accumulator = sch.cache_write(dense, 0, "local")
+    row, column, reduce = sch.get_loops(dense)
+    columns = _static(sch, column)
+    if columns is None:
+        raise ValueError("dynamic output width")
+    column_tile = next((t for t in COLUMN_TILES if columns % t == 0), columns)
+    column_out, column_in = sch.split(column, [None, column_tile])
+    sch.reorder(row, column_out, reduce, column_in)
+    _accumulate(sch, dense, accumulator, column_out, column_in, reduce)
+
+
+def _accumulate(sch, block, accumulator, tile, lanes, reduce) -> None:
+    """Accumulate each tile in registers, vectorized over ``lanes``; the epilogue after."""
+    import tvm
+
+    sch.reverse_compute_at(accumulator, tile)
+    sch.vectorize(lanes)
+    init = sch.decompose_reduction(block, reduce)
+    if sch.get(sch.get_loops(init)[-1]).kind != tvm.tirx.ForKind.VECTORIZED:
+        sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(accumulator)[-1])
+    _fuse_epilogue(sch, accumulator, tile)
+
+
+def _pad_per_sample(sch, batch) -> None:
+    try:
+        pad = sch.get_sblock("pad_temp")
+    except (RuntimeError, ValueError):
+        return  # no padding
+    sch.compute_at(pad, batch)
+
+
+def _fuse_epilogue(sch, accumulator, column_out) -> None:
+    """Inline the elementwise blocks after the convolution into the last one and compute
+    it per tile, right after the accumulator is written."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    after = blocks[names.index(sch.get(accumulator).name_hint) + 1:]
+    if not after:
+        return
+    for block in after[:-1]:
+        try:
+            sch.compute_inline(block)
+        except (RuntimeError, ValueError):
+            return  # not a simple elementwise chain: leave the epilogue as it is
+    last = after[-1]
+    sch.reverse_compute_at(last, column_out)
+    sch.vectorize(sch.get_loops(last)[-1])
