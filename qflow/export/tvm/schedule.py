@@ -9,12 +9,14 @@ fixed schedule instead, applied to every fused function that holds a ``conv2d_nc
 block with static channel and column extents, or a 2-d ``matmul`` block (a dense layer)
 with a static output width:
 
-- the reduction moves outside a tile of output channels (up to 4, unrolled) times
+- the reduction moves outside a tile of output channels (up to 8, unrolled) times
   output columns (up to 16, vectorized), accumulated in a local buffer, so one input
   vector feeds several filters from registers (a dense layer: a vector of up to 16
   outputs per sample);
 - the padded input is computed per sample, and the elementwise epilogue (the
-  requantization) is inlined into one loop right after each tile, while it is in cache.
+  requantization) is inlined into one loop right after each tile, while it is in cache;
+- any other function that is a chain of elementwise blocks (residual adds, casts) is
+  inlined into one loop, vectorized.
 
 Exactness: the schedule reorders the summation of each output's products. The integer
 ONNX puts a convolution on float32 only where every partial sum in any order is an
@@ -27,9 +29,11 @@ from __future__ import annotations
 
 #: output channels per tile (unrolled) and output columns per tile (vectorized), largest
 #: first: the first that divides the extent is taken
-CHANNEL_TILES = (4, 2)
+CHANNEL_TILES = (8, 4, 2)
 COLUMN_TILES = (16, 8, 4, 2)
 CONV_BLOCK, DENSE_BLOCK = "conv2d_nchw", "matmul"
+#: most blocks in a function whose elementwise chain is inlined into one loop
+MAX_INLINED_BLOCKS = 40
 
 
 def schedule_convolutions(mod):
@@ -63,7 +67,38 @@ def schedule_function(func):
         except (RuntimeError, ValueError):  # a shape or form the schedule does not fit
             return None
         return sch.mod["main"]
-    return None
+    return _schedule_elementwise(func)
+
+
+def _schedule_elementwise(func):
+    """A chain of elementwise blocks (requantization, residual adds, pooling casts):
+    inlined into its last block, whose innermost loop is vectorized."""
+    from tvm import s_tir
+
+    if not _inlinable(func):
+        return None
+    sch = s_tir.Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        for block in blocks[:-1]:
+            sch.compute_inline(block)
+        last = sch.get_loops(blocks[-1])
+        if not last or _static(sch, last[-1]) is None:
+            return None
+        sch.vectorize(last[-1])
+    except (RuntimeError, ValueError):
+        return None
+    return sch.mod["main"]
+
+
+def _inlinable(func) -> bool:
+    """May the function's elementwise blocks be inlined into one another? Not when they
+    hold integer division or remainder chains (the transformer ops' and the int64
+    requantization's): a value read several times by each next block grows a nested
+    expression exponentially once inlined (one LayerNorm took over 20 GB to compile)."""
+    text = func.script()
+    return ("floordiv" not in text and "floormod" not in text
+            and text.count("T.sblock(") <= MAX_INLINED_BLOCKS)
 
 
 def _static(sch, loop) -> int | None:
@@ -133,7 +168,7 @@ def _fuse_epilogue(sch, accumulator, column_out) -> None:
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
     after = blocks[names.index(sch.get(accumulator).name_hint) + 1:]
-    if not after:
+    if not after or not _inlinable(sch.mod["main"]):
         return
     for block in after[:-1]:
         try:
