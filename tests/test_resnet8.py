@@ -92,4 +92,5 @@ def test_resnet8_ultra96_stream_and_cpu_verify_exactly(resnet8_graph, tmp_path):
     assert {"hls_csim", "int_onnx", "qonnx", "tvm"} <= {
         m.split(":")[0] for m in messages if ":" in m}
     # the C simulation ran in worker processes and said how far it was
+    assert any("running them in 2 worker processes" in m for m in messages), messages
     assert any("hls_csim: C simulation: 64 of 64 samples" in m for m in messages), messages

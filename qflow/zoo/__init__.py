@@ -1,7 +1,7 @@
 """The model zoo and built-in data sets, looked up by name.
 
 >>> from qflow.zoo import MODELS
->>> sorted(MODELS)
+>>> sorted(MODELS)  # doctest: +NORMALIZE_WHITESPACE
 ['binary-cnn', 'binary-mlp', 'digits-cnn', 'digits-mlp', 'jet-mlp', 'resnet8', 'tiny-vit',
  'tiny-vit-mnist']
 """

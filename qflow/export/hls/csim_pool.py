@@ -23,6 +23,9 @@ import numpy as np
 CHUNK = 8
 #: at most one progress line per this many seconds
 PROGRESS_SECONDS = 5.0
+#: worker processes start only when the samples left would take longer in this process
+#: (each worker's start costs about a second: Python, numpy, qflow's import)
+POOL_MIN_SECONDS = 10.0
 
 def _top_function(library: str, function: str):
     """The top function of ``library`` (loading a path loaded before is a cheap lookup)."""
@@ -46,8 +49,9 @@ def simulate_rows(library: str, function: str, rows: np.ndarray, out_size: int) 
 def simulate(library: str, function: str, rows: np.ndarray, out_size: int, *,
              workers: int = 1, progress: Callable[[str], None] | None = None,
              label: str = "C simulation") -> np.ndarray:
-    """Outputs of every row, from ``workers`` processes (1: in this process), reporting
-    ``label: done of total samples`` about every few seconds."""
+    """Outputs of every row, reporting ``label: done of total samples`` about every few
+    seconds. The first chunk runs in this process; the rest go to ``workers`` processes
+    when they would take more than :data:`POOL_MIN_SECONDS` here, else stay here."""
     rows = np.ascontiguousarray(rows, dtype=np.float64)
     chunks = [(i, rows[i:i + CHUNK]) for i in range(0, len(rows), CHUNK)]
     out = np.zeros((len(rows), out_size), dtype=np.float64)
@@ -62,17 +66,29 @@ def simulate(library: str, function: str, rows: np.ndarray, out_size: int, *,
             last = now
             progress(f"{label}: {done} of {len(rows)} samples, {now - start:.0f} s")
 
-    workers = max(1, min(workers, len(chunks)))
-    if workers == 1:
-        for i, chunk in chunks:
+    if not chunks:
+        return out
+    # the first chunk in this process: it tells whether worker processes would pay off
+    i, chunk = chunks[0]
+    out[i:i + len(chunk)] = simulate_rows(library, function, chunk, out_size)
+    report(len(chunk))
+    rest = chunks[1:]
+    left = len(rows) - len(chunk)
+    estimate = (time.perf_counter() - start) / len(chunk) * left
+    workers = max(1, min(workers, len(rest)))
+    if workers == 1 or estimate < POOL_MIN_SECONDS:
+        for i, chunk in rest:
             out[i:i + len(chunk)] = simulate_rows(library, function, chunk, out_size)
             report(len(chunk))
         return out
+    if progress is not None:
+        progress(f"{label}: {left} samples left, about {estimate:.0f} s in one process: "
+                 f"running them in {workers} worker processes")
     # spawn, not fork: the parent may hold threads (torch, ONNX Runtime) that fork breaks
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(simulate_rows, library, function, chunk, out_size): (i, len(chunk))
-                   for i, chunk in chunks}
+                   for i, chunk in rest}
         for future in as_completed(futures):
             i, count = futures[future]
             out[i:i + count] = future.result()
