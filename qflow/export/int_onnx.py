@@ -4,20 +4,24 @@ The model takes the int64 input codes (``codes``, shape ``[N, *input_shape]``) a
 returns the int64 output codes (``codes_out``), computing exactly what
 :class:`qflow.graph.emulator.Emulator` computes. Only default-domain ops, opset 17.
 
-Two arithmetics carry the codes between nodes (``qflow.arithmetic`` in the metadata):
+Each node's codes are held in one of three arithmetics, the narrowest in which every
+value the node forms is exact (:func:`node_arithmetic`; ``qflow.arithmetics`` and each
+``qflow.route.<node>`` in the metadata say which):
 
-- ``float32`` (the default where it is exact): the codes are float32 integers. A graph
-  takes it when every value its arithmetic forms is an integer below 2**24 in magnitude
-  (``qflow.graph.infer.float_bounds``: every code, every partial sum of a product in any
-  order plus the bias, every scaled term and pooling sum) and every power-of-two scaling
-  stays in float32's exponent range. Then the runtime's fast float kernels are exact:
-  ``dense`` / ``conv2d`` are ``MatMul`` / ``Conv`` on weights aligned to the
-  accumulator's fraction, with the bias (each bound re-checked per node at export); a
-  ``cast`` scales by ``2**k`` and rounds and clamps by
-  ``qflow.numerics.kernel.quantize_scaled`` itself, traced onto ONNX ``Floor``, ``Round``
-  (half to even), ``Clip``, ``Where`` and ``Mod``; the other ops are those below, on
-  float32 codes. The input is cast to float32 once, the output back to int64.
-- ``int64`` otherwise (wider codes, larger sums, the transformer ops), by these routes:
+- ``float32`` where every code, every partial sum of the node's products in any order
+  plus the bias, and every scaled term is an integer below 2**24 in magnitude
+  (``qflow.graph.infer.node_float_bounds``) and every power-of-two scaling stays in the
+  exponent range: ``dense`` / ``conv2d`` are then ``MatMul`` / ``Conv`` on weights
+  aligned to the accumulator's fraction, with the bias (the bound re-checked at export),
+  so the runtimes' fast float kernels compute them exactly in any summation order;
+- ``float64`` below 2**53 (the requantization after a wide accumulator, fixed-point
+  BatchNorm). A ``cast`` in a float arithmetic scales by ``2**k`` and rounds and clamps
+  by ``qflow.numerics.kernel.quantize_scaled`` itself, traced onto ONNX ``Floor``,
+  ``Round`` (half to even), ``Clip``, ``Where`` and ``Mod``; the other ops are the int64
+  routes below on float codes. One exact ``Cast`` moves codes between arithmetics; the
+  input enters and the output leaves as int64;
+- ``int64`` otherwise (wider codes, larger sums, the transformer ops), and everywhere
+  with ``arithmetic="int64"``, by these routes:
 
 - ``dense`` / ``conv2d`` on raw weight codes, then a per-output-channel int64 ``Mul``
   by ``2**k`` (the alignment of the weights' fractional bits) and an int64 ``Add`` of
@@ -229,29 +233,32 @@ def exact_in(graph: QGraph, node: Node, arithmetic: str) -> bool:
         return False
     fmt = FLOAT_FORMATS[arithmetic]
     widths = [graph.tensors[t].type.width for t in (*node.inputs, node.output)]
-    peak, shift = infer.node_float_bounds(graph, node)
     if node.op in ("dense", "conv2d"):  # with the bias on top of any partial sum
         in_t = graph.tensors[node.inputs[0]].type
         peak = aligned_products(node, in_t, graph.tensors[node.output].type.fractional)[2]
+        shift = 0
+    else:
+        peak, shift = infer.node_float_bounds(graph, node)
     return max(widths) < fmt.bits and peak < 2**fmt.bits and shift <= fmt.max_shift
+
+
+def _metadata(model_or_path) -> dict[str, str]:
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(
+        model_or_path, load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def export_routes(model_or_path) -> dict[str, str]:
     """QGraph node -> the route its export took (from the model's metadata)."""
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(
-        model_or_path, load_external_data=False)
     prefix = "qflow.route."
-    return {p.key[len(prefix):]: p.value for p in model.metadata_props
-            if p.key.startswith(prefix)}
+    return {key[len(prefix):]: value for key, value in _metadata(model_or_path).items()
+            if key.startswith(prefix)}
 
 
 def export_arithmetics(model_or_path) -> set[str]:
     """The arithmetics (``int64``, ``float32``, ``float64``) an integer ONNX model's codes
     are held in."""
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(
-        model_or_path, load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    return set(meta.get("qflow.arithmetics", "int64").split(","))
+    return set(_metadata(model_or_path).get("qflow.arithmetics", "int64").split(","))
 
 
 # -- checks --------------------------------------------------------------------------------

@@ -13,14 +13,14 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from qflow.errors import QflowError
-from qflow.graph.infer import accumulator_frac, aligned_bias, aligned_weights
+from qflow.graph.infer import FLOAT32, accumulator_frac, aligned_bias, aligned_weights
 from qflow.graph.ir import Node, QGraph
 from qflow.numerics import FixedType, Overflow
 from qflow.numerics import kernel as K
 
 INT64_LIMIT = 2**63
 INT32_LIMIT = 2**31
-FLOAT32_EXACT_LIMIT = 2**24  # integers of smaller magnitude are exact in float32
+FLOAT32_EXACT_LIMIT = 2**FLOAT32.bits  # integers of smaller magnitude are exact in float32
 #: arithmetic -> (numpy dtype, ONNX element type) of the codes between nodes
 ARITHMETICS = {"int64": (np.int64, TensorProto.INT64), "float32": (np.float32, TensorProto.FLOAT),
                "float64": (np.float64, TensorProto.DOUBLE)}

@@ -66,20 +66,19 @@ def simulate(library: str, function: str, rows: np.ndarray, out_size: int, *,
             last = now
             progress(f"{label}: {done} of {len(rows)} samples, {now - start:.0f} s")
 
-    if not chunks:
-        return out
-    # the first chunk in this process: it tells whether worker processes would pay off
-    i, chunk = chunks[0]
-    out[i:i + len(chunk)] = simulate_rows(library, function, chunk, out_size)
-    report(len(chunk))
-    rest = chunks[1:]
-    left = len(rows) - len(chunk)
-    estimate = (time.perf_counter() - start) / len(chunk) * left
-    workers = max(1, min(workers, len(rest)))
-    if workers == 1 or estimate < POOL_MIN_SECONDS:
-        for i, chunk in rest:
+    def run_here(part) -> None:
+        for i, chunk in part:
             out[i:i + len(chunk)] = simulate_rows(library, function, chunk, out_size)
             report(len(chunk))
+
+    # the first chunk in this process: it tells whether worker processes would pay off
+    run_here(chunks[:1])
+    rest = chunks[1:]
+    left = len(rows) - done
+    estimate = (time.perf_counter() - start) / max(done, 1) * left
+    workers = max(1, min(workers, len(rest)))
+    if workers == 1 or estimate < POOL_MIN_SECONDS:
+        run_here(rest)
         return out
     if progress is not None:
         progress(f"{label}: {left} samples left, about {estimate:.0f} s in one process: "
