@@ -1,11 +1,18 @@
 """Deployment latency: qflow's exact CPU artifacts vs what a user would run instead.
 
 Run:  python scripts/bench_deploy.py [--models digits-cnn resnet8 ...] [--rounds R] [--threads N]
+                                    [--tune TRIALS]
 
 For each zoo model (QFX 8-bit, briefly trained so that every quantizer is initialized)
-it exports ``model.int.onnx`` and compiles it with TVM for this CPU (``--target cpu``,
-qflow's default build: no tuning), then measures, at batch 1 and batch 256:
-  - the TVM build through its runner (numpy codes in, numpy codes out, as ``tvm/run.py``),
+it exports ``model.int.onnx`` and compiles it with TVM for this CPU (``--target cpu``)
+three times: qflow's default build (any batch size) and two builds for a fixed batch
+(``--batch 1``, and ``--batch K`` with K the samples per call that keep a call's tensors
+in cache, ``build.json``'s ``samples_per_call``), tuned with ``--tune TRIALS`` when given.
+Then it measures, at batch 1 and batch 256:
+  - the default TVM build through its runner (numpy codes in, numpy codes out, as
+    ``tvm/run.py``),
+  - the fixed-batch TVM build: ``--batch 1`` at batch 1; ``--batch K`` at batch 256, fed
+    K samples per call by its runner,
   - ONNX Runtime on the same integer ONNX with graph optimizations off (as ``qflow
     verify`` runs it: ONNX Runtime's fusions could form sums the export did not bound),
   - ONNX Runtime on the float model (exported by ``torch.onnx``), default optimizations,
@@ -48,7 +55,7 @@ from bench_models import batch_of_test_inputs, quick_quantized
 import qflow
 from qflow.export import export_onnx
 from qflow.export.int_onnx import INPUT_NAME
-from qflow.export.tvm.build import build_tvm
+from qflow.export.tvm.build import BuildOptions, build_tvm, samples_per_call
 from qflow.export.tvm.runner import load
 from qflow.numerics import to_codes
 from qflow.targets import load_target
@@ -115,8 +122,9 @@ def float_onnx_models(float_model, data, out: Path) -> tuple[Path, Path]:
     return float_path, int8_path
 
 
-def prepare(model_name: str, workdir: Path):
-    """(float model, QGraph, data, TVM model, sessions, build seconds) for one zoo model."""
+def prepare(model_name: str, workdir: Path, tune: int):
+    """(float model, QGraph, data, TVM models by batch (None: any), sessions, build
+    seconds of the default build) for one zoo model."""
     data, float_model, graph = quick_quantized(model_name)
     float_model.eval()
     out = workdir / model_name
@@ -125,26 +133,35 @@ def prepare(model_name: str, workdir: Path):
     start = time.perf_counter()
     build_tvm(graph, out / "model.int.onnx", out / "tvm", load_target("cpu"), print)
     build_seconds = time.perf_counter() - start
+    builds = {None: load(out / "tvm")}
+    for fixed in sorted({1, min(samples_per_call(graph), max(BATCHES))}):
+        build_tvm(graph, out / "model.int.onnx", out / f"tvm-{fixed}", load_target("cpu"), print,
+                  BuildOptions(batch=fixed, tune_trials=tune))
+        builds[fixed] = load(out / f"tvm-{fixed}")
     float_path, int8_path = float_onnx_models(float_model, data, out)
     sessions = {"int": _session(out / "model.int.onnx", optimized=False),
                 "float": _session(float_path, optimized=True),
                 "int8": _session(int8_path, optimized=True)}
-    return float_model, graph, data, load(out / "tvm"), sessions, build_seconds
+    return float_model, graph, data, builds, sessions, build_seconds
 
 
-def bench(model_name: str, rounds: int, workdir: Path) -> list[dict]:
-    float_model, graph, data, tvm_model, sessions, build_seconds = prepare(model_name, workdir)
+def bench(model_name: str, rounds: int, workdir: Path, tune: int) -> list[dict]:
+    float_model, graph, data, builds, sessions, build_seconds = prepare(model_name, workdir,
+                                                                        tune)
+    tvm_model = builds[None]
     rows = []
     for batch in BATCHES:
+        fixed = builds[1 if batch == 1 else max(builds, key=lambda b: b or 0)]
         x = batch_of_test_inputs(data, batch)
         codes = to_codes(x.astype(np.float64), graph.input_type)
         xf = np.ascontiguousarray(x, dtype=np.float32)
         xt = torch.as_tensor(xf)
-        tvm_out = tvm_model(codes)
         int_out = sessions["int"].run(None, {INPUT_NAME: codes})[0]
-        mismatches = int((tvm_out != int_out).reshape(batch, -1).any(axis=1).sum())
+        mismatches = sum(int((model(codes) != int_out).reshape(batch, -1).any(axis=1).sum())
+                         for model in (tvm_model, fixed))
         runners = {
             "tvm": lambda c=codes: tvm_model(c),
+            "tvm_fixed": lambda c=codes, m=fixed: m(c),
             "int_onnx": lambda c=codes: sessions["int"].run(None, {INPUT_NAME: c}),
             "ort_float": lambda v=xf: sessions["float"].run(None, {"x": v}),
             "ort_int8": lambda v=xf: sessions["int8"].run(None, {"x": v}),
@@ -157,7 +174,8 @@ def bench(model_name: str, rounds: int, workdir: Path) -> list[dict]:
                     times[name].append(_per_call(fn, MEASURE_SECONDS[batch]))
         median = {name: statistics.median(t) for name, t in times.items()}
         rows.append({"model": model_name, "batch": batch, "mismatches": mismatches,
-                     "build_s": build_seconds, **median})
+                     "build_s": build_seconds, "fixed_batch": fixed.manifest["batch"],
+                     **median})
     return rows
 
 
@@ -173,6 +191,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads per runtime (default 0: each runtime's default, all cores)")
+    parser.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                        help="tune the fixed-batch builds with this many trials (default 0)")
     args = parser.parse_args()
     global THREADS
     THREADS = args.threads
@@ -183,18 +203,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            rows += bench(name, args.rounds, Path(tmp))
+            rows += bench(name, args.rounds, Path(tmp), args.tune)
     print()
-    print("| model | batch | qflow TVM | qflow int ONNX (ORT) | ORT float | ORT int8 QDQ | "
-          "torch float | TVM / ORT int8 | int ONNX / ORT int8 | TVM / ORT float | "
-          "TVM / torch | TVM vs int ONNX mismatches |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    tuned = f", --tune {args.tune}" if args.tune else ""
+    print(f"| model | batch | qflow TVM (any batch) | qflow TVM (--batch K{tuned}) | qflow int "
+          "ONNX (ORT) | ORT float | ORT int8 QDQ | torch float | TVM --batch / ORT int8 | "
+          "TVM any / ORT int8 | int ONNX / ORT int8 | TVM --batch / ORT float | "
+          "TVM --batch / torch | TVM vs int ONNX mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {_ms(r['tvm'])} | {_ms(r['int_onnx'])} | "
-              f"{_ms(r['ort_float'])} | {_ms(r['ort_int8'])} | {_ms(r['torch'])} | "
-              f"**{r['tvm'] / r['ort_int8']:.2f}** | **{r['int_onnx'] / r['ort_int8']:.2f}** | "
-              f"{r['tvm'] / r['ort_float']:.2f} | {r['tvm'] / r['torch']:.2f} | "
-              f"{r['mismatches']} |")
+        print(f"| {r['model']} | {r['batch']} | {_ms(r['tvm'])} | {_ms(r['tvm_fixed'])} "
+              f"(K={r['fixed_batch']}) | {_ms(r['int_onnx'])} | {_ms(r['ort_float'])} | "
+              f"{_ms(r['ort_int8'])} | {_ms(r['torch'])} | "
+              f"**{r['tvm_fixed'] / r['ort_int8']:.2f}** | {r['tvm'] / r['ort_int8']:.2f} | "
+              f"**{r['int_onnx'] / r['ort_int8']:.2f}** | {r['tvm_fixed'] / r['ort_float']:.2f} | "
+              f"{r['tvm_fixed'] / r['torch']:.2f} | {r['mismatches']} |")
     print()
     for name in args.models:
         build = next(r["build_s"] for r in rows if r["model"] == name)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 import qflow
 from qflow.errors import QflowError
-from qflow.export import EXPORT_FILE, QGRAPH_FILE, ExportOptions, export
+from qflow.export import EXPORT_FILE, QGRAPH_FILE, ExportOptions, check_options, export
 from qflow.export.manifest import digest_files
 from qflow.outdir import OutputDirectory
 from qflow.targets import IO_TYPES, STRATEGIES, load_target, load_target_file
@@ -44,6 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "two whose resource estimate fits the board (default: the target's)")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="FPGA targets: hls4ml strategy (default: the target's)")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="TVM targets: build for a fixed batch of N samples (faster; the "
+                        "runner still takes any number, N per call); default: any batch")
+    p.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="target cpu: measure up to TRIALS tile sizes of the convolution and "
+                        "dense layers on this machine and keep the fastest; the log is "
+                        "written to tvm/tuning.json (default 0: no tuning)")
+    p.add_argument("--tune-log", type=Path, default=None, metavar="FILE",
+                   help="target cpu: reuse the tiles of an earlier export's tvm/tuning.json "
+                        "for the layers it has measured")
 
 
 def _options(args: argparse.Namespace, target, console) -> ExportOptions:
@@ -57,10 +67,15 @@ def _options(args: argparse.Namespace, target, console) -> ExportOptions:
         if not reuse.isdigit() or int(reuse) < 1:
             raise QflowError(f"--reuse must be an integer >= 1 or auto, not {reuse!r}")
         reuse = int(reuse)
-    return ExportOptions(
+    if args.tune_log is not None and not args.tune_log.is_file():
+        raise QflowError(f"--tune-log {args.tune_log}: no such file")
+    options = ExportOptions(
         io_type=f"io_{args.io_type}" if args.io_type else None,
         reuse_factor=reuse, strategy=args.strategy,
+        batch=args.batch, tune_trials=args.tune, tune_log=args.tune_log,
         progress=lambda msg: console.print(msg))
+    check_options(target, options)
+    return options
 
 
 def run(args: argparse.Namespace) -> int:

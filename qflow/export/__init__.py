@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qflow.errors import QflowError
 from qflow.graph.ir import QGraph
 from qflow.targets import TargetSpec
 
@@ -35,6 +36,12 @@ class ExportOptions:
     io_type: str | None = None
     reuse_factor: int | None = None
     strategy: str | None = None
+    #: TVM targets: a fixed batch size (None: any)
+    batch: int | None = None
+    #: TVM targets for this machine's CPU: tile measurements at most (0: no tuning)
+    tune_trials: int = 0
+    #: TVM targets for this machine's CPU: a previous export's ``tvm/tuning.json`` to reuse
+    tune_log: Path | None = None
     #: receives one-line progress messages and summaries for the user
     progress: Callable[[str], None] = field(default=_no_progress)
 
@@ -91,7 +98,25 @@ BACKENDS: dict[str, Exporter] = {
 }
 
 
+def check_options(target: TargetSpec, options: ExportOptions) -> None:
+    """A one-line QflowError for an option ``target`` does not take."""
+    tvm_only = [name for name, given in (("--batch", options.batch is not None),
+                                         ("--tune", options.tune_trials != 0),
+                                         ("--tune-log", options.tune_log is not None))
+                if given]
+    if tvm_only and target.backend != "tvm":
+        raise QflowError(f"{', '.join(tvm_only)} only apply to TVM targets (cpu, arm64, "
+                         f"cuda); {target.name} is a {target.kind} target")
+    if tvm_only:
+        from .tvm.build import BuildOptions, check_build_options
+
+        check_build_options(BuildOptions(batch=options.batch, tune_trials=options.tune_trials,
+                                         tune_log=options.tune_log), target)
+
+
 def export(graph: QGraph, out_dir: Path, target: TargetSpec,
            options: ExportOptions | None = None) -> dict[str, str]:
     """Write ``target``'s artifacts for ``graph`` into ``out_dir``; return them by kind."""
+    options = options or ExportOptions()
+    check_options(target, options)
     return BACKENDS[target.backend](graph, Path(out_dir), target, options or ExportOptions())

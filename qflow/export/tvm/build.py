@@ -18,7 +18,10 @@ How a target is built, by its TVM target ``kind`` and architecture:
   built without a GPU and runs only where one is present.
 
 CPU builds schedule their convolutions (:mod:`qflow.export.tvm.schedule`): TVM's default
-CPU pipeline leaves them as scalar loops.
+CPU pipeline leaves them as scalar loops. Their tile sizes may be tuned on this machine
+(:mod:`qflow.export.tvm.tune`, ``BuildOptions.tune_trials``), and the batch size fixed
+(``BuildOptions.batch``): a static batch lets LLVM unroll and drop the bounds arithmetic;
+the runner then feeds the build that many samples per call, padding the last call.
 
 Exactness: no fast-math is allowed in the target (:func:`tvm_target` refuses it), and
 the model passes :func:`qflow.export.tvm.frontend.check_exact` before import.
@@ -35,6 +38,7 @@ import tarfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +50,7 @@ from qflow.graph.ir import QGraph
 from qflow.graph.transformer import DECLARED_TYPE_OPS
 from qflow.targets import TargetSpec
 
-from . import frontend, runner
+from . import frontend, runner, tune
 from .schedule import schedule_convolutions
 
 LIBRARY = "model.so"
@@ -69,6 +73,17 @@ CALL_BYTES = 256 * 1024
 #: LLVM target options that allow inexact floating-point rewrites
 FAST_MATH_KEYS = ("fast-math", "fast-math-nnan", "fast-math-ninf", "fast-math-nsz",
                   "fast-math-arcp", "fast-math-contract", "fast-math-reassoc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions:
+    """How to build: a fixed batch size (None: any batch), and the tile tuning."""
+
+    batch: int | None = None
+    #: tile measurements at most (0: the default tiles, no measuring)
+    tune_trials: int = 0
+    #: a previous export's ``tvm/tuning.json`` whose tiles matching layers reuse
+    tune_log: Path | None = None
 
 
 def host_arch() -> str:
@@ -112,28 +127,35 @@ def _target_object(config: dict):
 
 
 def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
-              progress: Callable[[str], None]) -> dict:
+              progress: Callable[[str], None], options: BuildOptions | None = None) -> dict:
     """Compile ``int_onnx`` for ``spec`` into ``out_dir``; return the build description."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
+    options = options or BuildOptions()
     config = tvm_target(spec)
+    check_build_options(options, spec)
+    log = tune.read_log(options.tune_log) if options.tune_log else None
     model = onnx.load(int_onnx)
     frontend.check_exact(model)
     frontend.register_converters()
+    shapes = ({INPUT_NAME: [options.batch, *graph.tensors[graph.input].shape]}
+              if options.batch else None)
+    tuning: dict = {}
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():  # the batch size is symbolic on purpose
+        with warnings.catch_warnings():  # without --batch, the batch size is symbolic
             warnings.filterwarnings("ignore", message=".*unknown dimension")
-            module = from_onnx(model, dtype_dict={INPUT_NAME: "int64"})
+            module = from_onnx(model, shape_dict=shapes, dtype_dict={INPUT_NAME: "int64"})
         cuda = config["kind"] == "cuda"
         fuse = ({"relax.FuseOps.max_depth": CUDA_FUSE_DEPTH} if cuda and any(
             n.op in DECLARED_TYPE_OPS for n in graph.nodes) else {})
         target = _target_object(config)
         with (_environment(EXACT_CUDA_ENVIRONMENT if cuda else {}),
               tvm.transform.PassContext(config=fuse)):
-            executable = tvm.compile(module, target=target,
-                                     relax_pipeline="default" if cuda else _cpu_pipeline(target))
+            pipeline = ("default" if cuda else _cpu_pipeline(
+                target, options, log, tuning, progress))
+            executable = tvm.compile(module, target=target, relax_pipeline=pipeline)
     except QflowError:
         raise
     except Exception as exc:  # TVM's errors are many-lined C++ traces
@@ -148,6 +170,8 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
                  f"{device.upper()} source; running needs a GPU and a {device.upper()}-enabled "
                  "TVM runtime)")
     shutil.copyfile(Path(runner.__file__), out_dir / RUNNER)
+    if tuning.get("log"):
+        tune.write_log(tuning["log"], out_dir / tune.LOG_FILE)
     manifest = {
         "format": runner.FORMAT,
         "target": spec.name,
@@ -159,24 +183,58 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
         "note": note,
         "input": _tensor_spec(graph, graph.input),
         "output": _tensor_spec(graph, graph.output),
+        "batch": options.batch,
         "samples_per_call": samples_per_call(graph) if device == "cpu" else None,
+        "tuning": ({"log": tune.LOG_FILE, "trials": tuning["log"]["trials"]}
+                   if tuning.get("log") else None),
         "tvm_version": tvm.__version__,
         "build_seconds": round(seconds, 2),
     }
     (out_dir / runner.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     progress(f"TVM {spec.name}: compiled in {seconds:.1f} s for {device} ({arch}); {note}")
+    if device == "cpu" and options.batch is None:
+        progress(f"TVM {spec.name}: built for any batch size; a build for a fixed one can run "
+                 f"several times faster: --batch 1 for latency, --batch "
+                 f"{manifest['samples_per_call']} for throughput (the samples per call whose "
+                 "tensors stay in cache)")
     return manifest
 
 
-def _cpu_pipeline(target):
+def check_build_options(options: BuildOptions, spec: TargetSpec) -> None:
+    """A one-line QflowError for a build option ``spec`` does not take."""
+    if options.batch is not None and options.batch < 1:
+        raise QflowError(f"--batch must be an integer >= 1, not {options.batch}")
+    if options.tune_trials < 0:
+        raise QflowError(f"--tune must be an integer >= 0, not {options.tune_trials}")
+    if not (options.tune_trials or options.tune_log):
+        return
+    from . import require_tvm
+
+    require_tvm()
+    config = tvm_target(spec)
+    if config["kind"] != "llvm" or target_arch(config) != host_arch():
+        raise QflowError(f"--tune and --tune-log apply to builds for this machine's CPU "
+                         f"(target cpu); {spec.name} is not one: tuning measures each "
+                         "layer here")
+    if options.tune_log:
+        tune.read_log(options.tune_log)
+
+
+def _cpu_pipeline(target, options: BuildOptions, log: dict | None, tuning: dict,
+                  progress: Callable[[str], None]):
     """TVM's default CPU pipeline with qflow's convolution schedule after the fusion
-    (:mod:`.schedule`)."""
+    (:mod:`.schedule`), its tiles tuned first when asked (:mod:`.tune`; the new log
+    goes into ``tuning["log"]``)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline
 
     @tvm.transform.module_pass(opt_level=0, name="qflow.ScheduleConvolutions")
     def scheduled(mod, _context):
-        return schedule_convolutions(mod)
+        tiles = None
+        if options.tune_trials or log:
+            tiles, tuning["log"] = tune.tune_tiles(mod, target, options.tune_trials, log,
+                                                   options.batch, progress)
+        return schedule_convolutions(mod, tiles)
 
     @tvm.transform.module_pass(opt_level=0, name="qflow.CpuPipeline")
     def cpu_pipeline(mod, _context):

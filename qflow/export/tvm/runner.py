@@ -3,7 +3,9 @@
 This file is copied into every TVM export as ``tvm/run.py``; it needs only numpy and the
 TVM runtime (``pip install apache-tvm``, or a runtime-only TVM build on a board), not
 qflow or torch. ``build.json`` beside it describes the build: library file, device,
-input and output shapes and fixed-point types.
+input and output shapes and fixed-point types, and the batch size when the build was
+made for a fixed one (``qflow export --batch N``: any number of samples still works; they
+go N per call, the last call padded).
 
 Input codes are the input type's own cast of the real values (``build.json``:
 ``input.type``): t = x * 2**fractional, rounded to an integer by the type's rounding mode
@@ -48,6 +50,7 @@ import numpy as np
 MANIFEST = "build.json"
 FORMAT = "qflow-tvm/1"
 RUN_CHUNK = 4096  # samples per call when build.json names none: bounds the buffers
+ALIGNMENT = 64  # bytes: TVM's compiled functions take tensors whose data is aligned so
 #: platform.machine() spellings -> the architecture names build.json uses
 MACHINE_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64",
                 "arm64": "aarch64"}
@@ -131,11 +134,36 @@ class TvmModel:
             raise ValueError(f"input codes span [{codes.min()}, {codes.max()}], outside the "
                              f"range [{spec['qmin']}, {spec['qmax']}] of {spec['type']}")
         outs = [np.empty((0, *self.output_shape), dtype=np.int64)]
-        step = int(self.manifest.get("samples_per_call") or RUN_CHUNK)
+        batch = self.manifest.get("batch")  # a build for a fixed batch size takes only that
+        step = int(batch or self.manifest.get("samples_per_call") or RUN_CHUNK)
         for start in range(0, len(codes), step):
-            chunk = self._tvm.runtime.tensor(codes[start:start + step], self.device)
-            outs.append(self._main(chunk).numpy().astype(np.int64, copy=False))
-        return np.concatenate(outs)
+            chunk = codes[start:start + step]
+            count = len(chunk)
+            if batch and count < batch:  # pad the last call with copies of its first sample
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - count, axis=0)])
+            outs.append(self._run(chunk)[:count].astype(np.int64))
+        return outs[1] if len(outs) == 2 else np.concatenate(outs)
+
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        """One call of the compiled model. On the CPU, numpy's memory is shared through
+        DLPack both ways rather than copied into new TVM tensors (a copy costs more than
+        a small model's whole call)."""
+        runtime = self._tvm.runtime
+        if self.manifest["device"] != "cpu":
+            return self._main(runtime.tensor(chunk, self.device)).numpy()
+        return np.from_dlpack(self._main(runtime.from_dlpack(_aligned(chunk))))
+
+
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """``array`` (C-contiguous), or a copy of it whose data starts on the byte boundary
+    TVM's kernels assume."""
+    if array.ctypes.data % ALIGNMENT == 0:
+        return array
+    raw = np.empty(array.nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    copy = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    copy[...] = array
+    return copy
 
 
 def load(directory: str | Path | None = None) -> TvmModel:

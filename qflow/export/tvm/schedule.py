@@ -28,22 +28,27 @@ A function the schedule does not fit is left as TVM made it.
 from __future__ import annotations
 
 #: output channels per tile (unrolled) and output columns per tile (vectorized), largest
-#: first: the first that divides the extent is taken
+#: first: without tuning, the first that divides the extent is taken
 CHANNEL_TILES = (8, 4, 2)
 COLUMN_TILES = (16, 8, 4, 2)
+#: the tile sizes tuning may try (:mod:`.tune`)
+TUNED_CHANNEL_TILES = (16, 8, 4, 2, 1)
+TUNED_COLUMN_TILES = (32, 16, 8, 4, 2)
 CONV_BLOCK, DENSE_BLOCK = "conv2d_nchw", "matmul"
 #: most blocks in a function whose elementwise chain is inlined into one loop
 MAX_INLINED_BLOCKS = 40
 
 
-def schedule_convolutions(mod):
-    """``mod`` (a legalized, fused Relax IRModule) with every convolution scheduled."""
+def schedule_convolutions(mod, tiles: dict[str, tuple[int, int]] | None = None):
+    """``mod`` (a legalized, fused Relax IRModule) with every convolution scheduled;
+    ``tiles`` maps a function's name to the (channels, columns) tile to use instead of
+    the default (the tuner's choice)."""
     import tvm
 
     scheduled = {}
     for var, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc):
-            new = schedule_function(func)
+            new = schedule_function(func, (tiles or {}).get(var.name_hint))
             if new is not None:
                 scheduled[var] = new
     for var, func in scheduled.items():
@@ -51,9 +56,10 @@ def schedule_convolutions(mod):
     return mod
 
 
-def schedule_function(func):
+def schedule_function(func, tiles: tuple[int, int] | None = None):
     """The scheduled PrimFunc, or None when it holds no convolution or dense layer the
-    schedule fits."""
+    schedule fits. ``tiles``: (output channels, output columns) per tile instead of the
+    defaults; a dense layer uses only the columns."""
     from tvm import s_tir
 
     for name, schedule in ((CONV_BLOCK, _schedule_conv), (DENSE_BLOCK, _schedule_dense)):
@@ -63,11 +69,46 @@ def schedule_function(func):
         except (RuntimeError, ValueError):
             continue
         try:
-            schedule(sch, block)
+            schedule(sch, block, tiles)
         except (RuntimeError, ValueError):  # a shape or form the schedule does not fit
             return None
         return sch.mod["main"]
     return _schedule_elementwise(func)
+
+
+def tile_candidates(func) -> list[tuple[int, int]]:
+    """The distinct (channels, columns) tiles the schedule can take for ``func``'s
+    convolution or dense layer, the default first; empty when it has none."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for name, channel_at in ((CONV_BLOCK, 1), (DENSE_BLOCK, None)):
+        try:
+            loops = sch.get_loops(sch.get_sblock(name))
+        except (RuntimeError, ValueError):
+            continue
+        columns = _static(sch, loops[3 if channel_at else 1]) if len(loops) in (3, 7) else None
+        channels = _static(sch, loops[channel_at]) if channel_at else 1
+        if columns is None or channels is None:
+            return []
+        default = _tiles(channels, columns, None)
+        found = [default]
+        for tiles in ((c, w) for c in TUNED_CHANNEL_TILES for w in TUNED_COLUMN_TILES):
+            tiles = _tiles(channels, columns, tiles)
+            if tiles not in found:
+                found.append(tiles)
+        return found
+    return []
+
+
+def _tiles(channels: int, columns: int, tiles: tuple[int, int] | None) -> tuple[int, int]:
+    """The (channels, columns) tile taken for these extents: the given one where it
+    divides them, else the largest default that does (a whole row at worst)."""
+    channel_tiles, column_tiles = CHANNEL_TILES, COLUMN_TILES
+    if tiles is not None:
+        channel_tiles, column_tiles = (tiles[0], *CHANNEL_TILES), (tiles[1], *COLUMN_TILES)
+    return (next((t for t in channel_tiles if channels % t == 0), 1),
+            next((t for t in column_tiles if columns % t == 0), columns))
 
 
 def _schedule_elementwise(func):
@@ -108,7 +149,7 @@ def _static(sch, loop) -> int | None:
     return int(extent) if isinstance(extent, tvm.tirx.IntImm) else None
 
 
-def _schedule_conv(sch, conv) -> None:
+def _schedule_conv(sch, conv, tiles) -> None:
     if len(sch.get_loops(conv)) != 7:
         raise ValueError("not a 2-d convolution loop nest")
     accumulator = sch.cache_write(conv, 0, "local")
@@ -116,8 +157,7 @@ def _schedule_conv(sch, conv) -> None:
     channels, columns = _static(sch, channel), _static(sch, column)
     if channels is None or columns is None:
         raise ValueError("dynamic channel or column extent")
-    channel_tile = next((t for t in CHANNEL_TILES if channels % t == 0), 1)
-    column_tile = next((t for t in COLUMN_TILES if columns % t == 0), columns)
+    channel_tile, column_tile = _tiles(channels, columns, tiles)
     channel_out, channel_in = sch.split(channel, [None, channel_tile])
     column_out, column_in = sch.split(column, [None, column_tile])
     sch.reorder(batch, channel_out, row, column_out, reduce_in, reduce_y, reduce_x,
@@ -127,7 +167,7 @@ def _schedule_conv(sch, conv) -> None:
     _pad_per_sample(sch, batch)
 
 
-def _schedule_dense(sch, dense) -> None:
+def _schedule_dense(sch, dense, tiles) -> None:
     if len(sch.get_loops(dense)) != 3:
         raise ValueError("not a 2-d matrix product")
     accumulator = sch.cache_write(dense, 0, "local")
@@ -135,7 +175,7 @@ def _schedule_dense(sch, dense) -> None:
     columns = _static(sch, column)
     if columns is None:
         raise ValueError("dynamic output width")
-    column_tile = next((t for t in COLUMN_TILES if columns % t == 0), columns)
+    _, column_tile = _tiles(1, columns, tiles)
     column_out, column_in = sch.split(column, [None, column_tile])
     sch.reorder(row, column_out, reduce, column_in)
     _accumulate(sch, dense, accumulator, column_out, column_in, reduce)
