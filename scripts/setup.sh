@@ -122,3 +122,25 @@ install_arm64_emulation() {
 case ",$extras," in
     *,dev,*|*,tvm,*) install_arm64_emulation ;;
 esac
+
+# Headless Chromium opens report.html in the report's browser test (it says why it is
+# skipped without one). Best effort: only as root with apt-get.
+install_chromium() {
+    if command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1; then
+        return
+    fi
+    if [ "${QFLOW_NO_APT:-}" = 1 ] || ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
+        echo "setup: chromium not found (the report's browser test will be skipped)"
+        return
+    fi
+    echo "setup: installing headless Chromium for the report test (apt-get install chromium)"
+    if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends chromium; } >/dev/null 2>&1; then
+        echo "setup: installed $(chromium --version 2>/dev/null | head -n 1)"
+    else
+        echo "setup: could not install chromium (the report's browser test will be skipped)"
+    fi
+}
+case ",$extras," in
+    *,dev,*) install_chromium ;;
+esac

@@ -1,8 +1,11 @@
 """`qflow quantize` -> `qflow export --target onnx|ultra96` -> `qflow verify`, and bad inputs."""
 
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -127,15 +130,24 @@ def test_in_process_main_returns_2_for_missing_run(tmp_path, capsys):
     assert "run directory not found" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_ultra96_export_and_csim_verify(exported):
-    """`qflow export --target ultra96 --io-type stream` then `qflow verify`: the HLS
-    project's C simulation gives 0 mismatching samples on 2,000 data-derived inputs plus
-    corner cases, and the export prints the resource summary."""
+@pytest.fixture(scope="module")
+def ultra96_verified(exported):
+    """The run exported for ultra96 in io_stream, then verified: (root, export stdout,
+    verify's exit code, verify's output)."""
     root, _ = exported
     code, stdout, err = _qflow("export", "run", "--target", "ultra96", "--io-type", "stream",
                                cwd=root)
     assert code == 0, err
+    verify = _qflow("verify", str(root / "run" / "export-ultra96"), cwd=root)
+    return root, stdout, verify
+
+
+@pytest.mark.slow
+def test_ultra96_export_and_csim_verify(ultra96_verified):
+    """`qflow export --target ultra96 --io-type stream` then `qflow verify`: the HLS
+    project's C simulation gives 0 mismatching samples on 2,000 data-derived inputs plus
+    corner cases, and the export prints the resource summary."""
+    root, stdout, (code, verify_out, err) = ultra96_verified
     assert "Estimated resources on ultra96" in stdout and "reuse factor auto" in stdout
     out = root / "run" / "export-ultra96"
     info = json.loads((out / "export.json").read_text())
@@ -143,11 +155,58 @@ def test_ultra96_export_and_csim_verify(exported):
     assert (out / "board" / "block_design.tcl").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["io_type"] == "io_stream"
-    code, stdout, err = _qflow("verify", str(out), cwd=root)
-    assert code == 0, stdout + err
+    assert code == 0, verify_out + err
     results = {r["artifact"]: r for r in json.loads((out / "verify.json").read_text())["results"]}
     assert results["hls_csim"]["samples"] == 2256
     assert results["hls_csim"]["mismatching_samples"] == 0
+
+
+REPORT_HEADINGS = ["Summary", "Training", "Formats", "Quantized values", "Oscillation",
+                   "FPGA resources", "Verify"]
+
+
+@pytest.mark.slow
+def test_report_of_a_verified_ultra96_export_opens_in_a_browser(ultra96_verified, tmp_path):
+    """`qflow report RUN EXPORT`: a page with every section, nothing fetched, its statistics
+    in metrics.json; opened from disk in headless Chromium: no console errors, every image
+    decoded at a non-zero size, every heading there. The screenshot is kept: in
+    $QFLOW_TEST_ARTIFACTS when set, else beside this test's temporary files."""
+    from browser import find_chromium, inspect_page
+
+    root, _, _ = ultra96_verified
+    code, stdout, err = _qflow("report", "run", "run/export-ultra96", "--json", cwd=root)
+    assert code == 0, err
+    stats = json.loads(stdout)
+    assert stats["tensors"][0]["tensor"] == "input"
+    assert all(r["mismatching_samples"] == 0 for r in stats["verify"]["results"])
+    assert stats["resources"]["budget"]["dsp"] == 360  # the Ultra96's ZU3EG
+    assert json.loads((root / "run" / "metrics.json").read_text())["report"] == stats
+    page = root / "run" / "report.html"
+    text = page.read_text(encoding="utf-8")
+    assert "<script" not in text and not re.search(r"(src|href)=\"(https?:)?//", text)
+    images = text.count("<img ")
+    assert images >= 4
+    if find_chromium() is None:
+        pytest.skip("no Chromium to open the report in (scripts/setup.sh dev installs it as "
+                    "root with apt-get; or apt-get install chromium)")
+    artifacts = Path(os.environ.get("QFLOW_TEST_ARTIFACTS") or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    screenshot = artifacts / "report.png"
+    seen = inspect_page(page, screenshot, tmp_path)
+    assert seen["console"] == [] and seen["screenshot_returncode"] == 0, seen
+    assert len(seen["images"]) == images
+    assert all(done and width > 0 and height > 0 for _, done, width, height in seen["images"]), \
+        seen["images"]
+    assert seen["headings"] == REPORT_HEADINGS
+    assert screenshot.stat().st_size > 10_000
+    print(f"report screenshot: {screenshot}")
+
+
+def test_report_refuses_a_missing_export_in_one_line(exported):
+    root, _ = exported
+    code, _, stderr = _qflow("report", "run", "no-such-export", cwd=root)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "export directory not found: no-such-export" in stderr
 
 
 @pytest.mark.parametrize(("args", "expect"), [

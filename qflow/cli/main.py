@@ -11,13 +11,14 @@ import threading
 from qflow import __version__
 from qflow.errors import QflowError
 
-from . import export, quantize, targets, verify
+from . import export, quantize, report, targets, verify
 
 #: subcommand name -> module with ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
     "quantize": quantize,
     "export": export,
     "verify": verify,
+    "report": report,
     "targets": targets,
 }
 
