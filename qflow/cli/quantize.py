@@ -40,6 +40,7 @@ from qflow.outdir import OutputDirectory, read_marker
 from qflow.runs import data_source, model_source, write_run_files
 from qflow.sources import absolute_spec, module_search_path, resolve_data, resolve_model
 from qflow.train import calibrate, evaluate, fit, rows_tensor, seed_everything
+from qflow.training_log import TensorBoardLog, parse_log_option
 from qflow.zoo import DATASETS, MODELS, Dataset
 from qflow.zoo.data import peak_magnitude
 
@@ -110,6 +111,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(options not given again are the interrupted run's); start it "
                         "when there is none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--log", default=None, metavar="tensorboard[:DIR]",
+                   help="log loss, learning rate, accuracy, integer widths and oscillation per "
+                        "epoch for TensorBoard, into DIR (default RUN/tensorboard); needs "
+                        "pip install qflow[tensorboard]")
     p.add_argument("--workers", type=int, default=0,
                    help="background processes that read training batches of data that is "
                         "not in memory (a memory-mapped .npz, torch Datasets); default 0: "
@@ -190,6 +195,8 @@ def _check_options(args: argparse.Namespace) -> None:
             raise QflowError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise QflowError(f"--batch-size must be > 0, got {args.batch_size}")
+    if args.log is not None:
+        parse_log_option(args.log, Path("tensorboard"))  # a bad value stops before training
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise QflowError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
@@ -279,6 +286,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         return 2  # rank 0 says why
     _check_model(build_model, data, settings.config)
     train = functools.partial(_train, settings, data, build_model, console, quiet=args.quiet,
+                              log=args.log,
                               out=out, saved=saved, sources=sources, device=device,
                               workers=args.workers)
     if not main:
@@ -313,6 +321,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bool,
+           log: str | None = None,
            out: OutputDirectory, stage: Path | None, saved: dict | None, sources: dict,
            device: torch.device, workers: int = 0):
     """Float training, quantization, QAT, the run files; per-epoch progress in ``stage``
@@ -342,6 +351,17 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         tmp.replace(stage / PROGRESS_FILE)
         out.mark_progress(f"saved after epoch {state['epoch']} of {epochs} of {name}")
 
+    board = (TensorBoardLog(parse_log_option(log, stage / "tensorboard"))
+             if log and stage is not None else None)
+
+    def logged(phase: str, save_state, model=None):
+        """The epoch's checkpoint callback, which also logs the epoch for TensorBoard."""
+        def checkpoint(state: dict) -> None:
+            save_state(state)
+            if board is not None:
+                board.epoch(phase, state["history"][-1], model)
+        return checkpoint
+
     progress = not quiet
     if done > 0:
         float_model.load_state_dict(saved["float_model"])
@@ -350,7 +370,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         float_history = fit(float_model, data.x_train, data.y_train, epochs=s.epochs, lr=s.lr,
                             batch_size=s.batch_size, seed=s.seed, progress=progress,
                             description="float", resume=saved and saved["state"],
-                            checkpoint=lambda state: save(0, state), workers=workers)
+                            checkpoint=logged("float", lambda state: save(0, state)),
+                            workers=workers)
     float_acc = evaluate(float_model, data.x_test, data.y_test)
     _warn_if_not_learning(console, float_acc, data)
 
@@ -380,7 +401,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
             phase.prepare(qat_model)
         if index < done:
             continue  # finished before the interruption: its end state is in the next one's
-        checkpoint = functools.partial(save_qat, index, list(histories))
+        checkpoint = logged(phase.name, functools.partial(save_qat, index, list(histories)),
+                            qat_model)
         options = phase.fit_options(qat_model, teacher=float_model)
         history = fit(qat_model, data.x_train, data.y_train, epochs=phase.epochs,
                       lr=s.lr * phase.lr_scale, batch_size=s.batch_size, seed=s.seed + index,
@@ -427,6 +449,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         "python": platform.python_version(),
     }
     notes = "\n".join([oscillation.describe(), *(h.describe() for h in hooks.values())])
+    if board is not None:
+        board.close()
     if stage is None:
         return rows, float_acc, quant_acc, elapsed, notes
     write_run_files(stage, qat_model=qat_model, float_model=float_model, config=quant_config,
