@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         if (out.final / extra).exists():
             console.print(f"  {extra:11s} {out.given / extra}")
     console.print(f"exported {args.run} for target {target.name} to {out.given}")
-    console.print(f"check it with: qflow verify {out.given}")
+    console.print(f"check it with: qflow verify {out.given}; then plots: qflow report "
+                  f"{args.run} {out.given}")
     return 0
 
 

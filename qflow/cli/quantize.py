@@ -316,7 +316,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
                   f"({method_of(settings.config).describe(settings.config)}; drop "
                   f"{float_acc - quant_acc:+.2f} points)")
     console.print(oscillation)
-    console.print(f"run written to {out.given}  ({elapsed:.1f} s)")
+    console.print(f"run written to {out.given}  ({elapsed:.1f} s); plots: qflow report {out.given}")
     return 0
 
 
