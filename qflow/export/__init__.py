@@ -45,6 +45,13 @@ class ExportOptions:
     #: receives one-line progress messages and summaries for the user
     progress: Callable[[str], None] = field(default=_no_progress)
 
+    def build_options(self):
+        """The TVM build's share of these options (a ``tvm.build.BuildOptions``)."""
+        from .tvm.build import BuildOptions
+
+        return BuildOptions(batch=self.batch, tune_trials=self.tune_trials,
+                            tune_log=self.tune_log)
+
 
 def export_onnx(graph: QGraph, out_dir: Path, target: TargetSpec | None = None,
                 options: ExportOptions | None = None) -> dict[str, str]:
@@ -108,10 +115,9 @@ def check_options(target: TargetSpec, options: ExportOptions) -> None:
         raise QflowError(f"{', '.join(tvm_only)} only apply to TVM targets (cpu, arm64, "
                          f"cuda); {target.name} is a {target.kind} target")
     if tvm_only:
-        from .tvm.build import BuildOptions, check_build_options
+        from .tvm.build import check_build_options
 
-        check_build_options(BuildOptions(batch=options.batch, tune_trials=options.tune_trials,
-                                         tune_log=options.tune_log), target)
+        check_build_options(options.build_options(), target)
 
 
 def export(graph: QGraph, out_dir: Path, target: TargetSpec,
@@ -119,4 +125,4 @@ def export(graph: QGraph, out_dir: Path, target: TargetSpec,
     """Write ``target``'s artifacts for ``graph`` into ``out_dir``; return them by kind."""
     options = options or ExportOptions()
     check_options(target, options)
-    return BACKENDS[target.backend](graph, Path(out_dir), target, options or ExportOptions())
+    return BACKENDS[target.backend](graph, Path(out_dir), target, options)

@@ -43,15 +43,13 @@ def export_tvm(graph: QGraph, out_dir: Path, target: TargetSpec, options) -> dic
     from qflow.export import export_onnx
 
     require_tvm()
-    from .build import BuildOptions, build_tvm
+    from .build import build_tvm
 
     artifacts = export_onnx(graph, out_dir, target, options)
     options.progress(f"TVM: compiling model.int.onnx for {target.name} "
                      f"({target.description})")
     build = build_tvm(graph, out_dir / artifacts["int_onnx"], out_dir / TVM_DIR, target,
-                      options.progress,
-                      BuildOptions(batch=options.batch, tune_trials=options.tune_trials,
-                                   tune_log=options.tune_log))
+                      options.progress, options.build_options())
     # a linked aarch64 build runs natively on aarch64 and under qemu-user elsewhere
     linked_arm = build.get("arch") == "aarch64" and build.get("library")
     return {**artifacts, "tvm_arm64" if linked_arm else "tvm": TVM_DIR}

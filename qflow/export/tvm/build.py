@@ -134,8 +134,7 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
 
     options = options or BuildOptions()
     config = tvm_target(spec)
-    check_build_options(options, spec)
-    log = tune.read_log(options.tune_log) if options.tune_log else None
+    log = check_build_options(options, spec)
     model = onnx.load(int_onnx)
     frontend.check_exact(model)
     frontend.register_converters()
@@ -200,14 +199,15 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
     return manifest
 
 
-def check_build_options(options: BuildOptions, spec: TargetSpec) -> None:
-    """A one-line QflowError for a build option ``spec`` does not take."""
+def check_build_options(options: BuildOptions, spec: TargetSpec) -> dict | None:
+    """A one-line QflowError for a build option ``spec`` does not take; else the tuning
+    log ``options.tune_log`` names, read (None without one)."""
     if options.batch is not None and options.batch < 1:
         raise QflowError(f"--batch must be an integer >= 1, not {options.batch}")
     if options.tune_trials < 0:
         raise QflowError(f"--tune must be an integer >= 0, not {options.tune_trials}")
     if not (options.tune_trials or options.tune_log):
-        return
+        return None
     from . import require_tvm
 
     require_tvm()
@@ -216,8 +216,7 @@ def check_build_options(options: BuildOptions, spec: TargetSpec) -> None:
         raise QflowError(f"--tune and --tune-log apply to builds for this machine's CPU "
                          f"(target cpu); {spec.name} is not one: tuning measures each "
                          "layer here")
-    if options.tune_log:
-        tune.read_log(options.tune_log)
+    return tune.read_log(options.tune_log) if options.tune_log else None
 
 
 def _cpu_pipeline(target, options: BuildOptions, log: dict | None, tuning: dict,
