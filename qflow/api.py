@@ -268,6 +268,8 @@ class FormatRow:
     rounding: str
     overflow: str
     khot: int
+    #: each channel's integer width, for a per-channel format (empty otherwise)
+    int_widths: tuple[int, ...] = ()
 
     @property
     def int_width(self) -> str:
@@ -308,5 +310,6 @@ def describe(model: nn.Module) -> list[FormatRow]:
                 int_width_max=max(t.int_width for t in types),
                 signed=types[0].signed, rounding=str(types[0].rounding),
                 overflow=str(types[0].overflow), khot=quant.spec.khot,
+                int_widths=tuple(t.int_width for t in types) if len(types) > 1 else (),
             ))
     return rows

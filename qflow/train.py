@@ -173,6 +173,7 @@ def fit(
     distill_alpha: float = 0.5,
     temperature: float = 1.0,
     workers: int = 0,
+    log=None,
 ) -> list[dict]:
     """Train ``model`` (float or QFX) with Adam and cross-entropy; one dict per epoch.
 
@@ -195,6 +196,11 @@ def fit(
     ``teacher`` (a model put in eval mode and run without gradients), when given, makes
     the loss :func:`distillation_loss` with ``distill_alpha`` (α) and ``temperature``
     (T); without it the loss is plain cross-entropy.
+    ``log`` (a :class:`qflow.training_log.TensorBoardLog`), when given, gets every
+    epoch's row under the phase name ``description``, with the model.
+    ``x_val`` and ``y_val``, when given, are evaluated after every epoch (eval mode, the
+    exact quantized path; the model goes back to training mode after), and each row
+    holds the top-1 accuracy in percent under ``"val_accuracy"``.
 
     >>> import torch
     >>> from torch import nn
@@ -317,11 +323,14 @@ def fit(
             record = {"epoch": epoch + 1, "loss": total / count, "lr": schedule.get_last_lr()[0]}
             if x_val is not None:
                 record["val_accuracy"] = evaluate(model, x_val, y_val)
+                model.train()  # as the epoch left it (evaluate switches to eval mode)
             if oscillation is not None:
                 record["oscillation"] = oscillation.epoch_record()
             if step_hook is not None:
                 record[step_hook.key] = step_hook.epoch_record()
             history.append(record)
+            if log is not None and me == 0:
+                log.epoch(description, record, model)
             bar.update(task, advance=1, loss=record["loss"])
             if checkpoint is not None and me == 0:
                 state = {

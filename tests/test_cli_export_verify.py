@@ -138,8 +138,21 @@ def ultra96_verified(exported):
     code, stdout, err = _qflow("export", "run", "--target", "ultra96", "--io-type", "stream",
                                cwd=root)
     assert code == 0, err
+    sections = json.loads((root / "run" / "metrics.json").read_text())["report"]["sections"]
     verify = _qflow("verify", str(root / "run" / "export-ultra96"), cwd=root)
-    return root, stdout, verify
+    return root, stdout, verify, sections
+
+
+def test_quantize_and_export_write_the_run_report(exported):
+    """The run's report.html is written by quantize; exports and verify add to it (what
+    they add depends on the tests before this one: the module shares the run)."""
+    root, _ = exported
+    metrics = json.loads((root / "run" / "metrics.json").read_text())
+    assert metrics["report"]["sections"][:5] == ["summary", "training", "formats", "values",
+                                                 "oscillation"]
+    page = (root / "run" / "report.html").read_text(encoding="utf-8")
+    assert "integer width per channel" in page  # digits-cnn's per-channel weights and scales
+    assert page.count("<img ") >= 4  # training, strip, one histogram figure, oscillation
 
 
 @pytest.mark.slow
@@ -147,7 +160,7 @@ def test_ultra96_export_and_csim_verify(ultra96_verified):
     """`qflow export --target ultra96 --io-type stream` then `qflow verify`: the HLS
     project's C simulation gives 0 mismatching samples on 2,000 data-derived inputs plus
     corner cases, and the export prints the resource summary."""
-    root, stdout, (code, verify_out, err) = ultra96_verified
+    root, stdout, (code, verify_out, err), _ = ultra96_verified
     assert "Estimated resources on ultra96" in stdout and "reuse factor auto" in stdout
     out = root / "run" / "export-ultra96"
     info = json.loads((out / "export.json").read_text())
@@ -173,7 +186,13 @@ def test_report_of_a_verified_ultra96_export_opens_in_a_browser(ultra96_verified
     $QFLOW_TEST_ARTIFACTS when set, else beside this test's temporary files."""
     from browser import find_chromium, inspect_page
 
-    root, _, _ = ultra96_verified
+    root, export_out, (_, verify_out, _), sections = ultra96_verified
+    # export and verify have updated the run's report already
+    report_line = f"report: {Path('run') / 'report.html'}"
+    assert report_line in export_out and "resources" in sections and "verify" not in sections
+    assert f"report: {(root / 'run' / 'report.html').resolve()}" in verify_out
+    assert json.loads((root / "run" / "metrics.json").read_text())["report"]["sections"][-2:] \
+        == ["resources", "verify"]
     code, stdout, err = _qflow("report", "run", "run/export-ultra96", "--json", cwd=root)
     assert code == 0, err
     stats = json.loads(stdout)

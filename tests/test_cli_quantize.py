@@ -176,6 +176,23 @@ def test_same_seed_gives_identical_runs(tmp_path):
     assert not all(torch.equal(s1[k], s3[k]) for k in s1)
 
 
+def test_quantize_writes_the_report_unless_told_not_to(tmp_path):
+    code, out, err = _run_in(tmp_path, ["quantize", *TINY, "--seed", "5"])
+    assert code == 0, err
+    run = tmp_path / "runs" / "digits-mlp-w8a8-seed5"
+    assert f"report: {Path('runs/digits-mlp-w8a8-seed5/report.html')}" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["report"]["sections"] == ["summary", "training", "formats", "values",
+                                             "oscillation"]
+    # the training curves have the test accuracy of every epoch of every phase
+    assert all("val_accuracy" in r for r in metrics["float_history"] + metrics["qat_history"])
+    assert metrics["qat_history"][-1]["val_accuracy"] == metrics["quantized_accuracy"]
+    code, out, err = _run_in(tmp_path, ["quantize", *TINY, "--seed", "6", "--no-report"])
+    assert code == 0, err
+    assert "report:" not in out
+    assert not (tmp_path / "runs" / "digits-mlp-w8a8-seed6" / "report.html").exists()
+
+
 # -- (c) recipes ------------------------------------------------------------------------------
 
 RECIPE = """\

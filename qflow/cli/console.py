@@ -1,5 +1,7 @@
 """The console every command prints to."""
 
+from pathlib import Path
+
 from rich.console import Console
 
 
@@ -10,3 +12,12 @@ def make_console() -> Console:
     if not console.is_terminal:
         console = Console(highlight=False, width=120)
     return console
+
+
+def print_report(console: Console, run: Path, written: Path | None, why_not: str) -> None:
+    """The line quantize, export and verify print after updating the run's report:
+    its path (under ``run`` as the user named it), or why it was not updated."""
+    if written is not None:
+        console.print(f"report: {Path(run) / written.name}", soft_wrap=True)
+    else:
+        console.print(f"[yellow]{why_not}[/]", soft_wrap=True)

@@ -13,10 +13,12 @@ import qflow
 from qflow.errors import QflowError
 from qflow.export import EXPORT_FILE, QGRAPH_FILE, ExportOptions, check_options, export
 from qflow.export.manifest import digest_files
+from qflow.graph.ir import QGraph
 from qflow.outdir import OutputDirectory
+from qflow.report import REPORT_FILE, update_report
 from qflow.targets import IO_TYPES, STRATEGIES, load_target, load_target_file
 
-from .console import make_console
+from .console import make_console, print_report
 
 HELP = "freeze a run and export it for a target (see `qflow targets`)"
 #: command-line options that only FPGA targets take
@@ -119,8 +121,10 @@ def run(args: argparse.Namespace) -> int:
         if (out.final / extra).exists():
             console.print(f"  {extra:11s} {out.given / extra}")
     console.print(f"exported {args.run} for target {target.name} to {out.given}")
-    console.print(f"check it with: qflow verify {out.given}; then plots: qflow report "
-                  f"{args.run} {out.given}")
+    if (run_dir / REPORT_FILE).is_file():  # the run has a report: add this export to it
+        print_report(console, run_dir, *update_report(
+            run_dir, out.final, graph=QGraph.load(out.final / QGRAPH_FILE)))
+    console.print(f"check it with: qflow verify {out.given}")
     return 0
 
 

@@ -37,14 +37,15 @@ from qflow.methods import METHODS, config_from_dict, config_from_yaml, method_na
 from qflow.oscillation import OscillationTracker
 from qflow.oscillation_plot import oscillation_figure
 from qflow.outdir import OutputDirectory, read_marker
+from qflow.report import update_report
 from qflow.runs import data_source, model_source, write_run_files
 from qflow.sources import absolute_spec, module_search_path, resolve_data, resolve_model
 from qflow.train import calibrate, evaluate, fit, rows_tensor, seed_everything
-from qflow.training_log import TensorBoardLog, parse_log_option
+from qflow.training_log import SATURATION_SAMPLES, TensorBoardLog, parse_log_option
 from qflow.zoo import DATASETS, MODELS, Dataset
 from qflow.zoo.data import peak_magnitude
 
-from .console import make_console
+from .console import make_console, print_report
 
 HELP = ("train a model and quantize it with a QAT method (default: digits-mlp, QFX "
         "8-bit)")
@@ -111,6 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(options not given again are the interrupted run's); start it "
                         "when there is none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write RUN/report.html (qflow report RUN writes it later)")
     p.add_argument("--log", default=None, metavar="tensorboard[:DIR]",
                    help="log loss, learning rate, accuracy, integer widths and oscillation per "
                         "epoch for TensorBoard, into DIR (default RUN/tensorboard); needs "
@@ -316,7 +319,9 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
                   f"({method_of(settings.config).describe(settings.config)}; drop "
                   f"{float_acc - quant_acc:+.2f} points)")
     console.print(oscillation)
-    console.print(f"run written to {out.given}  ({elapsed:.1f} s); plots: qflow report {out.given}")
+    console.print(f"run written to {out.given}  ({elapsed:.1f} s)")
+    if args.report:
+        print_report(console, out.given, *update_report(out.final))
     return 0
 
 
@@ -351,16 +356,10 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         tmp.replace(stage / PROGRESS_FILE)
         out.mark_progress(f"saved after epoch {state['epoch']} of {epochs} of {name}")
 
-    board = (TensorBoardLog(parse_log_option(log, stage / "tensorboard"))
+    board = (TensorBoardLog(parse_log_option(log, stage / "tensorboard"),
+                            samples=data.x_test[:SATURATION_SAMPLES],
+                            warn=lambda message: console.print(f"[yellow]{message}[/]"))
              if log and stage is not None else None)
-
-    def logged(phase: str, save_state, model=None):
-        """The epoch's checkpoint callback, which also logs the epoch for TensorBoard."""
-        def checkpoint(state: dict) -> None:
-            save_state(state)
-            if board is not None:
-                board.epoch(phase, state["history"][-1], model)
-        return checkpoint
 
     progress = not quiet
     if done > 0:
@@ -370,7 +369,8 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
         float_history = fit(float_model, data.x_train, data.y_train, epochs=s.epochs, lr=s.lr,
                             batch_size=s.batch_size, seed=s.seed, progress=progress,
                             description="float", resume=saved and saved["state"],
-                            checkpoint=logged("float", lambda state: save(0, state)),
+                            x_val=data.x_test, y_val=data.y_test,
+                            checkpoint=lambda state: save(0, state), log=board,
                             workers=workers)
     float_acc = evaluate(float_model, data.x_test, data.y_test)
     _warn_if_not_learning(console, float_acc, data)
@@ -401,14 +401,14 @@ def _train(settings: Settings, data: Dataset, build_model, console, *, quiet: bo
             phase.prepare(qat_model)
         if index < done:
             continue  # finished before the interruption: its end state is in the next one's
-        checkpoint = logged(phase.name, functools.partial(save_qat, index, list(histories)),
-                            qat_model)
+        checkpoint = functools.partial(save_qat, index, list(histories))
         options = phase.fit_options(qat_model, teacher=float_model)
         history = fit(qat_model, data.x_train, data.y_train, epochs=phase.epochs,
                       lr=s.lr * phase.lr_scale, batch_size=s.batch_size, seed=s.seed + index,
                       progress=progress, description=phase.name, oscillation=oscillation,
                       resume=saved["state"] if saved and index == done else None,
-                      checkpoint=checkpoint, workers=workers, **options)
+                      x_val=data.x_test, y_val=data.y_test,
+                      checkpoint=checkpoint, log=board, workers=workers, **options)
         histories.append([{**r, "phase": phase.name} for r in history])
         if options["step_hook"] is not None and phase.epochs > 0:
             hooks[phase.name] = options["step_hook"]

@@ -11,10 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 from qflow.errors import QflowError
+from qflow.graph.ir import QGraph
+from qflow.report import REPORT_FILE as RUN_REPORT_FILE
+from qflow.report import update_report
 from qflow.verify.check import REPORT_FILE, verify_directory
+from qflow.verify.exportdir import read_export, run_directory
 from qflow.verify.report import COLUMNS, table_rows
 
-from .console import make_console
+from .console import make_console, print_report
 
 HELP = "check every exported artifact against the bit-exact emulator"
 
@@ -77,6 +81,16 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"[{'green' if report['passed'] else 'red'}]{report['summary']}[/]; "
                   f"report in {args.directory / REPORT_FILE}", soft_wrap=True)
+    _update_run_report(console, args.directory)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0 if report["passed"] else 1
+
+
+def _update_run_report(console: Console, directory: Path) -> None:
+    """Add this verification to the report of the export's run, where it has one."""
+    info = read_export(directory)
+    run, _ = run_directory(info)
+    if run is not None and (run / RUN_REPORT_FILE).is_file():
+        graph = QGraph.load(directory / info.qgraph)
+        print_report(console, run, *update_report(run, directory, graph=graph))

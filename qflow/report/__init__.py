@@ -5,8 +5,9 @@ self-contained HTML page into the run: images embedded, no scripts, nothing fetc
 Each section is there when its data is:
 
 - summary: model, method, data, accuracies, seed, qflow version;
-- training: loss per epoch, float then QAT phases;
-- formats: each quantized tensor's word length W and integer width I;
+- training: loss and test accuracy per epoch, float then QAT phases;
+- formats: each quantized tensor's word length W and integer width I, and a strip of
+  the integer width per channel for per-channel formats;
 - quantized values: for the input and every quantizing cast of the frozen graph, a
   histogram of the values arriving on test data against the type's range, and the rates
   of values clipped, zeroed or wrapped by the overflow mode and of zero codes
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import qflow
 from qflow.errors import QflowError
+from qflow.graph.ir import QGraph
 from qflow.jsonfile import read_json
 
 from . import figures
@@ -47,10 +49,13 @@ SECTIONS = {"summary": "Summary", "training": "Training", "formats": "Formats",
 
 
 def write_report(run_dir: str | Path, export_dir: str | Path | None = None, *,
-                 samples: int = DEFAULT_SAMPLES) -> dict:
+                 samples: int = DEFAULT_SAMPLES, graph: QGraph | None = None) -> dict:
     """Write ``report.html`` into ``run_dir`` and the statistics into its
-    ``metrics.json``; return the statistics (with ``"sections"``, the ids present)."""
-    from qflow.runs import METRICS, freeze_run, load_run_data
+    ``metrics.json``; return the statistics (with ``"sections"``, the ids present).
+
+    ``graph``, when the caller has it, is the run's frozen QGraph (else the run is
+    loaded and frozen here)."""
+    from qflow.runs import METRICS, RUN_INFO, freeze_run, load_run_data
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
@@ -59,7 +64,10 @@ def write_report(run_dir: str | Path, export_dir: str | Path | None = None, *,
     if export_dir is not None and not (export_dir / "export.json").is_file():
         raise QflowError(f"export directory not found: {export_dir} (no export.json)")
     metrics = read_json(run_dir / METRICS)
-    graph, info = freeze_run(run_dir)
+    if graph is None:
+        graph, info = freeze_run(run_dir)
+    else:
+        info = read_json(run_dir / RUN_INFO)
     data = load_run_data(run_dir, info)
     rows = cast_statistics(graph, data.x_test[:samples])
     page = Page(f"qflow report: {info.get('model', run_dir.name)}")
@@ -85,6 +93,18 @@ def write_report(run_dir: str | Path, export_dir: str | Path | None = None, *,
     return stats
 
 
+def update_report(run_dir: str | Path, export_dir: str | Path | None = None, *,
+                  graph: QGraph | None = None) -> tuple[Path | None, str]:
+    """Rewrite a run's report for ``qflow quantize``, ``export`` and ``verify``: (the
+    path written, "") or (None, why not). A report that cannot be written does not fail
+    the command that made the run or export; the caller prints the reason."""
+    try:
+        write_report(run_dir, export_dir, graph=graph)
+    except (QflowError, OSError, ValueError) as exc:
+        return None, f"report not updated: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+    return Path(run_dir) / REPORT_FILE, ""
+
+
 def _summary(parts: list[str], info: dict, metrics: dict) -> None:
     rows = [["model", info.get("model", "")], ["method", info.get("method", "")],
             ["data", info.get("data", "")], ["seed", info.get("seed", "")],
@@ -105,6 +125,11 @@ def _formats(parts: list[str], formats: list[dict]) -> None:
     parts.append(table(["layer", "tensor", "W", "I", "signed", "rounding", "overflow", "K-hot"],
                        [[r["layer"], r["tensor"], r["width"], width(r), r["signed"], r["rounding"],
                          r["overflow"], r["khot"] or "-"] for r in formats], numeric={2}))
+    strip = figures.channel_strip_figure(formats)
+    if strip:
+        parts.append(paragraph("Per-channel formats: the integer width I of each output "
+                               "channel."))
+        parts.append(image(strip, "integer width per channel"))
 
 
 def _values(parts: list[str], rows: list[dict], samples: int) -> None:
