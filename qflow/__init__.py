@@ -25,6 +25,8 @@ _LAZY = {
     "freeze": ("qflow.graph.from_torch", "freeze"),
     "emulate": ("qflow.graph.emulator", "emulate"),
     "QGraph": ("qflow.graph.ir", "QGraph"),
+    "import_qonnx": ("qflow.qonnx_import", "import_qonnx"),
+    "import_brevitas": ("qflow.qonnx_import", "import_brevitas"),
 }
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
     "describe",
     "emulate",
     "freeze",
+    "import_brevitas",
+    "import_qonnx",
     "quantize_",
 ]
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from qflow.api import quantize_
 from qflow.errors import QflowError
+from qflow.graph.ir import QGraph
 from qflow.jsonfile import read_json, write_json
 from qflow.methods import config_from_json
 from qflow.outdir import OutputDirectory
@@ -39,6 +40,20 @@ CHECKPOINT, FLOAT_WEIGHTS, CONFIG, RUN_INFO, METRICS = (
     "checkpoint.pt", "float.pt", "config.json", "run.json", "metrics.json")
 #: run files whose sha256 run.json records
 DIGESTED = (CHECKPOINT, FLOAT_WEIGHTS, CONFIG)
+#: an imported run (``qflow import``): its QGraph and a copy of the QONNX file it came from
+IMPORTED, IMPORTED_GRAPH, IMPORTED_SOURCE = "import", "model.qgraph", "source.onnx"
+IMPORTED_DIGESTED = (IMPORTED_GRAPH, IMPORTED_SOURCE)
+
+
+def is_imported(info: dict) -> bool:
+    """Whether run.json ``info`` is an imported run's (a QGraph, no torch model)."""
+    return info.get("method") == IMPORTED
+
+
+def run_identity(info: dict) -> str:
+    """The sha256 that identifies a run's model: its checkpoint's, or an imported run's
+    QGraph's (an export records it to tell whether the run was rewritten since)."""
+    return info["files"][IMPORTED_GRAPH if is_imported(info) else CHECKPOINT]
 
 
 def model_source(spec: str) -> dict:
@@ -100,10 +115,11 @@ def read_run_info(directory: str | Path) -> dict:
                          f"{info.get('format')!r} (this qflow reads {RUN_FORMAT}; re-run "
                          "qflow quantize)")
     digests = info.get("files")
-    if not isinstance(digests, dict) or sorted(digests) != sorted(DIGESTED):
+    digested = IMPORTED_DIGESTED if is_imported(info) else DIGESTED
+    if not isinstance(digests, dict) or sorted(digests) != sorted(digested):
         raise QflowError(f"{directory / RUN_INFO}: 'files' must give the sha256 of "
-                         f"{', '.join(DIGESTED)}")
-    for name in DIGESTED:
+                         f"{', '.join(digested)}")
+    for name in digested:
         path = directory / name
         if not path.is_file():
             raise QflowError(f"{name} not found in run {directory}")
@@ -135,6 +151,11 @@ def check_model_source(info: dict, directory: Path) -> str:
     return record["spec"]
 
 
+def has_data(info: dict) -> bool:
+    """Whether a run names a data set (an imported run may have none)."""
+    return info.get("sources", {}).get("data") is not None
+
+
 def load_run_data(directory: str | Path, info: dict | None = None) -> Dataset:
     """The data set a run trained on, after checking it is the same (sha256 of the arrays).
 
@@ -142,6 +163,8 @@ def load_run_data(directory: str | Path, info: dict | None = None) -> Dataset:
     """
     directory = Path(directory)
     info = read_run_info(directory) if info is None else info
+    if not has_data(info):
+        raise QflowError(f"run {directory} names no data set (imported without --data)")
     record = _source(info, "data", directory)
     data = resolve_data(record["spec"], record.get("search_path"))
     if dataset_sha256(data) != record.get("sha256"):
@@ -161,6 +184,9 @@ def load_run(directory: str | Path) -> tuple[nn.Module, dict]:
     """
     directory = Path(directory)
     info = read_run_info(directory)
+    if is_imported(info):
+        raise QflowError(f"run {directory} was imported from {info.get('model')}: it has a "
+                         "QGraph, no torch model")
     spec = check_model_source(info, directory)
     config = config_from_json((directory / CONFIG).read_bytes(), str(directory / CONFIG))
     model = resolve_model(spec)()
@@ -193,6 +219,11 @@ def freeze_run(directory: str | Path):
     from qflow.graph.from_torch import freeze
 
     directory = Path(directory)
+    info = read_run_info(directory)
+    if is_imported(info):
+        graph = QGraph.load(directory / IMPORTED_GRAPH)
+        graph.meta.update({"model": info.get("model"), "run": str(directory)})
+        return graph, info
     model, info = load_run(directory)
     shape = input_shape(info, directory)
     example = torch.zeros((2, *shape))
@@ -206,3 +237,39 @@ def freeze_run(directory: str | Path):
     graph = freeze(model, example)
     graph.meta.update({"model": info.get("model"), "run": str(directory)})
     return graph, info
+
+
+def save_imported_run(directory: str | Path, graph: QGraph, source: str | Path, *,
+                      data_spec: str | None = None, data: Dataset | None = None,
+                      search_path: list[str] | None = None, notes: dict | None = None,
+                      force: bool = False) -> Path:
+    """Write an imported run: the QGraph, a self-contained copy of the QONNX file (external
+    weights inlined), run.json (method ``import``) and metrics.json; return its path."""
+    import onnx
+
+    source = Path(source)
+    model = onnx.load(str(source))  # external data, if any, is read in
+    shape = [int(n) for n in graph.tensors[graph.input].shape]
+    out = OutputDirectory(directory, kind="run", force=force)
+    out.check()
+    with out.open() as stage:
+        graph.save(stage / IMPORTED_GRAPH)
+        onnx.save(model, str(stage / IMPORTED_SOURCE))
+        sources = {"model": {"spec": str(source.resolve()), "file": str(source.resolve()),
+                             "sha256": file_sha256(source)}}
+        if data_spec is not None:
+            sources["data"] = data_source(data_spec, data, search_path)
+        write_json(stage / METRICS, {"import": notes or {}})
+        digests = {name: file_sha256(stage / name) for name in IMPORTED_DIGESTED}
+        write_json(stage / RUN_INFO, {
+            "format": RUN_FORMAT, "method": IMPORTED, "model": source.name,
+            "data": data_spec, "sources": sources, "input_shape": shape,
+            "qflow": _version(), "files": digests})
+        out.commit()
+    return Path(directory)
+
+
+def _version() -> str:
+    import qflow
+
+    return qflow.__version__

@@ -81,7 +81,7 @@ def _options(args: argparse.Namespace, target, console) -> ExportOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qflow.runs import freeze_run, load_run_data
+    from qflow.runs import freeze_run, has_data, load_run_data, run_identity
 
     console = make_console()
     target = load_target_file(args.target_file) if args.target_file else load_target(args.target)
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                           report=lambda message: console.print(f"[yellow]{message}[/]"))
     out.check()
     graph, info = freeze_run(run_dir)
-    load_run_data(run_dir, info)  # the data verify will use must be the data it trained on
+    if has_data(info):  # the data verify will use must be the data it trained on
+        load_run_data(run_dir, info)
     console.print(_graph_table(graph))
     with out.open() as stage:
         graph.save(stage / QGRAPH_FILE)
@@ -101,16 +102,16 @@ def run(args: argparse.Namespace) -> int:
             "target": target.name,
             "run": os.path.relpath(run_dir.resolve(), out.final.resolve()),
             "run_absolute": str(run_dir.resolve()),
-            "run_checkpoint_sha256": info["files"]["checkpoint.pt"],
-            "data": info["sources"]["data"]["spec"],
-            "data_sha256": info["sources"]["data"]["sha256"],
+            "run_checkpoint_sha256": run_identity(info),
+            "data": info["sources"]["data"]["spec"] if has_data(info) else None,
+            "data_sha256": info["sources"]["data"]["sha256"] if has_data(info) else None,
             "qgraph": QGRAPH_FILE,
             "artifacts": artifacts,
             "input_type": graph.input_type.to_ap(),
             "output_type": graph.output_type.to_ap(),
             "qflow": qflow.__version__,
         }
-        if info["sources"]["data"].get("search_path"):
+        if has_data(info) and info["sources"]["data"].get("search_path"):
             export_info["data_search_path"] = info["sources"]["data"]["search_path"]
         export_info["files"] = digest_files(stage)
         (stage / EXPORT_FILE).write_text(json.dumps(export_info, indent=2) + "\n")

@@ -11,7 +11,7 @@ import threading
 from qflow import __version__
 from qflow.errors import QflowError
 
-from . import export, quantize, report, targets, verify
+from . import export, importer, quantize, report, targets, verify
 
 #: subcommand name -> module with ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
@@ -19,6 +19,7 @@ COMMANDS = {
     "export": export,
     "verify": verify,
     "report": report,
+    "import": importer,
     "targets": targets,
 }
 

@@ -55,7 +55,7 @@ def write_report(run_dir: str | Path, export_dir: str | Path | None = None, *,
 
     ``graph``, when the caller has it, is the run's frozen QGraph (else the run is
     loaded and frozen here)."""
-    from qflow.runs import METRICS, RUN_INFO, freeze_run, load_run_data
+    from qflow.runs import METRICS, RUN_INFO, freeze_run, has_data, load_run_data
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
@@ -68,8 +68,8 @@ def write_report(run_dir: str | Path, export_dir: str | Path | None = None, *,
         graph, info = freeze_run(run_dir)
     else:
         info = read_json(run_dir / RUN_INFO)
-    data = load_run_data(run_dir, info)
-    rows = cast_statistics(graph, data.x_test[:samples])
+    data = load_run_data(run_dir, info) if has_data(info) else None
+    rows = cast_statistics(graph, data.x_test[:samples]) if data is not None else []
     page = Page(f"qflow report: {info.get('model', run_dir.name)}")
     stats = {"qflow": qflow.__version__, "tensors": rows}
     _summary(page.section("summary", SECTIONS["summary"]), info, metrics)
@@ -79,7 +79,8 @@ def write_report(run_dir: str | Path, export_dir: str | Path | None = None, *,
         page.section("training", SECTIONS["training"]).append(image(training, "training curves"))
     if metrics.get("formats"):
         _formats(page.section("formats", SECTIONS["formats"]), metrics["formats"])
-    _values(page.section("values", SECTIONS["values"]), rows, len(data.x_test[:samples]))
+    if data is not None:
+        _values(page.section("values", SECTIONS["values"]), rows, len(data.x_test[:samples]))
     for anchor, name, alt in (("oscillation", "oscillation.png", "oscillating weights per layer"),
                               ("pareto", "pareto.png", "mixed-precision Pareto front")):
         if (run_dir / name).is_file():

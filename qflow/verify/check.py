@@ -40,6 +40,8 @@ MAX_LISTED = 20
 #: a row's role: what its status means for the verdict
 REFERENCE, QAT, FILES, ARTIFACT = "reference", "qat model", "files", "artifact"
 QAT_NAME = "QAT model (torch eval)"
+#: the QAT row of an imported run: its original graph
+SOURCE_NAME = "original QONNX (qonnx executor)"
 
 
 def _noop(message: str) -> None:
@@ -60,6 +62,21 @@ def qat_codes(run_dir: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.as_tensor(x, dtype=torch.float32)).numpy().astype(np.float64)
     return values_to_codes(out, graph.output_type)
+
+
+def source_codes(run_dir: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
+    """Output codes of an imported run's original QONNX graph under qonnx's executor (its
+    float32 arithmetic), all of ``x`` in one batch."""
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.cleanup import cleanup_model
+
+    from qflow.qonnx_import import clean_qonnx
+    from qflow.runs import IMPORTED_SOURCE
+
+    model = cleanup_model(clean_qonnx(run_dir / IMPORTED_SOURCE), override_inpsize=len(x))
+    name, out = model.graph.input[0].name, model.graph.output[0].name
+    values = execute_onnx(model, {name: np.asarray(x, dtype=np.float32)})[out]
+    return values_to_codes(values.astype(np.float64), graph.output_type)
 
 
 def compare(reference: np.ndarray, codes: np.ndarray) -> tuple[int, int]:
@@ -383,11 +400,17 @@ def _qat_row(info: ExportInfo, graph: QGraph, x, reference, kinds, progress) -> 
     except ImportError:
         return _row(QAT_NAME, QAT, status="not run", note="not run: torch is not installed")
     rewritten = _rewritten(info, run_dir)
+    name = SOURCE_NAME if _imported(run_dir) else QAT_NAME
     if rewritten:
-        return _row(QAT_NAME, QAT, status="not run", note=f"not run: {rewritten}")
-    progress(f"running the QAT model of {run_dir}")
-    row = _checked_row(QAT_NAME, QAT, str(run_dir), reference, kinds,
-                       lambda: qat_codes(run_dir, graph, x))
+        return _row(name, QAT, status="not run", note=f"not run: {rewritten}")
+    if name == SOURCE_NAME:
+        progress(f"running the original QONNX graph of {run_dir} under qonnx's executor")
+        row = _checked_row(name, QAT, str(run_dir), reference, kinds,
+                           lambda: source_codes(run_dir, graph, x))
+    else:
+        progress(f"running the QAT model of {run_dir}")
+        row = _checked_row(name, QAT, str(run_dir), reference, kinds,
+                           lambda: qat_codes(run_dir, graph, x))
     if row["status"] == "failed" and not row["samples"]:
         # the run is not part of the export: a run that cannot be loaded is reported,
         # and only a QAT model that runs and disagrees fails verify
@@ -395,12 +418,23 @@ def _qat_row(info: ExportInfo, graph: QGraph, x, reference, kinds, progress) -> 
     return row
 
 
+def _imported(run_dir: Path) -> bool:
+    from qflow.runs import is_imported
+
+    try:
+        return is_imported(json.loads((run_dir / "run.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _rewritten(info: ExportInfo, run_dir: Path) -> str:
     """Why the run found is not the one the export was made from ('' when it is)."""
+    from qflow.runs import run_identity
+
     expected = info.raw.get("run_checkpoint_sha256")
     try:
-        found = json.loads((run_dir / "run.json").read_text())["files"]["checkpoint.pt"]
-    except (OSError, ValueError, KeyError, TypeError):
+        found = run_identity(json.loads((run_dir / "run.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         found = None
     if expected and found != expected:
         return (f"run {run_dir} is not the run this export was made from (its checkpoint "

@@ -1,0 +1,294 @@
+"""QONNX graph -> QGraph, node by node, exactly.
+
+Every activation tensor of the QONNX graph becomes a QGraph tensor whose real values
+(codes times the type's LSB) are the QONNX tensor's exact values. A ``Quant`` node is a
+fixed-point type: its scale must be a power of two (per tensor, or per output channel on
+a weight), its zero point 0, its rounding mode one that ap_fixed has; on the graph input
+it is the input type, on an activation a ``cast``, on an initializer a constant's codes.
+``Gemm`` / ``MatMul`` / ``Conv`` with quantized weights (and a quantized bias) are
+``dense`` / ``conv2d``; ``Relu``, ``Add``, ``MaxPool``, ``Flatten`` / ``Reshape`` map
+one to one. Anything else is refused, naming the node.
+
+The QGraph's arithmetic is exact (integers); qonnx's executor computes the same graph
+in float32, which agrees wherever float32 holds the values exactly (``qflow verify``
+compares the two and reports any difference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+from qflow.errors import QflowError
+from qflow.graph import infer
+from qflow.graph.ir import Node, QGraph, TensorInfo
+from qflow.numerics import FixedType, Overflow, Rounding
+
+#: QONNX rounding_mode -> the ap_fixed rounding that computes the same integers
+ROUNDING = {"ROUND": Rounding.RND_CONV, "HALF_EVEN": Rounding.RND_CONV,
+            "FLOOR": Rounding.TRN, "DOWN": Rounding.TRN_ZERO,
+            "HALF_UP": Rounding.RND_INF, "HALF_DOWN": Rounding.RND_ZERO}
+QUANT_DOMAIN = "qonnx.custom_op.general"
+
+
+class QonnxError(QflowError):
+    """A QONNX graph (or one of its nodes) that has no exact QGraph form."""
+
+
+class _Constant:
+    """An initializer after its ``Quant``: integer codes and the fraction per channel
+    (axis 0), or a plain float array (``codes`` None) before any ``Quant``."""
+
+    def __init__(self, value: np.ndarray, codes: np.ndarray | None = None,
+                 fracs: np.ndarray | None = None):
+        self.value, self.codes, self.fracs = value, codes, fracs
+
+
+class Converter:
+    """Builds the QGraph of one cleaned QONNX ``ModelWrapper``; see the module docstring."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graph = model.graph
+        self.constants: dict[str, _Constant] = {
+            init.name: _Constant(numpy_helper.to_array(init).astype(np.float64))
+            for init in self.graph.initializer}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.nodes: list[Node] = []
+        self.names: dict[str, str] = {}  # QONNX tensor -> QGraph tensor
+        self.input: str | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _shape(self, name: str) -> tuple[int, ...]:
+        shape = self.model.get_tensor_shape(name)
+        if shape is None:
+            raise QonnxError(f"tensor {name!r}: no shape (qonnx's InferShapes found none)")
+        return tuple(int(s) for s in shape[1:])
+
+    def _add(self, op: str, node, inputs: list[str], out_type: FixedType, *, attrs=None,
+             consts=None) -> str:
+        name = node.name or node.output[0]
+        name = name.replace(".", "_").replace("/", "_")
+        while name in self.tensors:
+            name += "_"
+        self.tensors[name] = TensorInfo(name, self._shape(node.output[0]), out_type)
+        self.nodes.append(Node(op, name, inputs, name, attrs or {}, consts or {},
+                               source=node.name))
+        self.names[node.output[0]] = name
+        return name
+
+    def _activation(self, node, index: int) -> str:
+        name = node.input[index]
+        if name not in self.names:
+            what = "a constant" if name in self.constants else "not computed by a quantized node"
+            raise QonnxError(f"node {node.name} ({node.op_type}): input {name!r} is {what}; "
+                               "qflow imports graphs whose activations are all quantized")
+        return self.names[name]
+
+    def _quantized_constant(self, node, index: int, what: str) -> _Constant:
+        name = node.input[index]
+        constant = self.constants.get(name)
+        if constant is None or constant.codes is None:
+            raise QonnxError(f"node {node.name} ({node.op_type}): its {what} {name!r} is not a "
+                               "quantized constant (a Quant of an initializer)")
+        return constant
+
+    def _type_of(self, tensor: str) -> FixedType:
+        return self.tensors[tensor].type
+
+    # -- the graph ------------------------------------------------------------------------------
+    def convert(self) -> QGraph:
+        if len(self.graph.input) != 1 or len(self.graph.output) != 1:
+            raise QonnxError(f"the graph has {len(self.graph.input)} inputs and "
+                               f"{len(self.graph.output)} outputs; qflow imports one of each")
+        for node in self.graph.node:
+            handler = HANDLERS.get(node.op_type)
+            if handler is None:
+                raise QonnxError(f"node {node.name}: op {node.op_type} has no exact QGraph form "
+                                   f"here (qflow imports {', '.join(sorted(HANDLERS))})")
+            handler(self, node)
+        if self.input is None:
+            raise QonnxError("the graph input is not quantized: its first node must be a "
+                               "Quant (or BipolarQuant) of the input")
+        output = self.graph.output[0].name
+        if output not in self.names:
+            raise QonnxError(f"the graph output {output!r} is not computed by a quantized node")
+        graph = QGraph(input=self.input, output=self.names[output], tensors=self.tensors,
+                       nodes=self.nodes, meta={"imported_from": "qonnx"})
+        return graph.validate("imported QONNX graph")
+
+    # -- ops ----------------------------------------------------------------------------------
+    def quant(self, node) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        scale, zero_point, bits = (self._float_input(node, i, what) for i, what in
+                                   ((1, "scale"), (2, "zero point"), (3, "bit width")))
+        mode = attrs.get("rounding_mode", b"ROUND")
+        mode = (mode.decode() if isinstance(mode, bytes) else str(mode)).upper()
+        signed, narrow = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0))
+        label = f"node {node.name} (Quant)"
+        if np.any(zero_point != 0):
+            raise QonnxError(f"{label}: zero point {zero_point.ravel()[:4].tolist()} is not 0 "
+                               "(asymmetric quantization is not imported yet)")
+        if bits.size != 1 or bits.item() != int(bits.item()) or not 2 <= bits.item() <= 32:
+            raise QonnxError(f"{label}: bit width {bits.ravel()[:4].tolist()} must be one "
+                               "integer from 2 to 32")
+        if mode not in ROUNDING:
+            raise QonnxError(f"{label}: rounding_mode {mode} has no ap_fixed equivalent "
+                               f"(imported: {', '.join(ROUNDING)})")
+        if narrow and not signed:
+            raise QonnxError(f"{label}: an unsigned narrow range (0 .. 2^b - 2) has no ap_fixed "
+                               "type")
+        fracs = _power_of_two_fractions(scale, label)
+        width = int(bits.item())
+        overflow = Overflow.SAT_SYM if narrow else Overflow.SAT
+        source = node.input[0]
+        if source in self.constants:  # a weight or a bias: its codes
+            self._quantize_constant(node, fracs, width, signed, narrow, ROUNDING[mode])
+            return
+        if fracs.size != 1:
+            raise QonnxError(f"{label}: a per-channel scale on an activation is not imported")
+        t = FixedType(signed=signed, integer=width - int(fracs[0]) - int(signed),
+                      fractional=int(fracs[0]), rounding=ROUNDING[mode], overflow=overflow)
+        if source == self.graph.input[0].name and self.input is None:
+            self.input = self._declare_input(source, t)
+            self.names[node.output[0]] = self.input
+            return
+        self._add("cast", node, [self._activation(node, 0)], t)
+
+    def _declare_input(self, name: str, t: FixedType) -> str:
+        self.tensors[name] = TensorInfo(name, self._shape(name), t)
+        return name
+
+    def _float_input(self, node, index: int, what: str) -> np.ndarray:
+        constant = self.constants.get(node.input[index]) if index < len(node.input) else None
+        if constant is None:
+            raise QonnxError(f"node {node.name} ({node.op_type}): its {what} must be a constant")
+        return constant.value
+
+    def _quantize_constant(self, node, fracs, width, signed, narrow, rounding) -> None:
+        value = self.constants[node.input[0]].value
+        frac_shape = fracs.reshape(fracs.shape + (1,) * (value.ndim - fracs.ndim)) \
+            if fracs.ndim and fracs.size > 1 else fracs.reshape(())
+        scaled = np.ldexp(value, np.broadcast_to(frac_shape, value.shape).astype(np.int64)
+                          if frac_shape.ndim else int(frac_shape))
+        t = FixedType(signed=signed, integer=width - int(signed), fractional=0,
+                      rounding=rounding, overflow=Overflow.SAT_SYM if narrow else Overflow.SAT)
+        from qflow.numerics import to_codes
+
+        codes = to_codes(scaled, t)
+        channels = value.shape[0] if value.ndim else 1
+        per_channel = np.broadcast_to(fracs.reshape(-1), (channels,)) if fracs.size in (
+            1, channels) else None
+        if per_channel is None:
+            raise QonnxError(f"node {node.name} (Quant): its scale is not per tensor or per "
+                               "output channel")
+        self.constants[node.output[0]] = _Constant(
+            np.ldexp(codes.astype(np.float64), -frac_shape if frac_shape.ndim else
+                     -int(frac_shape)), codes, per_channel.astype(np.int64).copy())
+
+    def weighted(self, node, op: str, weight: _Constant, bias: _Constant | None, attrs) -> None:
+        src = self._activation(node, 0)
+        consts = {"weight": weight.codes, "weight_frac": weight.fracs}
+        if bias is not None:
+            channels = weight.codes.shape[0]
+            bias_codes = bias.codes.reshape(-1)
+            if bias_codes.size != channels:
+                raise QonnxError(f"node {node.name} ({node.op_type}): bias of {bias_codes.size} "
+                                   f"values for {channels} outputs")
+            consts.update(bias=bias_codes, bias_frac=np.broadcast_to(bias.fracs, (channels,))
+                          .copy())
+        probe = Node(op, node.name, [src], node.name, attrs, consts)
+        out_type = infer.infer_weighted(probe, self._type_of(src))
+        self._add(op, node, [src], out_type, attrs=attrs, consts=consts)
+
+    def gemm(self, node) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or (attrs.get("alpha", 1.0), attrs.get("beta", 1.0)) != (1, 1):
+            raise QonnxError(f"node {node.name} (Gemm): transA, alpha and beta must be 0, 1, 1")
+        weight = self._quantized_constant(node, 1, "weight")
+        if not attrs.get("transB", 0):
+            weight = _transposed(weight)
+        bias = self._quantized_constant(node, 2, "bias") if len(node.input) > 2 and \
+            node.input[2] else None
+        self.weighted(node, "dense", weight, bias, {})
+
+    def matmul(self, node) -> None:
+        self.weighted(node, "dense", _transposed(self._quantized_constant(node, 1, "weight")),
+                      None, {})
+
+    def conv(self, node) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+            raise QonnxError(f"node {node.name} (Conv): auto_pad is not imported (give pads)")
+        if len(pads) != 4 or pads[:2] != pads[2:]:
+            raise QonnxError(f"node {node.name} (Conv): pads {pads} must be 2-d and symmetric")
+        weight = self._quantized_constant(node, 1, "weight")
+        bias = self._quantized_constant(node, 2, "bias") if len(node.input) > 2 and \
+            node.input[2] else None
+        self.weighted(node, "conv2d", weight, bias, {
+            "stride": [int(s) for s in attrs.get("strides", [1, 1])], "padding": pads[:2],
+            "dilation": [int(d) for d in attrs.get("dilations", [1, 1])],
+            "groups": int(attrs.get("group", 1))})
+
+    def relu(self, node) -> None:
+        src = self._activation(node, 0)
+        self._add("relu", node, [src], infer.infer_relu(self._type_of(src)))
+
+    def add(self, node) -> None:
+        a, b = self._activation(node, 0), self._activation(node, 1)
+        if self._shape(node.input[0]) != self._shape(node.input[1]):
+            raise QonnxError(f"node {node.name} (Add): broadcasting is not imported")
+        self._add("add", node, [a, b], infer.infer_add(self._type_of(a), self._type_of(b)))
+
+    def reshape(self, node) -> None:
+        src = self._activation(node, 0)
+        shape = list(self._shape(node.output[0]))
+        if math.prod(shape) != math.prod(self._shape(node.input[0])):
+            raise QonnxError(f"node {node.name} ({node.op_type}): changes the batch size")
+        self._add("reshape", node, [src], self._type_of(src), attrs={"shape": shape})
+
+    def maxpool(self, node) -> None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        if len(pads) != 4 or pads[:2] != pads[2:]:
+            raise QonnxError(f"node {node.name} (MaxPool): pads {pads} must be symmetric")
+        kernel = [int(k) for k in attrs["kernel_shape"]]
+        src = self._activation(node, 0)
+        self._add("maxpool2d", node, [src], self._type_of(src), attrs={
+            "kernel": kernel, "stride": [int(s) for s in attrs.get("strides", kernel)],
+            "padding": pads[:2], "dilation": [int(d) for d in attrs.get("dilations", [1, 1])],
+            "ceil_mode": bool(attrs.get("ceil_mode", 0))})
+
+
+def _transposed(weight: _Constant) -> _Constant:
+    """A (K, M) weight as (M, K): MatMul's layout to dense's; one fraction per column."""
+    if weight.codes.ndim != 2:
+        raise QonnxError("a MatMul weight must be 2-d")
+    fracs = weight.fracs
+    if np.unique(fracs).size != 1:
+        raise QonnxError("a MatMul weight's scale must be per tensor (or per output column "
+                           "through Gemm)")
+    return _Constant(weight.value.T, weight.codes.T.copy(),
+                     np.full(weight.codes.shape[1], fracs[0], dtype=np.int64))
+
+
+def _power_of_two_fractions(scale: np.ndarray, label: str) -> np.ndarray:
+    """The fractional bits f with scale = 2**-f, one per scale value."""
+    scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+    mantissa, exponent = np.frexp(scale)
+    if not (np.all(scale > 0) and np.all(mantissa == 0.5)):
+        bad = scale[~((scale > 0) & (mantissa == 0.5))][0]
+        raise QonnxError(f"{label}: scale {bad:.9g} is not a power of two (only power-of-two "
+                           "scales are imported so far)")
+    return (1 - exponent).astype(np.int64)
+
+
+HANDLERS = {
+    "Quant": Converter.quant, "Gemm": Converter.gemm, "MatMul": Converter.matmul,
+    "Conv": Converter.conv, "Relu": Converter.relu, "Add": Converter.add,
+    "Reshape": Converter.reshape, "Flatten": Converter.reshape, "MaxPool": Converter.maxpool,
+}
