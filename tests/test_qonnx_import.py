@@ -19,6 +19,8 @@ from brevitas.quant import (
     Int8WeightPerChannelFloat,
     Int8WeightPerTensorFixedPoint,
     Int16Bias,
+    SignedBinaryActPerTensorConst,
+    SignedBinaryWeightPerTensorConst,
     Uint8ActPerTensorFixedPoint,
 )
 from onnx import helper
@@ -52,6 +54,26 @@ class PowerOfTwoMLP(torch.nn.Module):
         return self.fc2(self.relu(self.fc1(self.inp(x.flatten(1)))))
 
 
+class BinaryMLP(torch.nn.Module):
+    """Binary weights and a binary hidden layer (BipolarQuant), power-of-two scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint,
+                                     return_quant_tensor=True)
+        self.fc1 = qnn.QuantLinear(64, 32, bias=False,
+                                   weight_quant=SignedBinaryWeightPerTensorConst,
+                                   weight_scaling_const=0.5)
+        self.sign = qnn.QuantIdentity(act_quant=SignedBinaryActPerTensorConst,
+                                      act_scaling_const=0.25, return_quant_tensor=True)
+        self.fc2 = qnn.QuantLinear(32, 10, bias=False,
+                                   weight_quant=SignedBinaryWeightPerTensorConst,
+                                   weight_scaling_const=1.0)
+
+    def forward(self, x):
+        return self.fc2(self.sign(self.fc1(self.inp(x.flatten(1)))))
+
+
 class PowerOfTwoCNN(torch.nn.Module):
     def __init__(self, weight_quant=Int8WeightPerTensorFixedPoint):
         super().__init__()
@@ -81,17 +103,18 @@ def _calibrated(model, x):
 
 @pytest.fixture(scope="module")
 def brevitas_files(tmp_path_factory):
-    """The two power-of-two models exported by brevitas, and the digits data beside them
-    (flattened for the MLP)."""
+    """The power-of-two models exported by brevitas, and the digits data beside them
+    (flattened for the MLPs)."""
     root = tmp_path_factory.mktemp("import")
     data = DATASETS["digits"]()
     np.savez(root / "digits64.npz", **{k: getattr(data, k).reshape(len(getattr(data, k)), -1)
                                        if k.startswith("x") else getattr(data, k)
                                        for k in ("x_train", "y_train", "x_test", "y_test")})
     files = {}
-    for name, model, example in (("mlp", PowerOfTwoMLP(), torch.rand(1, 1, 8, 8)),
-                                 ("cnn", PowerOfTwoCNN(), torch.rand(1, 1, 8, 8))):
+    for name, model in (("mlp", PowerOfTwoMLP()), ("cnn", PowerOfTwoCNN()),
+                        ("binary", BinaryMLP())):
         model = _calibrated(model, data.x_train)
+        example = torch.rand(1, 1, 8, 8)
         export_qonnx(model, input_t=example if name == "cnn" else example.flatten(1),
                      export_path=str(root / f"{name}.onnx"))
         files[name] = (root / f"{name}.onnx", model)
@@ -99,11 +122,11 @@ def brevitas_files(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "binary"])
 def test_brevitas_model_imports_exports_and_verifies_exactly(brevitas_files, name):
     root, files = brevitas_files
     path, _ = files[name]
-    data = "digits64.npz" if name == "mlp" else "digits"
+    data = "digits" if name == "cnn" else "digits64.npz"
     code, out, err = _qflow("import", str(path), "--data", data, "--out", f"run-{name}", cwd=root)
     assert code == 0, err
     assert "imported" in out

@@ -157,6 +157,42 @@ class Converter:
             return
         self._add("cast", node, [self._activation(node, 0)], t)
 
+    def bipolar_quant(self, node) -> None:
+        """+1 where x >= 0, else -1, times a power-of-two scale: a constant's codes ±1, or
+        ``sign`` (then a ``scale_shift`` by the scale when it is not 1)."""
+        label = f"node {node.name} (BipolarQuant)"
+        fracs = _power_of_two_fractions(self._float_input(node, 1, "scale"), label)
+        source = node.input[0]
+        if source in self.constants:
+            value = self.constants[source].value
+            codes = np.where(value >= 0, 1, -1).astype(np.int64)
+            channels = value.shape[0] if value.ndim else 1
+            if fracs.size not in (1, channels):
+                raise QonnxError(f"{label}: its scale is not per tensor or per output channel")
+            per_channel = np.broadcast_to(fracs.reshape(-1), (channels,)).astype(np.int64)
+            shape = per_channel.reshape((-1,) + (1,) * (value.ndim - 1)) if value.ndim else 0
+            self.constants[node.output[0]] = _Constant(
+                np.ldexp(codes.astype(np.float64), -shape), codes, per_channel.copy())
+            return
+        if source == self.graph.input[0].name:
+            raise QonnxError(f"{label}: a sign of the graph input has no input type; quantize "
+                             "the input with a Quant first")
+        if fracs.size != 1:
+            raise QonnxError(f"{label}: a per-channel scale on an activation is not imported")
+        src = self._activation(node, 0)
+        if int(fracs[0]) == 0:
+            self._add("sign", node, [src], infer.infer_sign(self._type_of(src)))
+            return
+        signs = self._add("sign", _Renamed(node, f"{node.name}_sign"), [src],
+                          infer.infer_sign(self._type_of(src)))
+        channels = self.tensors[signs].shape[0]
+        consts = {"scale": np.ones(channels, np.int64),
+                  "scale_frac": np.full(channels, int(fracs[0]), np.int64),
+                  "shift": np.zeros(channels, np.int64), "shift_frac": np.zeros(channels, np.int64)}
+        probe = Node("scale_shift", node.name, [signs], node.name, {}, consts)
+        self._add("scale_shift", node, [signs], infer.infer_scale_shift(
+            probe, self._type_of(signs)), consts=consts)
+
     def _declare_input(self, name: str, t: FixedType) -> str:
         self.tensors[name] = TensorInfo(name, self._shape(name), t)
         return name
@@ -264,6 +300,13 @@ class Converter:
             "ceil_mode": bool(attrs.get("ceil_mode", 0))})
 
 
+class _Renamed:
+    """A node seen under another name (a second QGraph node made from one QONNX node)."""
+
+    def __init__(self, node, name: str):
+        self.name, self.output, self.op_type = name, [node.output[0]], node.op_type
+
+
 def _transposed(weight: _Constant) -> _Constant:
     """A (K, M) weight as (M, K): MatMul's layout to dense's; one fraction per column."""
     if weight.codes.ndim != 2:
@@ -288,7 +331,8 @@ def _power_of_two_fractions(scale: np.ndarray, label: str) -> np.ndarray:
 
 
 HANDLERS = {
-    "Quant": Converter.quant, "Gemm": Converter.gemm, "MatMul": Converter.matmul,
+    "Quant": Converter.quant, "BipolarQuant": Converter.bipolar_quant,
+    "Gemm": Converter.gemm, "MatMul": Converter.matmul,
     "Conv": Converter.conv, "Relu": Converter.relu, "Add": Converter.add,
     "Reshape": Converter.reshape, "Flatten": Converter.reshape, "MaxPool": Converter.maxpool,
 }
