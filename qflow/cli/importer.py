@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from qflow.errors import QflowError
@@ -40,9 +41,7 @@ def run(args: argparse.Namespace) -> int:
         if shape != expected:
             raise QflowError(f"--data {args.data}: samples of shape {list(shape)}, the model "
                              f"takes {list(expected)}")
-    counts: dict[str, int] = {}
-    for node in graph.nodes:
-        counts[node.op] = counts.get(node.op, 0) + 1
+    counts = dict(Counter(node.op for node in graph.nodes))
     save_imported_run(args.out, graph, args.model, data_spec=args.data, data=data,
                       search_path=module_search_path(args.data) if args.data else None,
                       notes={"nodes": counts, "input_type": graph.input_type.to_ap(),

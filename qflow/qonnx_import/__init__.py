@@ -23,9 +23,9 @@ from .convert import Converter, QonnxError
 __all__ = ["QonnxError", "clean_qonnx", "import_brevitas", "import_qonnx"]
 
 
-def clean_qonnx(path: str | Path):
+def clean_qonnx(path: str | Path, *, batch: int | None = None):
     """The QONNX file at ``path`` as a cleaned qonnx ``ModelWrapper`` (one line on a file
-    that is not ONNX)."""
+    that is not ONNX); ``batch``, when given, becomes the graph's batch size."""
     import onnx
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.util.cleanup import cleanup_model
@@ -38,7 +38,7 @@ def clean_qonnx(path: str | Path):
     except Exception as exc:  # onnx raises DecodeError, ValueError, OSError ...
         raise QflowError(f"{path}: not an ONNX model ({_first_line(exc)})") from None
     try:
-        return cleanup_model(model)
+        return cleanup_model(model, override_inpsize=batch)
     except Exception as exc:
         raise QflowError(f"{path}: qonnx cannot clean this graph ({_first_line(exc)})") from None
 

@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 from qflow.errors import QflowError
 from qflow.graph import infer
 from qflow.graph.ir import Node, QGraph, TensorInfo
-from qflow.numerics import FixedType, Overflow, Rounding
+from qflow.numerics import FixedType, Overflow, Rounding, to_codes
 
 #: QONNX rounding_mode -> the ap_fixed rounding that computes the same integers
 ROUNDING = {"ROUND": Rounding.RND_CONV, "HALF_EVEN": Rounding.RND_CONV,
@@ -121,11 +121,10 @@ class Converter:
 
     # -- ops ----------------------------------------------------------------------------------
     def quant(self, node) -> None:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attributes(node)
         scale, zero_point, bits = (self._float_input(node, i, what) for i, what in
                                    ((1, "scale"), (2, "zero point"), (3, "bit width")))
-        mode = attrs.get("rounding_mode", b"ROUND")
-        mode = (mode.decode() if isinstance(mode, bytes) else str(mode)).upper()
+        mode = str(attrs.get("rounding_mode", "ROUND")).upper()
         signed, narrow = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0))
         label = f"node {node.name} (Quant)"
         if np.any(zero_point != 0):
@@ -165,14 +164,8 @@ class Converter:
         source = node.input[0]
         if source in self.constants:
             value = self.constants[source].value
-            codes = np.where(value >= 0, 1, -1).astype(np.int64)
-            channels = value.shape[0] if value.ndim else 1
-            if fracs.size not in (1, channels):
-                raise QonnxError(f"{label}: its scale is not per tensor or per output channel")
-            per_channel = np.broadcast_to(fracs.reshape(-1), (channels,)).astype(np.int64)
-            shape = per_channel.reshape((-1,) + (1,) * (value.ndim - 1)) if value.ndim else 0
-            self.constants[node.output[0]] = _Constant(
-                np.ldexp(codes.astype(np.float64), -shape), codes, per_channel.copy())
+            per_channel, exponents = _channel_fractions(fracs, value, label)
+            self._set_constant(node, np.where(value >= 0, 1, -1), per_channel, exponents)
             return
         if source == self.graph.input[0].name:
             raise QonnxError(f"{label}: a sign of the graph input has no input type; quantize "
@@ -205,24 +198,17 @@ class Converter:
 
     def _quantize_constant(self, node, fracs, width, signed, narrow, rounding) -> None:
         value = self.constants[node.input[0]].value
-        frac_shape = fracs.reshape(fracs.shape + (1,) * (value.ndim - fracs.ndim)) \
-            if fracs.ndim and fracs.size > 1 else fracs.reshape(())
-        scaled = np.ldexp(value, np.broadcast_to(frac_shape, value.shape).astype(np.int64)
-                          if frac_shape.ndim else int(frac_shape))
         t = FixedType(signed=signed, integer=width - int(signed), fractional=0,
                       rounding=rounding, overflow=Overflow.SAT_SYM if narrow else Overflow.SAT)
-        from qflow.numerics import to_codes
+        per_channel, exponents = _channel_fractions(fracs, value, f"node {node.name} (Quant)")
+        self._set_constant(node, to_codes(np.ldexp(value, exponents), t), per_channel, exponents)
 
-        codes = to_codes(scaled, t)
-        channels = value.shape[0] if value.ndim else 1
-        per_channel = np.broadcast_to(fracs.reshape(-1), (channels,)) if fracs.size in (
-            1, channels) else None
-        if per_channel is None:
-            raise QonnxError(f"node {node.name} (Quant): its scale is not per tensor or per "
-                               "output channel")
-        self.constants[node.output[0]] = _Constant(
-            np.ldexp(codes.astype(np.float64), -frac_shape if frac_shape.ndim else
-                     -int(frac_shape)), codes, per_channel.astype(np.int64).copy())
+    def _set_constant(self, node, codes: np.ndarray, per_channel: np.ndarray,
+                      exponents: np.ndarray) -> None:
+        """The output of a quantizer of a constant: its codes, fraction per channel and
+        exact value."""
+        self.constants[node.output[0]] = _Constant(np.ldexp(codes.astype(np.float64), -exponents),
+                                                   codes.astype(np.int64), per_channel)
 
     def weighted(self, node, op: str, weight: _Constant, bias: _Constant | None, attrs) -> None:
         src = self._activation(node, 0)
@@ -240,7 +226,7 @@ class Converter:
         self._add(op, node, [src], out_type, attrs=attrs, consts=consts)
 
     def gemm(self, node) -> None:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attributes(node)
         if attrs.get("transA", 0) or (attrs.get("alpha", 1.0), attrs.get("beta", 1.0)) != (1, 1):
             raise QonnxError(f"node {node.name} (Gemm): transA, alpha and beta must be 0, 1, 1")
         weight = self._quantized_constant(node, 1, "weight")
@@ -255,10 +241,9 @@ class Converter:
                       None, {})
 
     def conv(self, node) -> None:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attributes(node)
         pads = list(attrs.get("pads", [0, 0, 0, 0]))
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+        if attrs.get("auto_pad", "NOTSET") != "NOTSET":
             raise QonnxError(f"node {node.name} (Conv): auto_pad is not imported (give pads)")
         if len(pads) != 4 or pads[:2] != pads[2:]:
             raise QonnxError(f"node {node.name} (Conv): pads {pads} must be 2-d and symmetric")
@@ -288,7 +273,7 @@ class Converter:
         self._add("reshape", node, [src], self._type_of(src), attrs={"shape": shape})
 
     def maxpool(self, node) -> None:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attributes(node)
         pads = list(attrs.get("pads", [0, 0, 0, 0]))
         if len(pads) != 4 or pads[:2] != pads[2:]:
             raise QonnxError(f"node {node.name} (MaxPool): pads {pads} must be symmetric")
@@ -305,6 +290,24 @@ class _Renamed:
 
     def __init__(self, node, name: str):
         self.name, self.output, self.op_type = name, [node.output[0]], node.op_type
+
+
+def _attributes(node) -> dict:
+    """A node's attributes by name, strings decoded."""
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
+
+
+def _channel_fractions(fracs: np.ndarray, value: np.ndarray, label: str):
+    """A constant's fraction per output channel (axis 0) from a per-tensor or per-channel
+    scale, and the same broadcast to the constant's shape."""
+    channels = value.shape[0] if value.ndim else 1
+    if fracs.size not in (1, channels):
+        raise QonnxError(f"{label}: its scale is not per tensor or per output channel")
+    per_channel = np.broadcast_to(fracs.reshape(-1), (channels,)).astype(np.int64)
+    exponents = per_channel.reshape((-1,) + (1,) * (value.ndim - 1)) if value.ndim else \
+        per_channel.reshape(())
+    return per_channel.copy(), np.broadcast_to(exponents, value.shape)
 
 
 def _transposed(weight: _Constant) -> _Constant:

@@ -68,12 +68,11 @@ def source_codes(run_dir: Path, graph: QGraph, x: np.ndarray) -> np.ndarray:
     """Output codes of an imported run's original QONNX graph under qonnx's executor (its
     float32 arithmetic), all of ``x`` in one batch."""
     from qonnx.core.onnx_exec import execute_onnx
-    from qonnx.util.cleanup import cleanup_model
 
     from qflow.qonnx_import import clean_qonnx
     from qflow.runs import IMPORTED_SOURCE
 
-    model = cleanup_model(clean_qonnx(run_dir / IMPORTED_SOURCE), override_inpsize=len(x))
+    model = clean_qonnx(run_dir / IMPORTED_SOURCE, batch=len(x))
     name, out = model.graph.input[0].name, model.graph.output[0].name
     values = execute_onnx(model, {name: np.asarray(x, dtype=np.float32)})[out]
     return values_to_codes(values.astype(np.float64), graph.output_type)
