@@ -82,12 +82,27 @@ class PowerOfTwoCNN(torch.nn.Module):
         self.conv = qnn.QuantConv2d(1, 6, 3, padding=1, bias=True, weight_quant=weight_quant,
                                     bias_quant=Int16Bias)
         self.relu = qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint, return_quant_tensor=True)
-        self.fc = qnn.QuantLinear(6 * 4 * 4, 10, bias=True, weight_quant=weight_quant,
+        self.fc = qnn.QuantLinear(6 * 2 * 2, 10, bias=True, weight_quant=weight_quant,
                                   bias_quant=Int16Bias)
 
     def forward(self, x):
         pooled = torch.nn.functional.max_pool2d(self.relu(self.conv(self.inp(x))), 2)
-        return self.fc(pooled.flatten(1))
+        # every argument given: brevitas's avg_pool2d handler takes them all positionally
+        averaged = torch.nn.functional.avg_pool2d(pooled, 2, 2, 0, False, True, None)
+        return self.fc(averaged.flatten(1))
+
+
+class GlobalPoolCNN(PowerOfTwoCNN):
+    """The same layers with a global average (a ReduceMean in brevitas's export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = qnn.QuantLinear(6, 10, bias=True, weight_quant=Int8WeightPerTensorFixedPoint,
+                                  bias_quant=Int16Bias)
+
+    def forward(self, x):
+        pooled = torch.nn.functional.max_pool2d(self.relu(self.conv(self.inp(x))), 2)
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(pooled, 1).flatten(1))
 
 
 def _calibrated(model, x):
@@ -145,13 +160,17 @@ def test_brevitas_model_imports_exports_and_verifies_exactly(brevitas_files, nam
         assert report["sample_kinds"]["test"] > 0  # the user's data, not corner cases only
 
 
-def test_import_brevitas_computes_what_brevitas_computes(brevitas_files):
+@pytest.mark.parametrize("name", ["cnn", "global pool"])
+def test_import_brevitas_computes_what_brevitas_computes(brevitas_files, name):
     """qflow.import_brevitas runs brevitas's export itself; the emulator's output codes
     equal brevitas's own float outputs on its grid, sample for sample."""
     _, files = brevitas_files
-    _, model = files["cnn"]
+    data = DATASETS["digits"]()
+    model = files["cnn"][1] if name == "cnn" else _calibrated(GlobalPoolCNN(), data.x_train)
     graph = qflow.import_brevitas(model, torch.rand(1, 1, 8, 8))
-    x = DATASETS["digits"]().x_test[:300]
+    assert {"avgpool2d" if name == "cnn" else "global_avgpool2d", "maxpool2d", "conv2d"} <= {
+        node.op for node in graph.nodes}
+    x = data.x_test[:300]
     with torch.no_grad():
         expected = model(torch.as_tensor(x)).numpy().astype(np.float64)
     codes = emulate(graph, x)

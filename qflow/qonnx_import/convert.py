@@ -31,6 +31,8 @@ ROUNDING = {"ROUND": Rounding.RND_CONV, "HALF_EVEN": Rounding.RND_CONV,
             "FLOOR": Rounding.TRN, "DOWN": Rounding.TRN_ZERO,
             "HALF_UP": Rounding.RND_INF, "HALF_DOWN": Rounding.RND_ZERO}
 QUANT_DOMAIN = "qonnx.custom_op.general"
+#: fraction bits of an average's reciprocal, as the QGraph's own pooling layers have them
+RECIPROCAL_FRAC = 18
 
 
 class QonnxError(QflowError):
@@ -73,7 +75,8 @@ class Converter:
         name = name.replace(".", "_").replace("/", "_")
         while name in self.tensors:
             name += "_"
-        self.tensors[name] = TensorInfo(name, self._shape(node.output[0]), out_type)
+        shape = getattr(node, "shape", None) or self._shape(node.output[0])
+        self.tensors[name] = TensorInfo(name, tuple(shape), out_type)
         self.nodes.append(Node(op, name, inputs, name, attrs or {}, consts or {},
                                source=node.name))
         self.names[node.output[0]] = name
@@ -285,11 +288,57 @@ class Converter:
             "ceil_mode": bool(attrs.get("ceil_mode", 0))})
 
 
-class _Renamed:
-    """A node seen under another name (a second QGraph node made from one QONNX node)."""
+def _average_pool(self: Converter, node) -> None:
+    """``AveragePool`` (no padding) and ``GlobalAveragePool`` over a power-of-two count."""
+    src = self._activation(node, 0)
+    attrs = _attributes(node)
+    if node.op_type in ("GlobalAveragePool", "ReduceMean"):
+        shape = self._shape(node.input[0])
+        if node.op_type == "ReduceMean":
+            axes = attrs.get("axes")
+            if axes is None and len(node.input) > 1:
+                axes = self._float_input(node, 1, "axes").astype(int).tolist()
+            if len(shape) != 3 or sorted(int(a) % 4 for a in axes or ()) != [2, 3]:
+                raise QonnxError(f"node {node.name} (ReduceMean): only the mean over the two "
+                                 "spatial axes of an N, C, H, W tensor is imported")
+        count = math.prod(shape[-2:])
+        op, extra = "global_avgpool2d", {}
+    else:
+        if any(attrs.get("pads", [0, 0, 0, 0])) or attrs.get("ceil_mode", 0):
+            raise QonnxError(f"node {node.name} (AveragePool): padding and ceil_mode are not "
+                             "imported")
+        kernel = [int(k) for k in attrs["kernel_shape"]]
+        count = kernel[0] * kernel[1]
+        op, extra = "avgpool2d", {"kernel": kernel,
+                                  "stride": [int(v) for v in attrs.get("strides", kernel)]}
+    recip = _reciprocal(node, count)
+    out_type = infer.infer_pool_sum(self._type_of(src), count, recip, RECIPROCAL_FRAC)
+    attrs = {**extra, "reciprocal_frac": RECIPROCAL_FRAC}
+    consts = {"reciprocal": np.array(recip, dtype=np.int64)}
+    if op == "global_avgpool2d" and len(self._shape(node.output[0])) == 1:  # keepdims=0
+        pooled = self._add(op, _Renamed(node, f"{node.name}_pool", (shape[0], 1, 1)), [src],
+                           out_type, attrs=attrs, consts=consts)
+        self._add("reshape", node, [pooled], out_type, attrs={"shape": [shape[0]]})
+        return
+    self._add(op, node, [src], out_type, attrs=attrs, consts=consts)
 
-    def __init__(self, node, name: str):
+
+class _Renamed:
+    """A node seen under another name (a second QGraph node made from one QONNX node),
+    with its own per-sample shape when it differs from the QONNX node's output."""
+
+    def __init__(self, node, name: str, shape: tuple[int, ...] | None = None):
         self.name, self.output, self.op_type = name, [node.output[0]], node.op_type
+        self.shape = shape
+
+
+def _reciprocal(node, count: int) -> int:
+    """The code of 1/count in the QGraph's reciprocal type (18 fraction bits), exact only
+    for a power of two: another count would round, which the QONNX mean does not."""
+    if count & (count - 1) or count > 1 << RECIPROCAL_FRAC:
+        raise QonnxError(f"node {node.name} ({node.op_type}): averages {count} values; 1/{count} "
+                         "has no exact fixed-point form (a power-of-two window has)")
+    return (1 << RECIPROCAL_FRAC) // count
 
 
 def _attributes(node) -> dict:
@@ -338,4 +387,6 @@ HANDLERS = {
     "Gemm": Converter.gemm, "MatMul": Converter.matmul,
     "Conv": Converter.conv, "Relu": Converter.relu, "Add": Converter.add,
     "Reshape": Converter.reshape, "Flatten": Converter.reshape, "MaxPool": Converter.maxpool,
+    "AveragePool": _average_pool, "GlobalAveragePool": _average_pool,
+    "ReduceMean": _average_pool,
 }
