@@ -1,7 +1,8 @@
 """`qflow import`: brevitas models exported by brevitas's own `export_qonnx`, imported,
 exported to onnx, cpu and ultra96, and verified: 0 mismatching samples between the
-emulator, every artifact and qonnx's executor on the original file; unsupported QONNX
-content refused in one line naming the node."""
+emulator and every artifact, and against qonnx's executor on the original file where
+the scales are powers of two (counted separately otherwise); unsupported QONNX content
+refused in one line naming the node."""
 
 import json
 import subprocess
@@ -16,14 +17,17 @@ import torch
 from brevitas.export import export_qonnx
 from brevitas.quant import (
     Int8ActPerTensorFixedPoint,
+    Int8ActPerTensorFloat,
     Int8WeightPerChannelFloat,
     Int8WeightPerTensorFixedPoint,
     Int16Bias,
+    Int32Bias,
     SignedBinaryActPerTensorConst,
     SignedBinaryWeightPerTensorConst,
     Uint8ActPerTensorFixedPoint,
+    Uint8ActPerTensorFloat,
 )
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import qflow
 from qflow.graph import emulate
@@ -74,15 +78,34 @@ class BinaryMLP(torch.nn.Module):
         return self.fc2(self.sign(self.fc1(self.inp(x.flatten(1)))))
 
 
+class FloatScaleCNN(torch.nn.Module):
+    """brevitas's default kind: float scales (per-channel weights), 32-bit biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True)
+        self.conv = qnn.QuantConv2d(1, 8, 3, padding=1, weight_quant=Int8WeightPerChannelFloat,
+                                    bias_quant=Int32Bias)
+        self.relu = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, return_quant_tensor=True)
+        self.fc = qnn.QuantLinear(8 * 4 * 4, 10, weight_quant=Int8WeightPerChannelFloat,
+                                  bias_quant=Int32Bias)
+
+    def forward(self, x):
+        pooled = torch.nn.functional.max_pool2d(self.relu(self.conv(self.inp(x))), 2)
+        return self.fc(pooled.flatten(1))
+
+
 class PowerOfTwoCNN(torch.nn.Module):
-    def __init__(self, weight_quant=Int8WeightPerTensorFixedPoint):
+    def __init__(self):
         super().__init__()
         self.inp = qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint,
                                      return_quant_tensor=True)
-        self.conv = qnn.QuantConv2d(1, 6, 3, padding=1, bias=True, weight_quant=weight_quant,
+        self.conv = qnn.QuantConv2d(1, 6, 3, padding=1, bias=True,
+                                    weight_quant=Int8WeightPerTensorFixedPoint,
                                     bias_quant=Int16Bias)
         self.relu = qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint, return_quant_tensor=True)
-        self.fc = qnn.QuantLinear(6 * 2 * 2, 10, bias=True, weight_quant=weight_quant,
+        self.fc = qnn.QuantLinear(6 * 2 * 2, 10, bias=True,
+                                  weight_quant=Int8WeightPerTensorFixedPoint,
                                   bias_quant=Int16Bias)
 
     def forward(self, x):
@@ -125,23 +148,31 @@ def brevitas_files(tmp_path_factory):
     np.savez(root / "digits64.npz", **{k: getattr(data, k).reshape(len(getattr(data, k)), -1)
                                        if k.startswith("x") else getattr(data, k)
                                        for k in ("x_train", "y_train", "x_test", "y_test")})
+    # inputs at 0.9 of the digits' range, so that the float input scale is not 2^-7
+    np.savez(root / "digits09.npz", **{k: (0.9 * getattr(data, k)).astype(np.float32)
+                                       if k.startswith("x") else getattr(data, k)
+                                       for k in ("x_train", "y_train", "x_test", "y_test")})
     files = {}
     for name, model in (("mlp", PowerOfTwoMLP()), ("cnn", PowerOfTwoCNN()),
-                        ("binary", BinaryMLP())):
-        model = _calibrated(model, data.x_train)
+                        ("binary", BinaryMLP()), ("float", FloatScaleCNN())):
+        model = _calibrated(model, 0.9 * data.x_train if name == "float" else data.x_train)
         example = torch.rand(1, 1, 8, 8)
-        export_qonnx(model, input_t=example if name == "cnn" else example.flatten(1),
+        export_qonnx(model, input_t=example if name in ("cnn", "float") else example.flatten(1),
                      export_path=str(root / f"{name}.onnx"))
         files[name] = (root / f"{name}.onnx", model)
     return root, files
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "cnn", "binary"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "binary", "float"])
 def test_brevitas_model_imports_exports_and_verifies_exactly(brevitas_files, name):
+    """Every artifact equals the emulator on every sample. With power-of-two scales qonnx's
+    executor on the original file does too; with float scales its differences (float32
+    arithmetic against 23-bit multipliers) are counted in its own row and do not fail
+    verify."""
     root, files = brevitas_files
     path, _ = files[name]
-    data = "digits" if name == "cnn" else "digits64.npz"
+    data = {"cnn": "digits", "float": "digits09.npz"}.get(name, "digits64.npz")
     code, out, err = _qflow("import", str(path), "--data", data, "--out", f"run-{name}", cwd=root)
     assert code == 0, err
     assert "imported" in out
@@ -153,10 +184,19 @@ def test_brevitas_model_imports_exports_and_verifies_exactly(brevitas_files, nam
                             .read_text())
         assert code == 0, out + err
         rows = {r["artifact"]: r for r in report["results"]}
-        # the original file under qonnx's executor agrees with the emulator exactly
-        assert rows["original QONNX (qonnx executor)"]["status"] == "ok"
+        source = rows.pop("original QONNX (qonnx executor)")
+        assert source["samples"] == report["samples"]
+        if name == "float":
+            # rare: a hidden value within 2^-23 of a rounding tie, or the output's last bit
+            assert source["role"] == "source", source
+            assert source["mismatching_samples"] < report["samples"] // 10, source
+            assert "original QONNX graph differs" in report["summary"] or not source[
+                "mismatching_samples"]
+        else:  # the original file under qonnx's executor agrees with the emulator exactly
+            assert source["status"] == "ok" and source["role"] == "qat model", source
+        assert report["mismatching_samples"] == 0
         assert all(r["mismatching_samples"] == 0 and r["samples"] == report["samples"]
-                   for r in report["results"]), rows
+                   for r in rows.values()), rows
         assert report["sample_kinds"]["test"] > 0  # the user's data, not corner cases only
 
 
@@ -188,6 +228,13 @@ def _first(graph, op_type):
     return next(n for n in graph.node if n.op_type == op_type)
 
 
+def _set_zero_point(graph):
+    zero_point = _first(graph, "Quant").input[2]
+    for init in graph.initializer:
+        if init.name == zero_point:
+            init.CopyFrom(numpy_helper.from_array(np.array(3.0, dtype=np.float32), zero_point))
+
+
 def _set_rounding(graph, mode):
     quant = [n for n in graph.node if n.op_type == "Quant"][-1]
     for attribute in quant.attribute:
@@ -198,7 +245,7 @@ def _set_rounding(graph, mode):
 @pytest.mark.parametrize(("case", "words"), [
     ("float op", ["Sigmoid", "no exact QGraph form"]),
     ("ceil rounding", ["CEIL", "no ap_fixed equivalent"]),
-    ("float scale", ["not a power of two"]),
+    ("zero point", ["zero point", "not 0"]),
     ("not onnx", ["not an ONNX model"]),
 ])
 def test_unsupported_qonnx_is_refused_in_one_line(brevitas_files, tmp_path, case, words):
@@ -209,10 +256,8 @@ def test_unsupported_qonnx_is_refused_in_one_line(brevitas_files, tmp_path, case
                        lambda g: setattr(_first(g, "Relu"), "op_type", "Sigmoid"))
     elif case == "ceil rounding":
         path = _edited(mlp, tmp_path / "m.onnx", lambda g: _set_rounding(g, "CEIL"))
-    elif case == "float scale":
-        model = _calibrated(PowerOfTwoCNN(Int8WeightPerChannelFloat), DATASETS["digits"]().x_train)
-        path = tmp_path / "m.onnx"
-        export_qonnx(model, input_t=torch.rand(1, 1, 8, 8), export_path=str(path))
+    elif case == "zero point":  # an asymmetric input quantizer
+        path = _edited(mlp, tmp_path / "m.onnx", _set_zero_point)
     else:
         path = tmp_path / "m.onnx"
         path.write_text("not a model")

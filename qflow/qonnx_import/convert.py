@@ -1,15 +1,16 @@
-"""QONNX graph -> QGraph, node by node, exactly.
+"""QONNX graph -> QGraph, node by node.
 
-Every activation tensor of the QONNX graph becomes a QGraph tensor whose real values
-(codes times the type's LSB) are the QONNX tensor's exact values. A ``Quant`` node is a
-fixed-point type: its scale must be a power of two (per tensor, or per output channel on
-a weight), its zero point 0, its rounding mode one that ap_fixed has; on the graph input
-it is the input type, on an activation a ``cast``, on an initializer a constant's codes.
-``Gemm`` / ``MatMul`` / ``Conv`` with quantized weights (and a quantized bias) are
-``dense`` / ``conv2d``; ``Relu``, ``Add``, ``MaxPool``, ``Flatten`` / ``Reshape`` map
-one to one. Anything else is refused, naming the node.
+Every activation tensor of the QONNX graph becomes a QGraph tensor. A ``Quant`` node is a
+fixed-point type when its scale is a power of two (per tensor, or per output channel on
+a weight): on the graph input it is the input type, on an activation a ``cast``, on an
+initializer a constant's codes; then the QGraph tensor's real values are the QONNX
+tensor's exact values. Other scales become fixed-point multipliers (:mod:`.scaled`).
+Zero points must be 0 and rounding modes ones that ap_fixed has. ``Gemm`` / ``MatMul`` /
+``Conv`` with quantized weights (and a quantized bias) are ``dense`` / ``conv2d``;
+``Relu``, ``Add``, ``MaxPool``, averages, ``Flatten`` / ``Reshape`` map one to one.
+Anything else is refused, naming the node.
 
-The QGraph's arithmetic is exact (integers); qonnx's executor computes the same graph
+The QGraph's arithmetic is integer and exact; qonnx's executor computes the same graph
 in float32, which agrees wherever float32 holds the values exactly (``qflow verify``
 compares the two and reports any difference).
 """
@@ -25,6 +26,8 @@ from qflow.errors import QflowError
 from qflow.graph import infer
 from qflow.graph.ir import Node, QGraph, TensorInfo
 from qflow.numerics import FixedType, Overflow, Rounding, to_codes
+
+from . import scaled
 
 #: QONNX rounding_mode -> the ap_fixed rounding that computes the same integers
 ROUNDING = {"ROUND": Rounding.RND_CONV, "HALF_EVEN": Rounding.RND_CONV,
@@ -44,8 +47,10 @@ class _Constant:
     (axis 0), or a plain float array (``codes`` None) before any ``Quant``."""
 
     def __init__(self, value: np.ndarray, codes: np.ndarray | None = None,
-                 fracs: np.ndarray | None = None):
+                 fracs: np.ndarray | None = None, scale: np.ndarray | None = None):
         self.value, self.codes, self.fracs = value, codes, fracs
+        #: per channel, when the scale is not a power of two (``fracs`` are then 0)
+        self.scale = scale
 
 
 class Converter:
@@ -61,6 +66,15 @@ class Converter:
         self.nodes: list[Node] = []
         self.names: dict[str, str] = {}  # QONNX tensor -> QGraph tensor
         self.input: str | None = None
+        # non-power-of-two scales (:mod:`.scaled`): QONNX tensor -> the real value of one
+        # LSB of its QGraph tensor's type, and -> a pending per-channel (scale, shift)
+        self.factor: dict[str, float] = {}
+        self.pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.exact = True  # no multiplier stands for a ratio of scales
+        self.consumers: dict[str, list] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
 
     # -- helpers ------------------------------------------------------------------------------
     def _shape(self, name: str) -> tuple[int, ...]:
@@ -118,9 +132,24 @@ class Converter:
         output = self.graph.output[0].name
         if output not in self.names:
             raise QonnxError(f"the graph output {output!r} is not computed by a quantized node")
-        graph = QGraph(input=self.input, output=self.names[output], tensors=self.tensors,
-                       nodes=self.nodes, meta={"imported_from": "qonnx"})
+        result = self.names[output]
+        if output in self.pending or self.factor.get(output, 1.0) != 1.0:
+            result = self._real_output(output)
+        graph = QGraph(input=self.input, output=result, tensors=self.tensors,
+                       nodes=self.nodes, meta={"imported_from": "qonnx", "exact": self.exact})
         return graph.validate("imported QONNX graph")
+
+    def _real_output(self, output: str) -> str:
+        """An output whose scale is not a power of two, in real units rounded to
+        ``OUTPUT_FRACTION_BITS`` fraction bits (ties to even, saturating)."""
+        node = next(n for n in self.graph.node if output in n.output)
+        real = self._materialized(_Renamed(node, f"{node.name}_out"), output, 1.0)
+        wide = self._type_of(real)
+        t = FixedType(signed=True, integer=max(wide.integer, 1),
+                      fractional=scaled.OUTPUT_FRACTION_BITS, rounding=Rounding.RND_CONV,
+                      overflow=Overflow.SAT)
+        return self._add("cast", _Renamed(node, f"{node.name}_output", self.tensors[real].shape),
+                         [real], t)
 
     # -- ops ----------------------------------------------------------------------------------
     def quant(self, node) -> None:
@@ -142,28 +171,73 @@ class Converter:
         if narrow and not signed:
             raise QonnxError(f"{label}: an unsigned narrow range (0 .. 2^b - 2) has no ap_fixed "
                                "type")
-        fracs = _power_of_two_fractions(scale, label)
+        fracs = _power_of_two_fractions(scale)
         width = int(bits.item())
         overflow = Overflow.SAT_SYM if narrow else Overflow.SAT
         source = node.input[0]
         if source in self.constants:  # a weight or a bias: its codes
-            self._quantize_constant(node, fracs, width, signed, narrow, ROUNDING[mode])
+            self._quantize_constant(node, scale, fracs, width, signed, narrow, ROUNDING[mode])
             return
-        if fracs.size != 1:
+        if scale.size != 1:
             raise QonnxError(f"{label}: a per-channel scale on an activation is not imported")
+        if fracs is None:  # integer codes, the scale kept beside them
+            t = FixedType(signed=signed, integer=width - int(signed), fractional=0,
+                          rounding=ROUNDING[mode], overflow=overflow)
+            self._requantize(node, float(scale.item()), t)
+            return
         t = FixedType(signed=signed, integer=width - int(fracs[0]) - int(signed),
                       fractional=int(fracs[0]), rounding=ROUNDING[mode], overflow=overflow)
         if source == self.graph.input[0].name and self.input is None:
             self.input = self._declare_input(source, t)
             self.names[node.output[0]] = self.input
             return
+        if source in self.pending or self.factor.get(source, 1.0) != 1.0:
+            self._requantize(node, 1.0, t)
+            return
         self._add("cast", node, [self._activation(node, 0)], t)
+
+    def _requantize(self, node, unit: float, t: FixedType) -> None:
+        """A ``Quant`` of a tensor whose scale is not a power of two, or that has a
+        pending affine map, or of the graph input to a scale that is not one: a
+        ``scale_shift`` into units of ``unit`` (the target scale, or 1 for a power-of-two
+        target, whose LSB ``t`` says), then the cast to ``t``."""
+        source = node.input[0]
+        if source == self.graph.input[0].name and self.input is None:
+            raw = scaled.raw_input_type(unit, t.width, t.signed)
+            self.input = self._declare_input(source, raw)
+            self.names[source] = self.input
+        src = self._materialized(node, source, unit)
+        self._add("cast", node, [src], t)
+        if unit != 1.0:
+            self.factor[node.output[0]] = unit
+
+    def _materialized(self, node, source: str, target: float) -> str:
+        """The QGraph tensor of ``source``'s real value in units of ``target`` (a
+        ``scale_shift``), unless it already is."""
+        src = self.names[source] if source in self.names else self._activation(node, 0)
+        scale, shift = self.pending.get(source, (None, None))
+        factor = self.factor.get(source, 1.0)
+        channels = self.tensors[src].shape[0] if self.tensors[src].shape else 1
+        if scale is None:
+            scale, shift = np.full(channels, factor), np.zeros(channels)
+            if factor == target:
+                return src
+        self.exact = False
+        consts = scaled.affine_consts(scale, shift, self._type_of(src).fractional, target)
+        probe = Node("scale_shift", node.name, [src], node.name, {}, consts)
+        return self._add("scale_shift", _Renamed(node, f"{node.name}_scale",
+                                                 self.tensors[src].shape), [src],
+                         infer.infer_scale_shift(probe, self._type_of(src)), consts=consts)
 
     def bipolar_quant(self, node) -> None:
         """+1 where x >= 0, else -1, times a power-of-two scale: a constant's codes ±1, or
         ``sign`` (then a ``scale_shift`` by the scale when it is not 1)."""
         label = f"node {node.name} (BipolarQuant)"
-        fracs = _power_of_two_fractions(self._float_input(node, 1, "scale"), label)
+        scale = self._float_input(node, 1, "scale")
+        fracs = _power_of_two_fractions(scale)
+        if fracs is None:
+            raise QonnxError(f"{label}: scale {scale.ravel()[0]:.9g} is not a power of two "
+                             "(binary layers are imported with power-of-two scales only)")
         source = node.input[0]
         if source in self.constants:
             value = self.constants[source].value
@@ -199,11 +273,25 @@ class Converter:
             raise QonnxError(f"node {node.name} ({node.op_type}): its {what} must be a constant")
         return constant.value
 
-    def _quantize_constant(self, node, fracs, width, signed, narrow, rounding) -> None:
+    def _quantize_constant(self, node, scale, fracs, width, signed, narrow, rounding) -> None:
         value = self.constants[node.input[0]].value
+        label = f"node {node.name} (Quant)"
+        if fracs is None:  # integer codes, the real scale per channel beside them
+            ones = np.ones(scale.size, dtype=np.int64)
+            per_channel, _ = _channel_fractions(ones, value, label)
+            channel_scale = np.broadcast_to(scale.reshape(-1), per_channel.shape).astype(float)
+            shaped = channel_scale.reshape((-1,) + (1,) * (value.ndim - 1)) if value.ndim \
+                else channel_scale.reshape(())
+            top = 2 ** (width - 1) - 1 if signed else 2 ** width - 1
+            low = (-top if narrow else -top - 1) if signed else 0
+            codes = scaled.exact_codes(value, shaped, rounding, low, top)
+            self.constants[node.output[0]] = _Constant(
+                codes * np.broadcast_to(shaped, value.shape), codes,
+                np.zeros_like(per_channel), channel_scale.copy())
+            return
         t = FixedType(signed=signed, integer=width - int(signed), fractional=0,
                       rounding=rounding, overflow=Overflow.SAT_SYM if narrow else Overflow.SAT)
-        per_channel, exponents = _channel_fractions(fracs, value, f"node {node.name} (Quant)")
+        per_channel, exponents = _channel_fractions(fracs, value, label)
         self._set_constant(node, to_codes(np.ldexp(value, exponents), t), per_channel, exponents)
 
     def _set_constant(self, node, codes: np.ndarray, per_channel: np.ndarray,
@@ -216,6 +304,22 @@ class Converter:
     def weighted(self, node, op: str, weight: _Constant, bias: _Constant | None, attrs) -> None:
         src = self._activation(node, 0)
         consts = {"weight": weight.codes, "weight_frac": weight.fracs}
+        if node.input[0] in self.pending:
+            raise QonnxError(f"node {node.name} ({node.op_type}): its input is not quantized "
+                             "(a Quant must come between two layers)")
+        factor = self.factor.get(node.input[0], 1.0)
+        if factor != 1.0 or weight.scale is not None or (bias is not None
+                                                         and bias.scale is not None):
+            # acc · S_c + B_c in real units, applied at the next Quant (.scaled)
+            probe = Node(op, node.name, [src], node.name, attrs, consts)
+            self._add(op, node, [src], infer.infer_weighted(probe, self._type_of(src)),
+                      attrs=attrs, consts=consts)
+            channels = weight.codes.shape[0]
+            scale = factor * (weight.scale if weight.scale is not None else np.ones(channels))
+            shift = np.zeros(channels) if bias is None else np.broadcast_to(
+                bias.value.reshape(-1), (channels,)).astype(np.float64)
+            self.pending[node.output[0]] = (scale, shift)
+            return
         if bias is not None:
             channels = weight.codes.shape[0]
             bias_codes = bias.codes.reshape(-1)
@@ -259,11 +363,63 @@ class Converter:
             "groups": int(attrs.get("group", 1))})
 
     def relu(self, node) -> None:
+        source = node.input[0]
         src = self._activation(node, 0)
+        if source in self.pending and np.any(self.pending[source][1] != 0):
+            # relu(acc · S + B) needs the shift first: in the units of the Quant after it
+            unit = self._next_quant_unit(node.output[0])
+            if unit is None:
+                raise QonnxError(f"node {node.name} (Relu): after a layer whose scale is not a "
+                                 "power of two, a Quant must follow")
+            src = self._materialized(node, source, unit)
+            self._add("relu", node, [src], infer.infer_relu(self._type_of(src)))
+            if unit != 1.0:
+                self.factor[node.output[0]] = unit
+            return
         self._add("relu", node, [src], infer.infer_relu(self._type_of(src)))
+        self._carry(node)
+
+    def _next_quant_unit(self, tensor: str) -> float | None:
+        """The units the ``Quant`` that ``tensor`` flows into (through pooling, reshapes
+        and ReLUs) needs its input in: its scale, or 1 for a power-of-two scale."""
+        while True:
+            readers = self.consumers.get(tensor, [])
+            if len(readers) != 1:
+                return None
+            reader = readers[0]
+            if reader.op_type == "Quant":
+                value = self.constants.get(reader.input[1])
+                if value is None or value.value.size != 1:
+                    return None
+                fracs = _power_of_two_fractions(value.value)
+                return 1.0 if fracs is not None else float(value.value.item())
+            if reader.op_type not in ("Relu", "MaxPool", "Reshape", "Flatten"):
+                return None
+            tensor = reader.output[0]
+
+    def _carry(self, node) -> None:
+        """A scale-commuting op (ReLU without a shift, pooling, a reshape): its output keeps
+        its input's scale and pending map (a flattening spreads each channel's over its
+        positions)."""
+        source, out = node.input[0], node.output[0]
+        if source in self.factor:
+            self.factor[out] = self.factor[source]
+        if source in self.pending:
+            scale, shift = self.pending[source]
+            before, after = self._shape(source), self._shape(out)
+            if before[0] != after[0]:
+                if len(after) != 1:
+                    raise QonnxError(f"node {node.name} ({node.op_type}): only a flattening "
+                                     "follows a layer whose scale is not a power of two")
+                repeat = math.prod(before[1:])
+                scale, shift = np.repeat(scale, repeat), np.repeat(shift, repeat)
+            self.pending[out] = (scale, shift)
 
     def add(self, node) -> None:
         a, b = self._activation(node, 0), self._activation(node, 1)
+        if any(t in self.pending or t in self.factor for t in node.input[:2]):
+            raise QonnxError(f"node {node.name} (Add): adding tensors whose scales are not "
+                             "powers of two is not imported yet")
         if self._shape(node.input[0]) != self._shape(node.input[1]):
             raise QonnxError(f"node {node.name} (Add): broadcasting is not imported")
         self._add("add", node, [a, b], infer.infer_add(self._type_of(a), self._type_of(b)))
@@ -274,6 +430,7 @@ class Converter:
         if math.prod(shape) != math.prod(self._shape(node.input[0])):
             raise QonnxError(f"node {node.name} ({node.op_type}): changes the batch size")
         self._add("reshape", node, [src], self._type_of(src), attrs={"shape": shape})
+        self._carry(node)
 
     def maxpool(self, node) -> None:
         attrs = _attributes(node)
@@ -286,6 +443,7 @@ class Converter:
             "kernel": kernel, "stride": [int(s) for s in attrs.get("strides", kernel)],
             "padding": pads[:2], "dilation": [int(d) for d in attrs.get("dilations", [1, 1])],
             "ceil_mode": bool(attrs.get("ceil_mode", 0))})
+        self._carry(node)
 
 
 def _average_pool(self: Converter, node) -> None:
@@ -319,8 +477,10 @@ def _average_pool(self: Converter, node) -> None:
         pooled = self._add(op, _Renamed(node, f"{node.name}_pool", (shape[0], 1, 1)), [src],
                            out_type, attrs=attrs, consts=consts)
         self._add("reshape", node, [pooled], out_type, attrs={"shape": [shape[0]]})
-        return
-    self._add(op, node, [src], out_type, attrs=attrs, consts=consts)
+    else:
+        self._add(op, node, [src], out_type, attrs=attrs, consts=consts)
+    if node.input[0] in self.pending or node.input[0] in self.factor:
+        self._carry(node)
 
 
 class _Renamed:
@@ -367,18 +527,22 @@ def _transposed(weight: _Constant) -> _Constant:
     if np.unique(fracs).size != 1:
         raise QonnxError("a MatMul weight's scale must be per tensor (or per output column "
                            "through Gemm)")
+    scale = weight.scale
+    if scale is not None:
+        if np.unique(scale).size != 1:
+            raise QonnxError("a MatMul weight's scale must be per tensor")
+        scale = np.full(weight.codes.shape[1], scale[0])
     return _Constant(weight.value.T, weight.codes.T.copy(),
-                     np.full(weight.codes.shape[1], fracs[0], dtype=np.int64))
+                     np.full(weight.codes.shape[1], fracs[0], dtype=np.int64), scale)
 
 
-def _power_of_two_fractions(scale: np.ndarray, label: str) -> np.ndarray:
-    """The fractional bits f with scale = 2**-f, one per scale value."""
+def _power_of_two_fractions(scale: np.ndarray) -> np.ndarray | None:
+    """The fractional bits f with scale = 2**-f, one per scale value; None unless every
+    scale is a power of two."""
     scale = np.asarray(scale, dtype=np.float64).reshape(-1)
     mantissa, exponent = np.frexp(scale)
     if not (np.all(scale > 0) and np.all(mantissa == 0.5)):
-        bad = scale[~((scale > 0) & (mantissa == 0.5))][0]
-        raise QonnxError(f"{label}: scale {bad:.9g} is not a power of two (only power-of-two "
-                           "scales are imported so far)")
+        return None
     return (1 - exponent).astype(np.int64)
 
 
