@@ -214,7 +214,7 @@ class Converter:
     def _materialized(self, node, source: str, target: float) -> str:
         """The QGraph tensor of ``source``'s real value in units of ``target`` (a
         ``scale_shift``), unless it already is."""
-        src = self.names[source] if source in self.names else self._activation(node, 0)
+        src = self.names[source]
         scale, shift = self.pending.get(source, (None, None))
         factor = self.factor.get(source, 1.0)
         channels = self.tensors[src].shape[0] if self.tensors[src].shape else 1
@@ -479,8 +479,7 @@ def _average_pool(self: Converter, node) -> None:
         self._add("reshape", node, [pooled], out_type, attrs={"shape": [shape[0]]})
     else:
         self._add(op, node, [src], out_type, attrs=attrs, consts=consts)
-    if node.input[0] in self.pending or node.input[0] in self.factor:
-        self._carry(node)
+    self._carry(node)
 
 
 class _Renamed:
