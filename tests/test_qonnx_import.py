@@ -104,15 +104,16 @@ class PowerOfTwoCNN(torch.nn.Module):
                                     weight_quant=Int8WeightPerTensorFixedPoint,
                                     bias_quant=Int16Bias)
         self.relu = qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint, return_quant_tensor=True)
+        # an average and a Trunc to 8 bits in brevitas's export
+        self.average = qnn.TruncAvgPool2d(kernel_size=2, stride=2, bit_width=8,
+                                          return_quant_tensor=True)
         self.fc = qnn.QuantLinear(6 * 2 * 2, 10, bias=True,
                                   weight_quant=Int8WeightPerTensorFixedPoint,
                                   bias_quant=Int16Bias)
 
     def forward(self, x):
         pooled = torch.nn.functional.max_pool2d(self.relu(self.conv(self.inp(x))), 2)
-        # every argument given: brevitas's avg_pool2d handler takes them all positionally
-        averaged = torch.nn.functional.avg_pool2d(pooled, 2, 2, 0, False, True, None)
-        return self.fc(averaged.flatten(1))
+        return self.fc(self.average(pooled).flatten(1))
 
 
 class GlobalPoolCNN(PowerOfTwoCNN):
@@ -120,6 +121,7 @@ class GlobalPoolCNN(PowerOfTwoCNN):
 
     def __init__(self):
         super().__init__()
+        del self.average  # brevitas exports every module, used or not
         self.fc = qnn.QuantLinear(6, 10, bias=True, weight_quant=Int8WeightPerTensorFixedPoint,
                                   bias_quant=Int16Bias)
 
@@ -210,6 +212,7 @@ def test_import_brevitas_computes_what_brevitas_computes(brevitas_files, name):
     graph = qflow.import_brevitas(model, torch.rand(1, 1, 8, 8))
     assert {"avgpool2d" if name == "cnn" else "global_avgpool2d", "maxpool2d", "conv2d"} <= {
         node.op for node in graph.nodes}
+    assert name != "cnn" or any(n.source.startswith("Trunc") for n in graph.nodes)
     x = data.x_test[:300]
     with torch.no_grad():
         expected = model(torch.as_tensor(x)).numpy().astype(np.float64)

@@ -446,6 +446,45 @@ class Converter:
         self._carry(node)
 
 
+def _trunc(self: Converter, node) -> None:
+    """``Trunc`` (qonnx's version 2, as brevitas's ``TruncAvgPool2d`` exports it): round to
+    the input scale's grid (ties to even), then to the output scale's with its rounding
+    mode and range; power-of-two scales only."""
+    label = f"node {node.name} (Trunc)"
+    if len(node.input) != 6:
+        raise QonnxError(f"{label}: only qonnx's Trunc version 2 (six inputs) is imported")
+    scale, zero_point, _, out_scale, out_bits = (
+        self._float_input(node, i, what) for i, what in (
+            (1, "scale"), (2, "zero point"), (3, "input bit width"), (4, "output scale"),
+            (5, "output bit width")))
+    attrs = _attributes(node)
+    mode = str(attrs.get("rounding_mode", "FLOOR")).upper()
+    signed, narrow = bool(attrs.get("signed", 0)), bool(attrs.get("narrow", 0))
+    fracs, out_fracs = _power_of_two_fractions(scale), _power_of_two_fractions(out_scale)
+    if fracs is None or out_fracs is None or fracs.size != 1 or out_fracs.size != 1:
+        raise QonnxError(f"{label}: its scales must be powers of two, one per tensor")
+    if np.any(zero_point != 0):
+        raise QonnxError(f"{label}: zero point {zero_point.ravel()[0]} is not 0")
+    if mode not in ROUNDING:
+        raise QonnxError(f"{label}: rounding_mode {mode} has no ap_fixed equivalent")
+    if narrow and not signed:
+        raise QonnxError(f"{label}: an unsigned narrow range has no ap_fixed type")
+    if node.input[0] in self.pending or node.input[0] in self.factor:
+        raise QonnxError(f"{label}: its input's scale is not a power of two")
+    src = self._activation(node, 0)
+    given = self._type_of(src)
+    if given.fractional > int(fracs[0]):  # first onto the input scale's grid
+        grid = FixedType(signed=given.signed, integer=given.integer,
+                         fractional=int(fracs[0]), rounding=Rounding.RND_CONV,
+                         overflow=Overflow.SAT)
+        src = self._add("cast", _Renamed(node, f"{node.name}_grid", self.tensors[src].shape),
+                        [src], grid)
+    width, frac = int(out_bits.item()), int(out_fracs[0])
+    self._add("cast", node, [src], FixedType(
+        signed=signed, integer=width - frac - int(signed), fractional=frac,
+        rounding=ROUNDING[mode], overflow=Overflow.SAT_SYM if narrow else Overflow.SAT))
+
+
 def _average_pool(self: Converter, node) -> None:
     """``AveragePool`` (no padding) and ``GlobalAveragePool`` over a power-of-two count."""
     src = self._activation(node, 0)
@@ -551,5 +590,5 @@ HANDLERS = {
     "Conv": Converter.conv, "Relu": Converter.relu, "Add": Converter.add,
     "Reshape": Converter.reshape, "Flatten": Converter.reshape, "MaxPool": Converter.maxpool,
     "AveragePool": _average_pool, "GlobalAveragePool": _average_pool,
-    "ReduceMean": _average_pool,
+    "ReduceMean": _average_pool, "Trunc": _trunc,
 }
