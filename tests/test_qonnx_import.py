@@ -270,3 +270,63 @@ def test_unsupported_qonnx_is_refused_in_one_line(brevitas_files, tmp_path, case
     if case != "not onnx":
         assert "node " in err  # the node is named
     assert not (tmp_path / "run").exists()
+
+
+def _threshold_graph(path: Path, thresholds: np.ndarray, out_scale: float, out_bias: float):
+    """A hand-written QONNX graph (as FINN's streamlining leaves them): an 8-bit input
+    Quant, a MatMul with quantized weights, a MultiThreshold, a second MatMul."""
+    rng = np.random.default_rng(0)
+    quant = {"domain": "qonnx.custom_op.general", "signed": 1, "narrow": 0,
+             "rounding_mode": "ROUND"}
+    consts = {"s_in": 2.0 ** -5, "s_w": 2.0 ** -6, "zero": 0.0, "bits": 8.0,
+              "w1": rng.normal(0, 0.3, (16, 12)), "w2": rng.normal(0, 0.3, (12, 4)),
+              "thresholds": thresholds}
+    nodes = [
+        helper.make_node("Quant", ["x", "s_in", "zero", "bits"], ["xq"], **quant),
+        helper.make_node("Quant", ["w1", "s_w", "zero", "bits"], ["w1q"], **quant),
+        helper.make_node("MatMul", ["xq", "w1q"], ["h"]),
+        helper.make_node("MultiThreshold", ["h", "thresholds"], ["a"],
+                         domain="qonnx.custom_op.general", out_dtype="INT4",
+                         out_scale=out_scale, out_bias=out_bias),
+        helper.make_node("Quant", ["w2", "s_w", "zero", "bits"], ["w2q"], **quant),
+        helper.make_node("MatMul", ["a", "w2q"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "thresholds", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                            [1, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("qonnx.custom_op.general",
+                                                                        1)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_multithreshold_that_is_a_quantizer_imports_exactly(tmp_path):
+    """A MultiThreshold with the thresholds of a 4-bit signed quantizer of step 2^-3 is a
+    cast (ties toward +inf): the onnx and cpu exports and qonnx's executor on the
+    original file all give the emulator's codes; uneven thresholds are refused."""
+    step = 2.0 ** -3
+    levels = np.arange(-8, 7) + 0.5  # 15 thresholds between 16 levels, -8 .. 7
+    path = _threshold_graph(tmp_path / "t.onnx", (levels * step)[None, :], step, -8 * step)
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1.5, (600, 16)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x_train=x, y_train=np.zeros(600, np.int64), x_test=x[:300],
+             y_test=np.zeros(300, np.int64))
+    code, _, err = _qflow("import", str(path), "--data", "data.npz", "--out", "run",
+                          cwd=tmp_path)
+    assert code == 0, err
+    for target in ("onnx", "cpu"):
+        code, _, err = _qflow("export", "run", "--target", target, cwd=tmp_path)
+        assert code == 0, err
+        code, out, err = _qflow("verify", f"run/export-{target}", cwd=tmp_path)
+        assert code == 0, out + err
+        report = json.loads((tmp_path / "run" / f"export-{target}" / "verify.json").read_text())
+        assert all(r["mismatching_samples"] == 0 and r["status"] == "ok"
+                   for r in report["results"]), report["results"]
+    uneven = levels * step
+    uneven[3] += step / 4
+    bad = _threshold_graph(tmp_path / "bad.onnx", uneven[None, :], step, -8 * step)
+    code, _, err = _qflow("import", str(bad), "--out", "run2", cwd=tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "MultiThreshold" in err, err

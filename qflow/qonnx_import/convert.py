@@ -446,6 +446,42 @@ class Converter:
         self._carry(node)
 
 
+def _multithreshold(self: Converter, node) -> None:
+    """``MultiThreshold`` where it is a quantizer: the same thresholds on every channel,
+    evenly spaced by a power of two Δ at half steps ((k0 + t + ½)·Δ), 2^b − 1 of them
+    from k0 = 0 (unsigned) or −2^(b−1) (signed), and out_scale = Δ, out_bias = k0·Δ. Then
+    y = Δ · clamp(round(x / Δ)) with ties toward +inf (x ≥ a threshold counts it): a
+    ``cast`` to ``ap_(u)fixed<b, ...>`` with RND and SAT."""
+    label = f"node {node.name} (MultiThreshold)"
+    attrs = _attributes(node)
+    thresholds = self._float_input(node, 1, "thresholds")
+    if thresholds.ndim != 2 or np.any(thresholds != thresholds[:1]):
+        raise QonnxError(f"{label}: thresholds differ between channels: no fixed-point type "
+                         "has this form")
+    row = thresholds[0]
+    steps = np.diff(row)
+    step = float(steps[0]) if steps.size else 0.0
+    fracs = _power_of_two_fractions(np.array([step])) if step > 0 else None
+    count = row.size + 1
+    width = count.bit_length() - 1
+    first = row[0] / step - 0.5 if step > 0 else 0.5
+    signed = first == -(count // 2)
+    if (fracs is None or np.any(steps != step) or count & (count - 1) or width < 1
+            or first != int(first) or not (first == 0 or signed)
+            or float(attrs.get("out_scale", 1.0)) != step
+            or float(attrs.get("out_bias", 0.0)) != first * step
+            or attrs.get("data_layout", "NCHW") not in ("", "NCHW", "NC")):
+        raise QonnxError(f"{label}: its thresholds, out_scale and out_bias are not those of a "
+                         "fixed-point quantizer (evenly spaced by a power of two, 2^b - 1 of "
+                         "them, out_scale the step, out_bias the first level)")
+    frac = int(fracs[0])
+    if node.input[0] in self.pending or node.input[0] in self.factor:
+        raise QonnxError(f"{label}: its input's scale is not a power of two")
+    self._add("cast", node, [self._activation(node, 0)], FixedType(
+        signed=bool(signed), integer=width - frac - int(signed), fractional=frac,
+        rounding=Rounding.RND, overflow=Overflow.SAT))
+
+
 def _trunc(self: Converter, node) -> None:
     """``Trunc`` (qonnx's version 2, as brevitas's ``TruncAvgPool2d`` exports it): round to
     the input scale's grid (ties to even), then to the output scale's with its rounding
@@ -590,5 +626,5 @@ HANDLERS = {
     "Conv": Converter.conv, "Relu": Converter.relu, "Add": Converter.add,
     "Reshape": Converter.reshape, "Flatten": Converter.reshape, "MaxPool": Converter.maxpool,
     "AveragePool": _average_pool, "GlobalAveragePool": _average_pool,
-    "ReduceMean": _average_pool, "Trunc": _trunc,
+    "ReduceMean": _average_pool, "Trunc": _trunc, "MultiThreshold": _multithreshold,
 }
