@@ -159,18 +159,7 @@ class Converter:
         mode = str(attrs.get("rounding_mode", "ROUND")).upper()
         signed, narrow = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0))
         label = f"node {node.name} (Quant)"
-        if np.any(zero_point != 0):
-            raise QonnxError(f"{label}: zero point {zero_point.ravel()[:4].tolist()} is not 0 "
-                               "(asymmetric quantization is not imported yet)")
-        if bits.size != 1 or bits.item() != int(bits.item()) or not 2 <= bits.item() <= 32:
-            raise QonnxError(f"{label}: bit width {bits.ravel()[:4].tolist()} must be one "
-                               "integer from 2 to 32")
-        if mode not in ROUNDING:
-            raise QonnxError(f"{label}: rounding_mode {mode} has no ap_fixed equivalent "
-                               f"(imported: {', '.join(ROUNDING)})")
-        if narrow and not signed:
-            raise QonnxError(f"{label}: an unsigned narrow range (0 .. 2^b - 2) has no ap_fixed "
-                               "type")
+        _check_quantizer(label, zero_point, bits, mode, signed, narrow)
         fracs = _power_of_two_fractions(scale)
         width = int(bits.item())
         overflow = Overflow.SAT_SYM if narrow else Overflow.SAT
@@ -499,12 +488,7 @@ def _trunc(self: Converter, node) -> None:
     fracs, out_fracs = _power_of_two_fractions(scale), _power_of_two_fractions(out_scale)
     if fracs is None or out_fracs is None or fracs.size != 1 or out_fracs.size != 1:
         raise QonnxError(f"{label}: its scales must be powers of two, one per tensor")
-    if np.any(zero_point != 0):
-        raise QonnxError(f"{label}: zero point {zero_point.ravel()[0]} is not 0")
-    if mode not in ROUNDING:
-        raise QonnxError(f"{label}: rounding_mode {mode} has no ap_fixed equivalent")
-    if narrow and not signed:
-        raise QonnxError(f"{label}: an unsigned narrow range has no ap_fixed type")
+    _check_quantizer(label, zero_point, out_bits, mode, signed, narrow)
     if node.input[0] in self.pending or node.input[0] in self.factor:
         raise QonnxError(f"{label}: its input's scale is not a power of two")
     src = self._activation(node, 0)
@@ -573,6 +557,24 @@ def _reciprocal(node, count: int) -> int:
         raise QonnxError(f"node {node.name} ({node.op_type}): averages {count} values; 1/{count} "
                          "has no exact fixed-point form (a power-of-two window has)")
     return (1 << RECIPROCAL_FRAC) // count
+
+
+def _check_quantizer(label: str, zero_point, bits, mode: str, signed: bool,
+                     narrow: bool) -> None:
+    """What a ``Quant`` or ``Trunc`` needs for an ap_fixed type: zero point 0, one bit
+    width from 2 to 32, an ap_fixed rounding mode, no unsigned narrow range."""
+    if np.any(zero_point != 0):
+        raise QonnxError(f"{label}: zero point {zero_point.ravel()[:4].tolist()} is not 0 "
+                         "(asymmetric quantization is not imported yet)")
+    if bits.size != 1 or bits.item() != int(bits.item()) or not 2 <= bits.item() <= 32:
+        raise QonnxError(f"{label}: bit width {bits.ravel()[:4].tolist()} must be one "
+                         "integer from 2 to 32")
+    if mode not in ROUNDING:
+        raise QonnxError(f"{label}: rounding_mode {mode} has no ap_fixed equivalent "
+                         f"(imported: {', '.join(ROUNDING)})")
+    if narrow and not signed:
+        raise QonnxError(f"{label}: an unsigned narrow range (0 .. 2^b - 2) has no ap_fixed "
+                         "type")
 
 
 def _attributes(node) -> dict:
