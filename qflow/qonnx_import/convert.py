@@ -101,7 +101,7 @@ class Converter:
         if name not in self.names:
             what = "a constant" if name in self.constants else "not computed by a quantized node"
             raise QonnxError(f"node {node.name} ({node.op_type}): input {name!r} is {what}; "
-                               "qflow imports graphs whose activations are all quantized")
+                             "qflow imports graphs whose activations are all quantized")
         return self.names[name]
 
     def _quantized_constant(self, node, index: int, what: str) -> _Constant:
@@ -109,7 +109,7 @@ class Converter:
         constant = self.constants.get(name)
         if constant is None or constant.codes is None:
             raise QonnxError(f"node {node.name} ({node.op_type}): its {what} {name!r} is not a "
-                               "quantized constant (a Quant of an initializer)")
+                             "quantized constant (a Quant of an initializer)")
         return constant
 
     def _type_of(self, tensor: str) -> FixedType:
@@ -119,16 +119,16 @@ class Converter:
     def convert(self) -> QGraph:
         if len(self.graph.input) != 1 or len(self.graph.output) != 1:
             raise QonnxError(f"the graph has {len(self.graph.input)} inputs and "
-                               f"{len(self.graph.output)} outputs; qflow imports one of each")
+                             f"{len(self.graph.output)} outputs; qflow imports one of each")
         for node in self.graph.node:
             handler = HANDLERS.get(node.op_type)
             if handler is None:
                 raise QonnxError(f"node {node.name}: op {node.op_type} has no exact QGraph form "
-                                   f"here (qflow imports {', '.join(sorted(HANDLERS))})")
+                                 f"here (qflow imports {', '.join(sorted(HANDLERS))})")
             handler(self, node)
         if self.input is None:
             raise QonnxError("the graph input is not quantized: its first node must be a "
-                               "Quant (or BipolarQuant) of the input")
+                             "Quant (or BipolarQuant) of the input")
         output = self.graph.output[0].name
         if output not in self.names:
             raise QonnxError(f"the graph output {output!r} is not computed by a quantized node")
@@ -213,9 +213,13 @@ class Converter:
                 return src
         self.exact = False
         consts = scaled.affine_consts(scale, shift, self._type_of(src).fractional, target)
+        return self._scale_shift(_Renamed(node, f"{node.name}_scale", self.tensors[src].shape),
+                                 src, consts)
+
+    def _scale_shift(self, node, src: str, consts: dict) -> str:
+        """A ``scale_shift`` node of ``src`` with ``consts``, its type inferred."""
         probe = Node("scale_shift", node.name, [src], node.name, {}, consts)
-        return self._add("scale_shift", _Renamed(node, f"{node.name}_scale",
-                                                 self.tensors[src].shape), [src],
+        return self._add("scale_shift", node, [src],
                          infer.infer_scale_shift(probe, self._type_of(src)), consts=consts)
 
     def bipolar_quant(self, node) -> None:
@@ -248,9 +252,7 @@ class Converter:
         consts = {"scale": np.ones(channels, np.int64),
                   "scale_frac": np.full(channels, int(fracs[0]), np.int64),
                   "shift": np.zeros(channels, np.int64), "shift_frac": np.zeros(channels, np.int64)}
-        probe = Node("scale_shift", node.name, [signs], node.name, {}, consts)
-        self._add("scale_shift", node, [signs], infer.infer_scale_shift(
-            probe, self._type_of(signs)), consts=consts)
+        self._scale_shift(node, signs, consts)
 
     def _declare_input(self, name: str, t: FixedType) -> str:
         self.tensors[name] = TensorInfo(name, self._shape(name), t)
@@ -296,30 +298,24 @@ class Converter:
         if node.input[0] in self.pending:
             raise QonnxError(f"node {node.name} ({node.op_type}): its input is not quantized "
                              "(a Quant must come between two layers)")
+        channels = weight.codes.shape[0]
+        if bias is not None and bias.codes.size != channels:
+            raise QonnxError(f"node {node.name} ({node.op_type}): bias of {bias.codes.size} "
+                             f"values for {channels} outputs")
         factor = self.factor.get(node.input[0], 1.0)
-        if factor != 1.0 or weight.scale is not None or (bias is not None
-                                                         and bias.scale is not None):
-            # acc · S_c + B_c in real units, applied at the next Quant (.scaled)
-            probe = Node(op, node.name, [src], node.name, attrs, consts)
-            self._add(op, node, [src], infer.infer_weighted(probe, self._type_of(src)),
-                      attrs=attrs, consts=consts)
-            channels = weight.codes.shape[0]
-            scale = factor * (weight.scale if weight.scale is not None else np.ones(channels))
-            shift = np.zeros(channels) if bias is None else np.broadcast_to(
-                bias.value.reshape(-1), (channels,)).astype(np.float64)
-            self.pending[node.output[0]] = (scale, shift)
-            return
-        if bias is not None:
-            channels = weight.codes.shape[0]
-            bias_codes = bias.codes.reshape(-1)
-            if bias_codes.size != channels:
-                raise QonnxError(f"node {node.name} ({node.op_type}): bias of {bias_codes.size} "
-                                   f"values for {channels} outputs")
-            consts.update(bias=bias_codes, bias_frac=np.broadcast_to(bias.fracs, (channels,))
-                          .copy())
+        # a scale that is not a power of two: acc · S_c + B_c, applied at the next Quant
+        multiplied = factor != 1.0 or weight.scale is not None or (
+            bias is not None and bias.scale is not None)
+        if bias is not None and not multiplied:
+            consts.update(bias=bias.codes.reshape(-1),
+                          bias_frac=np.broadcast_to(bias.fracs, (channels,)).copy())
         probe = Node(op, node.name, [src], node.name, attrs, consts)
-        out_type = infer.infer_weighted(probe, self._type_of(src))
-        self._add(op, node, [src], out_type, attrs=attrs, consts=consts)
+        self._add(op, node, [src], infer.infer_weighted(probe, self._type_of(src)),
+                  attrs=attrs, consts=consts)
+        if multiplied:
+            scale = factor * (weight.scale if weight.scale is not None else np.ones(channels))
+            shift = np.zeros(channels) if bias is None else bias.value.reshape(-1)
+            self.pending[node.output[0]] = (scale, shift.astype(np.float64))
 
     def gemm(self, node) -> None:
         attrs = _attributes(node)
@@ -602,7 +598,7 @@ def _transposed(weight: _Constant) -> _Constant:
     fracs = weight.fracs
     if np.unique(fracs).size != 1:
         raise QonnxError("a MatMul weight's scale must be per tensor (or per output column "
-                           "through Gemm)")
+                         "through Gemm)")
     scale = weight.scale
     if scale is not None:
         if np.unique(scale).size != 1:
