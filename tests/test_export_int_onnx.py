@@ -41,8 +41,9 @@ def _mismatches(got: np.ndarray, want: np.ndarray) -> tuple[int, int]:
     return int((diff != 0).any(axis=1).sum()), int(diff.max(initial=0))
 
 
-def _check_exact(graph: QGraph, path, codes: np.ndarray) -> None:
-    bad, max_diff = _mismatches(run_int_onnx(path, codes), Emulator(graph).run_codes(codes))
+def _check_exact(graph: QGraph, path, codes: np.ndarray, optimized: bool = False) -> None:
+    got = run_int_onnx(path, codes, optimized=optimized)
+    bad, max_diff = _mismatches(got, Emulator(graph).run_codes(codes))
     assert bad == 0, f"{bad} of {len(codes)} samples differ (max {max_diff} LSB)"
 
 
@@ -70,6 +71,8 @@ def test_zoo_model_equals_emulator(model_name, config_name, arithmetic, tmp_path
     x = zoo_inputs(model_name, 2000)
     x = np.concatenate([x, corner_inputs(graph.input_type, x.shape[1:], 256)])
     _check_exact(graph, path, to_codes(x, graph.input_type))
+    # as ONNX Runtime runs the file by default: its fusions and blocked layouts
+    _check_exact(graph, path, to_codes(x, graph.input_type), optimized=True)
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
@@ -185,16 +188,73 @@ def _unsigned_wide_conv_graph():
     return m.graph()
 
 
+def _fusion_graph():
+    """Every case of ``int_onnx_fuse``: ReLUs its cast does (or not: two readers, a signed
+    cast), cast scalings moved into a convolution, a BatchNorm, a pool and a dense layer
+    under several roundings and overflows, power-of-two pools in float32."""
+    rng = np.random.default_rng(4)
+    conv = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}
+    m = _Maker(_fx("ap_fixed<8,3,AP_RND_CONV,AP_SAT>"), (2, 8, 8))
+    m.add("conv2d", (4, 8, 8), attrs=conv, weight=rng.integers(-128, 128, (4, 2, 3, 3)),
+          weight_frac=[7, 7, 6, 7], bias=rng.integers(-99, 99, 4), bias_frac=[9] * 4)
+    m.add("relu", (4, 8, 8))
+    first = m.cast(_fx("ap_ufixed<8,3,AP_RND_CONV,AP_SAT>"))  # ReLU skipped, conv scaled
+    m.add("conv2d", (4, 8, 8), attrs=conv, weight=rng.integers(-128, 128, (4, 4, 3, 3)),
+          weight_frac=[7] * 4)
+    m.add("scale_shift", (4, 8, 8), scale=[300, -200, 511, 77], scale_frac=[8, 9, 9, 7],
+          shift=[77, -5, 3, 0], shift_frac=[6, 3, 2, 2])
+    m.cast(_fx("ap_fixed<8,3,AP_RND_MIN_INF,AP_SAT_SYM>"))  # BatchNorm scaled
+    shared = m.add("relu", (4, 8, 8))
+    m.cast(_fx("ap_ufixed<6,2,AP_TRN,AP_SAT>"))  # not skipped: the ReLU has two readers
+    m.add("add", (4, 8, 8), inputs=[m.last, shared])
+    m.add("relu", (4, 8, 8))
+    m.cast(_fx("ap_fixed<7,3,AP_RND,AP_SAT>"))  # not skipped: a signed cast
+    m.add("add", (4, 8, 8), inputs=[m.last, first])
+    m.cast(_fx("ap_ufixed<8,4,AP_RND_ZERO,AP_SAT>"))
+    m.pool("avgpool2d", (4, 4, 4), 4, kernel=[2, 2], stride=[2, 2])
+    m.cast(_fx("ap_fixed<8,3,AP_RND_CONV,AP_WRAP>"))  # float32 pool, scaled
+    m.pool("avgpool2d", (4, 2, 2), 4, kernel=[2, 2], stride=[2, 2])
+    m.cast(_fx("ap_fixed<8,3,AP_TRN_ZERO,AP_SAT_ZERO>"))
+    m.pool("global_avgpool2d", (4, 1, 1), 4)
+    m.cast(_fx("ap_fixed<8,2,AP_RND_INF,AP_SAT>"))
+    m.add("reshape", (4,), attrs={"shape": [4]})
+    m.add("dense", (3,), weight=rng.integers(-128, 128, (3, 4)), weight_frac=[7, 6, 5],
+          bias=[1, -2, 3], bias_frac=[4, 4, 4])
+    m.cast(_fx("ap_fixed<8,4,AP_TRN,AP_SAT>"))  # dense scaled
+    return m.graph()
+
+
 @pytest.mark.parametrize("arithmetic", ["auto", "int64"])
-@pytest.mark.parametrize("make", [_wide_conv_graph, _narrow_graph, _unsigned_wide_conv_graph])
+@pytest.mark.parametrize("make", [_wide_conv_graph, _narrow_graph, _unsigned_wide_conv_graph,
+                                  _fusion_graph])
 def test_hand_built_graph_equals_emulator(make, arithmetic, tmp_path):
     graph = make()
     path = export_int_onnx(graph, tmp_path / "g.onnx", arithmetic)
     onnx.checker.check_model(onnx.load(path), full_check=True)
     shape = graph.tensors["x"].shape
-    _check_exact(graph, path, _random_codes(graph.input_type, shape, 3000))
-    x = corner_inputs(graph.input_type, shape, 600)
-    _check_exact(graph, path, to_codes(x, graph.input_type))
+    for optimized in (False, True):
+        _check_exact(graph, path, _random_codes(graph.input_type, shape, 3000), optimized)
+        x = corner_inputs(graph.input_type, shape, 600)
+        _check_exact(graph, path, to_codes(x, graph.input_type), optimized)
+
+
+def test_fusions_take_the_planned_routes(tmp_path):
+    graph = _fusion_graph()
+    path = export_int_onnx(graph, tmp_path / "g.onnx")
+    routes, counts = export_routes(path), _op_counts(path)
+    skipped = [n for n, r in routes.items() if r.startswith("none: the cast after it")]
+    assert skipped == ["relu1"]  # relu5 has two readers, relu9 a signed cast
+    assert counts["Max"] == 2
+    scaled = {n: r.rsplit(" for ", 1)[1] for n, r in routes.items() if ", times 2**" in r}
+    assert scaled == {"conv2d0": "cast2", "scale_shift4": "cast5", "avgpool2d13": "cast14",
+                      "avgpool2d15": "cast16", "global_avgpool2d17": "cast18",
+                      "dense20": "cast21"}, routes
+    assert all("(done by the node before)" in routes[c] for c in scaled.values())
+    assert routes["avgpool2d13"].startswith("AveragePool(float32)")
+    assert routes["global_avgpool2d17"].startswith("GlobalAveragePool(float32)")
+    # the scaled tensors are not named as QGraph tensors: their values are not those codes
+    produced = {o for n in onnx.load(path).graph.node for o in n.output}
+    assert not set(scaled) & produced and "relu1" not in produced
 
 
 def test_wide_operands_take_the_exact_wide_routes(tmp_path):

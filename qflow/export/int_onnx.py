@@ -20,6 +20,9 @@ value the node forms is exact (:func:`node_arithmetic`; ``qflow.arithmetics`` an
   ``Round`` (half to even), ``Clip``, ``Where`` and ``Mod``; the other ops are the int64
   routes below on float codes. One exact ``Cast`` moves codes between arithmetics; the
   input enters and the output leaves as int64;
+  :mod:`qflow.export.int_onnx_fuse` drops the ReLUs whose cast clamps at 0 anyway and
+  moves a cast's 2**k into the constants of the node before it; power-of-two average
+  pools read only by a cast run as float32 ``AveragePool`` with it;
 - ``int64`` otherwise (wider codes, larger sums, the transformer ops), and everywhere
   with ``arithmetic="int64"``, by these routes:
 
@@ -100,6 +103,7 @@ from qflow.graph import infer, transformer
 from qflow.graph.ir import Node, QGraph
 from qflow.numerics import FixedType
 
+from .int_onnx_fuse import float32_pools, plan_fusions
 from .int_onnx_ops import ARITHMETICS, Builder, aligned_products
 from .int_onnx_ops import EMITTERS as BASE_EMITTERS
 from .int_onnx_transformer import EMITTERS as TRANSFORMER_EMITTERS
@@ -161,17 +165,29 @@ def build_int_onnx(graph: QGraph, arithmetic: str = "auto") -> onnx.ModelProto:
                                              to=ARITHMETICS[wanted][1])
         return converted[tensor, wanted]
 
-    routes = {}
+    arithmetics = plan_arithmetics(graph, arithmetic)
+    fusions = plan_fusions(graph, arithmetics)
+    routes, aliases = {}, set()
     for node in graph.nodes:
-        wanted = ("int64" if arithmetic == "int64"
-                  else node_arithmetic(graph, node, held[node.inputs[0]]))
+        if node.name in fusions.skipped_relus:  # its cast clamps at 0 (int_onnx_fuse)
+            names[node.output], held[node.output] = names[node.inputs[0]], held[node.inputs[0]]
+            aliases.add(node.output)
+            routes[node.name] = "none: the cast after it clamps at 0"
+            continue
+        wanted = arithmetics[node.name]
         inputs = [operand(i, wanted) for i in node.inputs]
         b.prefix = node.name
         b.use(wanted)
+        cast, b.scale_exp = fusions.scaled.get(node.name, (None, 0))
+        b.prescaled = node.name in fusions.prescaled
         start = len(b.nodes)
         value, routes[node.name] = EMITTERS[node.op](b, graph, node, *inputs)
+        if cast is not None:  # its values are scaled: not the QGraph tensor's codes
+            routes[node.name] += f", times 2**{b.scale_exp} for {cast}"
+            names[node.output] = b.fresh("scaled")
         b.rename_output(value, names[node.output], start)
         held[node.output] = wanted
+    b.scale_exp, b.prescaled = 0, False
     b.prefix = "output"
     b.use("int64")
     b.nodes.append(helper.make_node("Identity", [operand(graph.output, "int64")],
@@ -185,7 +201,7 @@ def build_int_onnx(graph: QGraph, arithmetic: str = "auto") -> onnx.ModelProto:
 
     produced = {o for n in b.nodes for o in n.output}
     value_info = [info(names[t], t) for t in graph.tensors
-                  if t not in (graph.input, graph.output) and names[t] in produced]
+                  if t not in (graph.input, graph.output, *aliases) and names[t] in produced]
     if graph.output != graph.input:
         value_info.append(info(names[graph.output], graph.output))
     onnx_graph = helper.make_graph(
@@ -214,15 +230,22 @@ def build_int_onnx(graph: QGraph, arithmetic: str = "auto") -> onnx.ModelProto:
 FLOAT_FORMATS = {"float32": infer.FLOAT32, "float64": infer.FLOAT64}
 
 
-def node_arithmetic(graph: QGraph, node: Node, input_arithmetic: str) -> str:
-    """The arithmetic ``node`` is emitted in: its input's when exact there (no
-    conversion), else the narrowest exact float format, else int64. ``dense`` and
-    ``conv2d`` take float32 (the runtimes' fast float kernels) or int64 (the integer
-    kernels and limbs)."""
+def plan_arithmetics(graph: QGraph, arithmetic: str = "auto") -> dict[str, str]:
+    """QGraph node -> the arithmetic it is emitted in (:func:`node_arithmetic`)."""
+    if arithmetic == "int64":
+        return {node.name: "int64" for node in graph.nodes}
+    pools = float32_pools(graph)
+    return {node.name: "float32" if node.name in pools else node_arithmetic(graph, node)
+            for node in graph.nodes}
+
+
+def node_arithmetic(graph: QGraph, node: Node) -> str:
+    """The arithmetic ``node`` is emitted in: the narrowest exact float format, else
+    int64. float32 is taken after float64 too: one ``Cast``, then every later pass reads
+    half the bytes. ``dense`` and ``conv2d`` take float32 (the runtimes' fast float
+    kernels) or int64 (the integer kernels and limbs)."""
     if node.op in ("dense", "conv2d"):
         return "float32" if exact_in(graph, node, "float32") else "int64"
-    if input_arithmetic != "int64" and exact_in(graph, node, input_arithmetic):
-        return input_arithmetic
     return next((a for a in FLOAT_FORMATS if exact_in(graph, node, a)), "int64")
 
 
@@ -322,12 +345,15 @@ def _needed_type(graph: QGraph, node: Node, ins: list[FixedType]) -> FixedType |
 
 
 # -- running -------------------------------------------------------------------------------
-def run_int_onnx(path: str | Path, codes) -> np.ndarray:
+def run_int_onnx(path: str | Path, codes, *, optimized: bool = False) -> np.ndarray:
     """Run an integer ONNX file on int64 input ``codes`` (batch first); return output codes.
 
     Uses ONNX Runtime (CPU) with graph optimizations disabled, so that the graph runs as
-    written. A missing, corrupt or truncated file, input of the wrong shape or dtype,
-    or codes outside the input type's range raise :class:`QflowError` naming the file.
+    written; ``optimized=True`` runs it as ``onnxruntime.InferenceSession(path)`` does by
+    default (every graph optimization, e.g. its blocked-layout convolutions), which must
+    give the same codes (the tests check both). A missing, corrupt or truncated file,
+    input of the wrong shape or dtype, or codes outside the input type's range raise
+    :class:`QflowError` naming the file.
     """
     import onnxruntime as ort
 
@@ -337,7 +363,8 @@ def run_int_onnx(path: str | Path, codes) -> np.ndarray:
     try:
         model = onnx.load(path, load_external_data=False)
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if not optimized:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(model.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # protobuf, checker and runtime errors alike

@@ -47,6 +47,9 @@ class Builder:
 
     def __init__(self, arithmetic: str = "int64"):
         self.use(arithmetic)
+        #: the node being emitted gives its values times 2**scale_exp (a fused cast's
+        #: scaling, :mod:`.int_onnx_fuse`); a cast with ``prescaled`` gets them so
+        self.scale_exp, self.prescaled = 0, False
         self.nodes: list = []
         self.inits: list = []
         self.used: set[str] = set()
@@ -390,6 +393,7 @@ def _float_weighted(b: Builder, node: Node, x: str, in_t: FixedType,
     if bound >= FLOAT32_EXACT_LIMIT:
         _fail(node, f"float32 sums could reach 2**{bound.bit_length()}, not exact")
     has_bias = bool(np.any(bias != 0))
+    w, bias = _scaled(b, w), _scaled(b, bias)
     if node.op == "dense":
         acc = b.op("MatMul", [x, b.num(w.T.copy(), "weight_aligned")], "matmul")
         if has_bias:
@@ -467,8 +471,8 @@ def emit_scale_shift(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, st
     except QflowError as exc:
         _fail(node, str(exc))
     view = _channel_view(1 + len(g.tensors[node.inputs[0]].shape))
-    scale = b.num(_int64(scale, node, "scale").reshape(view), label="scale_aligned")
-    shift = b.num(_int64(shift, node, "shift").reshape(view), label="shift_aligned")
+    scale = b.num(_scaled(b, _int64(scale, node, "scale").reshape(view)), "scale_aligned")
+    shift = b.num(_scaled(b, _int64(shift, node, "shift").reshape(view)), "shift_aligned")
     out = b.op("Add", [b.op("Mul", [x, scale], "scale"), shift], "shift")
     return out, f"Mul+Add({b.arithmetic})"
 
@@ -523,6 +527,9 @@ def emit_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]
     ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
     if ho < 1 or wo < 1:
         _fail(node, f"kernel {kh}x{kw} is larger than the {h}x{w} input")
+    if _float_average(b, kh * kw):
+        average = b.op("AveragePool", [x], "average", kernel_shape=[kh, kw], strides=[sh, sw])
+        return _times_count_reciprocal(b, node, average, kh * kw)
     if (kh, kw) == (sh, sw):
         if (ho * kh, wo * kw) != (h, w):
             x = b.op("Slice", [x, b.const([0, 0]), b.const([ho * kh, wo * kw]),
@@ -539,13 +546,35 @@ def emit_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]
                                      b.const([2, 3]), b.const([sh, sw])], "tap")
                 total = tap if total is None else b.op("Add", [total, tap], "sum")
         route = f"{kh * kw} strided Slices+Add({b.arithmetic})"
-    return b.op("Mul", [total, b.num(int(node.consts["reciprocal"]))], "reciprocal"), route
+    reciprocal = _scaled(b, int(node.consts["reciprocal"]))
+    return b.op("Mul", [total, b.num(reciprocal)], "reciprocal"), route
 
 
 def emit_global_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
+    if _float_average(b, int(np.prod(g.tensors[node.inputs[0]].shape[-2:]))):
+        average = b.op("GlobalAveragePool", [x], "average")
+        return _times_count_reciprocal(b, node, average,
+                                       int(np.prod(g.tensors[node.inputs[0]].shape[-2:])))
     total = b.op("ReduceSum", [x, b.const([2, 3])], "sum", keepdims=1)
-    out = b.op("Mul", [total, b.num(int(node.consts["reciprocal"]))], "reciprocal")
+    out = b.op("Mul", [total, b.num(_scaled(b, int(node.consts["reciprocal"])))], "reciprocal")
     return out, f"ReduceSum({b.arithmetic})"
+
+
+def _float_average(b: Builder, count: int) -> bool:
+    """Can float32 ``AveragePool`` give the window sums (ONNX Runtime has no double one)?
+    The sum is an integer below 2**24 (the export's bound) and dividing it by a
+    power-of-two count is exact."""
+    return b.arithmetic == "float32" and count & (count - 1) == 0
+
+
+def _times_count_reciprocal(b: Builder, node: Node, average: str, count: int):
+    """``average * count * reciprocal`` (= sum * reciprocal: the product is exact, being
+    the value the export bounds), with the scaling of a fused cast; no ``Mul`` for 1."""
+    factor = _scaled(b, count * int(node.consts["reciprocal"]))
+    route = f"{'Global' if node.op == 'global_avgpool2d' else ''}AveragePool({b.arithmetic})"
+    if factor == 1:
+        return average, route
+    return b.op("Mul", [average, b.num(factor)], "reciprocal"), route
 
 
 def emit_reshape(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
@@ -571,12 +600,26 @@ def emit_cast(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
 def _float_requantize(b: Builder, x: str, from_frac: int, t: FixedType) -> tuple[str, str]:
     """``kernel.quantize_scaled`` itself, traced onto float codes: scaling by a power of
     two, floor/round and comparisons are exact on integers below the format's bound
-    (2**24, 2**53: the export's bounds) and their power-of-two fractions."""
+    (2**24, 2**53: the export's bounds) and their power-of-two fractions. With
+    ``b.prescaled`` the input is already scaled (:mod:`.int_onnx_fuse`)."""
     shift = t.fractional - from_frac
-    scaled = Sym(b, x) * 2.0**shift if shift else Sym(b, x)
+    scaled = Sym(b, x) * 2.0**shift if shift and not b.prescaled else Sym(b, x)
     out = K.quantize_scaled(scaled, t.width, t.signed, t.rounding, t.overflow, OnnxXp)
-    return out.name, (f"scale by 2**{shift}, {t.rounding.value}, {t.overflow.value} "
-                      f"({b.arithmetic})")
+    how = f"scale by 2**{shift}" + (" (done by the node before)" if b.prescaled else "")
+    return out.name, f"{how}, {t.rounding.value}, {t.overflow.value} ({b.arithmetic})"
+
+
+def _scaled(b: Builder, value):
+    """Integer constant(s) ``value`` times 2**``b.scale_exp`` (float64, exact: the fusion
+    plan keeps |scale_exp| within the format's margin; :meth:`Builder.num` re-checks that
+    the arithmetic holds them)."""
+    if not b.scale_exp:
+        return value
+    arr = np.asarray(value, dtype=object)
+    as_float = arr.astype(np.float64)
+    if not np.array_equal(as_float.astype(object), arr):
+        raise QflowError(f"int ONNX export: constant {value!r} is not exact in float64")
+    return as_float * 2.0**b.scale_exp
 
 
 EMITTERS = {

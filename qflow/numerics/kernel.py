@@ -141,7 +141,9 @@ def quantize_scaled(t, width: int, signed: bool, rounding: Rounding, overflow: O
         # Where qmin - 1 is not representable it rounds to qmin, and the clamp in
         # reduce_range pulls a t below the range into it; such a t is below qmin - 1.
         return xp.where((q < qmin) | (q >= qmax + 1) | (t < qmin - 1), 0 * q, q)
-    return apply_overflow(q, width, signed, overflow, xp)
+    # SAT, SAT_SYM: reduce_range clamped to the integer bounds apply_overflow would clamp
+    # to, and rounding is monotone and keeps integers, so q is in range already.
+    return q
 
 
 def khot_scaled(t, k: int, width: int, signed: bool, xp):

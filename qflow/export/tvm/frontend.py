@@ -74,16 +74,20 @@ EXACT_OPS: dict[str, tuple[frozenset | None, str]] = {
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE})
 #: ONNX op -> why it is exact on float codes that the exporter bounded
 FLOAT_EXACT_OPS: dict[str, str] = {
-    "Conv": "direct conv2d; every partial sum an integer below 2**24",
-    "MatMul": "every partial sum an integer below 2**24",
+    "Conv": "direct conv2d; every partial sum an integer below 2**24 (times a power of "
+            "two where a cast's scaling was moved into the weights)",
+    "MatMul": "every partial sum an integer below 2**24 (times a power of two, as Conv)",
     "Add": "sums of integers (and power-of-two fractions) below the exact bound",
     "Sub": "differences of exact values below the exact bound",
-    "Mul": "products by integers or powers of two below the exact bound",
+    "Mul": "products by integers times powers of two, below the exact bound",
     "Max": "maximum", "Clip": "maximum then minimum", "Abs": "magnitude",
     "Floor": "exact", "Ceil": "exact", "Round": "half to even (nearbyint), exact",
     "Mod": "fmod of exact values by a power of two is exact",
     "ReduceSum": "sums of integers below the exact bound",
     "MaxPool": "maximum of exact values",
+    "AveragePool": "a window sum below the exact bound over a power-of-two count (the "
+                   "exporter emits it for no other)",
+    "GlobalAveragePool": "as AveragePool",
 }
 #: the metadata key of the arithmetics the exporter proved exact, node by node
 ARITHMETICS_KEY = "qflow.arithmetics"

@@ -31,6 +31,9 @@ from __future__ import annotations
 #: first: without tuning, the first that divides the extent is taken
 CHANNEL_TILES = (8, 4, 2)
 COLUMN_TILES = (16, 8, 4, 2)
+#: samples per tile of a dense layer with a fixed batch (unrolled): one weight vector
+#: read from memory feeds this many samples' sums in registers
+ROW_TILES = (4, 2)
 #: the tile sizes tuning may try (:mod:`.tune`)
 TUNED_CHANNEL_TILES = (16, 8, 4, 2, 1)
 TUNED_COLUMN_TILES = (32, 16, 8, 4, 2)
@@ -177,7 +180,11 @@ def _schedule_dense(sch, dense, tiles) -> None:
         raise ValueError("dynamic output width")
     _, column_tile = _tiles(1, columns, tiles)
     column_out, column_in = sch.split(column, [None, column_tile])
-    sch.reorder(row, column_out, reduce, column_in)
+    rows = _static(sch, row)
+    row_tile = next((t for t in ROW_TILES if rows and rows % t == 0), 1)
+    row_out, row_in = sch.split(row, [None, row_tile])
+    sch.reorder(row_out, column_out, reduce, row_in, column_in)
+    sch.unroll(row_in)
     _accumulate(sch, dense, accumulator, column_out, column_in, reduce)
 
 
