@@ -318,3 +318,33 @@ def test_broken_builds_raise_one_line_errors(cpu_export, tmp_path):
     (broken / "build.json").write_text("{")
     with pytest.raises(QflowError, match=r"build\.json"):
         run_tvm(broken, graph, x)
+
+
+def test_pools_become_exact_sums_for_tvm():
+    """``pools_as_sums``: tiling and global average pools over power-of-two counts become
+    ReduceSum times 1/count with the same outputs under ONNX Runtime; overlapping windows
+    and a count of 9 stay pools."""
+    import onnxruntime as ort
+
+    from qflow.export.tvm.frontend import pools_as_sums
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 8])
+    nodes = [helper.make_node("AveragePool", ["x"], ["tiled"], kernel_shape=[2, 2],
+                              strides=[2, 2]),  # 9 rows: the last one is dropped
+             helper.make_node("GlobalAveragePool", ["tiled"], ["global"]),
+             helper.make_node("AveragePool", ["x"], ["overlap"], kernel_shape=[2, 2],
+                              strides=[1, 1]),
+             helper.make_node("AveragePool", ["x"], ["nine"], kernel_shape=[3, 3],
+                              strides=[3, 3])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+               for n in ("global", "tiled", "overlap", "nine")]
+    model = helper.make_model(helper.make_graph(nodes, "pools", [x], outputs),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rewritten = pools_as_sums(model)
+    assert [n.op_type for n in rewritten.graph.node].count("AveragePool") == 2
+    assert "GlobalAveragePool" not in [n.op_type for n in rewritten.graph.node]
+    codes = np.random.default_rng(0).integers(-2**20, 2**20, (5, 3, 9, 8)).astype(np.float32)
+    runs = [ort.InferenceSession(m.SerializeToString()).run(None, {"x": codes})
+            for m in (model, rewritten)]
+    for before, after in zip(*runs, strict=True):
+        assert before.shape == after.shape and np.array_equal(before, after)

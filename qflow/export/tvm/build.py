@@ -137,6 +137,7 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
     log = check_build_options(options, spec)
     model = onnx.load(int_onnx)
     frontend.check_exact(model)
+    model = frontend.pools_as_sums(model)
     frontend.register_converters()
     shapes = ({INPUT_NAME: [options.batch, *graph.tensors[graph.input].shape]}
               if options.batch else None)
