@@ -36,6 +36,7 @@ from qflow.numerics import Overflow
 #: ops whose constants can absorb the power-of-two scaling of the cast after them
 SCALABLE_OPS = frozenset({"dense", "conv2d", "scale_shift", "avgpool2d", "global_avgpool2d"})
 MAX_SHIFT = {"float32": FLOAT32.max_shift, "float64": FLOAT64.max_shift}
+FORMAT_BITS = {"float32": FLOAT32.bits, "float64": FLOAT64.bits}
 
 
 @dataclass
@@ -62,7 +63,10 @@ def plan_fusions(graph: QGraph, arithmetics: dict[str, str]) -> Fusions:
     for node in graph.nodes:
         cast = sole_reader(node.output) if node.op == "relu" else None
         if (cast is not None and cast.op == "cast" and _clamps_at_zero(graph, cast)
-                and arithmetics[node.name] != "int64" and arithmetics[cast.name] != "int64"):
+                and arithmetics[node.name] != "int64" and arithmetics[cast.name] != "int64"
+                # the cast then reads the ReLU's input: its codes must be exact there too
+                and graph.tensors[node.inputs[0]].type.width < FORMAT_BITS[
+                    arithmetics[cast.name]]):
             fusions.skipped_relus.add(node.name)
     for cast in graph.nodes:
         if cast.op != "cast" or arithmetics[cast.name] == "int64":
