@@ -551,10 +551,9 @@ def emit_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]
 
 
 def emit_global_avgpool2d(b: Builder, g: QGraph, node: Node, x: str) -> tuple[str, str]:
-    if _float_average(b, int(np.prod(g.tensors[node.inputs[0]].shape[-2:]))):
-        average = b.op("GlobalAveragePool", [x], "average")
-        return _times_count_reciprocal(b, node, average,
-                                       int(np.prod(g.tensors[node.inputs[0]].shape[-2:])))
+    count = int(np.prod(g.tensors[node.inputs[0]].shape[-2:]))
+    if _float_average(b, count):
+        return _times_count_reciprocal(b, node, b.op("GlobalAveragePool", [x], "average"), count)
     total = b.op("ReduceSum", [x, b.const([2, 3])], "sum", keepdims=1)
     out = b.op("Mul", [total, b.num(_scaled(b, int(node.consts["reciprocal"])))], "reciprocal")
     return out, f"ReduceSum({b.arithmetic})"
