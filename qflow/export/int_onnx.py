@@ -167,6 +167,7 @@ def build_int_onnx(graph: QGraph, arithmetic: str = "auto") -> onnx.ModelProto:
 
     arithmetics = plan_arithmetics(graph, arithmetic)
     fusions = plan_fusions(graph, arithmetics)
+    prescaled = fusions.prescaled
     routes, aliases = {}, set()
     for node in graph.nodes:
         if node.name in fusions.skipped_relus:  # its cast clamps at 0 (int_onnx_fuse)
@@ -179,7 +180,7 @@ def build_int_onnx(graph: QGraph, arithmetic: str = "auto") -> onnx.ModelProto:
         b.prefix = node.name
         b.use(wanted)
         cast, b.scale_exp = fusions.scaled.get(node.name, (None, 0))
-        b.prescaled = node.name in fusions.prescaled
+        b.prescaled = node.name in prescaled
         start = len(b.nodes)
         value, routes[node.name] = EMITTERS[node.op](b, graph, node, *inputs)
         if cast is not None:  # its values are scaled: not the QGraph tensor's codes

@@ -46,8 +46,11 @@ class Fusions:
 
     skipped_relus: set[str] = field(default_factory=set)
     scaled: dict[str, tuple[str, int]] = field(default_factory=dict)
-    #: cast node -> the node that took its scaling
-    prescaled: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prescaled(self) -> set[str]:
+        """The casts whose scaling a node before them took."""
+        return {cast for cast, _ in self.scaled.values()}
 
 
 def plan_fusions(graph: QGraph, arithmetics: dict[str, str]) -> Fusions:
@@ -84,7 +87,6 @@ def plan_fusions(graph: QGraph, arithmetics: dict[str, str]) -> Fusions:
                  - graph.tensors[cast.inputs[0]].type.fractional)
         if shift and abs(shift) <= MAX_SHIFT[arithmetics[cast.name]]:
             fusions.scaled[producer.name] = (cast.name, shift)
-            fusions.prescaled[cast.name] = producer.name
     return fusions
 
 
