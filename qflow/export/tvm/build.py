@@ -50,7 +50,7 @@ from qflow.graph.ir import QGraph
 from qflow.graph.transformer import DECLARED_TYPE_OPS
 from qflow.targets import TargetSpec
 
-from . import frontend, runner, tune
+from . import frontend, runner, tune, vnni
 from .schedule import schedule_convolutions
 
 LIBRARY = "model.so"
@@ -138,6 +138,7 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
     model = onnx.load(int_onnx)
     frontend.check_exact(model)
     model = frontend.pools_as_sums(model)
+    int8_plan = vnni.plan_int8_convs(model) if _int8_capable(config) else {}
     frontend.register_converters()
     shapes = ({INPUT_NAME: [options.batch, *graph.tensors[graph.input].shape]}
               if options.batch else None)
@@ -154,7 +155,7 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
         with (_environment(EXACT_CUDA_ENVIRONMENT if cuda else {}),
               tvm.transform.PassContext(config=fuse)):
             pipeline = ("default" if cuda else _cpu_pipeline(
-                target, options, log, tuning, progress))
+                target, options, log, tuning, progress, int8_plan))
             executable = tvm.compile(module, target=target, relax_pipeline=pipeline)
     except QflowError:
         raise
@@ -187,6 +188,7 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
         "samples_per_call": samples_per_call(graph) if device == "cpu" else None,
         "tuning": ({"log": tune.LOG_FILE, "trials": tuning["log"]["trials"]}
                    if tuning.get("log") else None),
+        "int8_convolutions": tuning.get("int8_convolutions", 0),
         "tvm_version": tvm.__version__,
         "build_seconds": round(seconds, 2),
     }
@@ -220,13 +222,28 @@ def check_build_options(options: BuildOptions, spec: TargetSpec) -> dict | None:
     return tune.read_log(options.tune_log) if options.tune_log else None
 
 
+def _int8_capable(config: dict) -> bool:
+    """Does the build run on this machine's CPU, and has it the int8 kernels'
+    instructions (:mod:`.vnni`)?"""
+    from tvm.target import codegen
+
+    return (config["kind"] == "llvm" and "mtriple" not in config
+            and config.get("mcpu") == codegen.llvm_get_system_cpu() and vnni.host_has_vnni())
+
+
 def _cpu_pipeline(target, options: BuildOptions, log: dict | None, tuning: dict,
-                  progress: Callable[[str], None]):
-    """TVM's default CPU pipeline with qflow's convolution schedule after the fusion
-    (:mod:`.schedule`), its tiles tuned first when asked (:mod:`.tune`; the new log
-    goes into ``tuning["log"]``)."""
+                  progress: Callable[[str], None], int8_plan: dict):
+    """TVM's default CPU pipeline with the int8 convolutions of ``int8_plan`` first
+    (:mod:`.vnni`; their count goes into ``tuning["int8_convolutions"]``) and qflow's
+    convolution schedule after the fusion (:mod:`.schedule`), its tiles tuned first when
+    asked (:mod:`.tune`; the new log goes into ``tuning["log"]``)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline
+
+    @tvm.transform.module_pass(opt_level=0, name="qflow.Int8Convolutions")
+    def int8_convolutions(mod, _context):
+        mod, tuning["int8_convolutions"] = vnni.use_int8_convs(mod, int8_plan)
+        return mod
 
     @tvm.transform.module_pass(opt_level=0, name="qflow.ScheduleConvolutions")
     def scheduled(mod, _context):
@@ -240,9 +257,9 @@ def _cpu_pipeline(target, options: BuildOptions, log: dict | None, tuning: dict,
     def cpu_pipeline(mod, _context):
         with target:
             return tvm.transform.Sequential(
-                pipeline.library_dispatch_passes(target) + pipeline.legalize_passes(target)
-                + [scheduled] + pipeline.dataflow_lower_passes(target)
-                + pipeline.finalize_passes(target))(mod)
+                [int8_convolutions, *pipeline.library_dispatch_passes(target),
+                 *pipeline.legalize_passes(target), scheduled,
+                 *pipeline.dataflow_lower_passes(target), *pipeline.finalize_passes(target)])(mod)
 
     return cpu_pipeline
 

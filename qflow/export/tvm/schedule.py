@@ -28,6 +28,8 @@ A function the schedule does not fit is left as TVM made it.
 
 from __future__ import annotations
 
+from .vnni import KERNEL_ATTR
+
 #: output channels per tile (unrolled) and output columns per tile (vectorized), largest
 #: first: without tuning, the first that divides the extent is taken
 CHANNEL_TILES = (8, 4, 2)
@@ -69,6 +71,8 @@ def schedule_function(func, tiles: tuple[int, int] | None = None):
     defaults; a dense layer uses only the columns."""
     from tvm import s_tir
 
+    if func.attrs is not None and KERNEL_ATTR in func.attrs:
+        return None  # a hand-written kernel (:mod:`.vnni`), scheduled as written
     for name, schedule in ((CONV_BLOCK, _schedule_conv), (DENSE_BLOCK, _schedule_dense)):
         sch = s_tir.Schedule(func)
         try:
@@ -88,6 +92,8 @@ def tile_candidates(func) -> list[tuple[int, int]]:
     convolution or dense layer, the default first; empty when it has none."""
     from tvm import s_tir
 
+    if func.attrs is not None and KERNEL_ATTR in func.attrs:
+        return []
     sch = s_tir.Schedule(func)
     for name, channel_at in ((CONV_BLOCK, 1), (DENSE_BLOCK, None)):
         try:

@@ -1,0 +1,283 @@
+"""int8 convolutions on x86 VNNI for CPU builds: the integer products of an 8-bit layer
+computed as integers, four at a time per lane.
+
+The integer ONNX computes a convolution in float32 where every partial sum is an exact
+integer (:mod:`qflow.export.int_onnx`); a float kernel then spends a 32-bit multiply-add
+per product. When the layer's input codes fit 8 bits (unsigned, or signed and offset by
+128) and each output channel's weights are an int8 code times a power of two, this
+module replaces the ``conv2d`` in the Relax module by a hand-written kernel on those
+codes: ``vpdpbusd`` sums four u8 × s8 products into each int32 lane without
+intermediate saturation (unlike ``vpmaddubsw``, the AVX2 route, whose int16 pair sums
+saturate), for 16 output columns per instruction.
+
+The kernel (:func:`conv_kernel`):
+
+- packs each sample's input once: codes as uint8 (plus the offset), four input channels
+  side by side per pixel, the padding as code 0 (the offset), the columns split by
+  stride phase, so that one 64-byte load holds four channels of 16 output columns;
+- for a tile of output channels and 16 (8, 4) columns of one output row, accumulates
+  in int32 registers over input-channel quads and taps, each filter's four weights
+  broadcast;
+- writes ``(acc - 128 * sum(w)) * 2**e`` per output channel as float32 (the correction
+  only for offset inputs).
+
+Exactness: ``|acc|`` is at most ``255 * sum|w|`` per channel, checked below 2**24, so
+the int32 sums cannot overflow and their float32 conversion is exact; times ``2**e``
+is the convolution's exact value, which the integer ONNX's float32 route has proved
+representable. The bias and the requantization stay where they were, after it.
+``qflow verify`` runs the build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qflow.numerics import FixedType
+
+#: CPU flags the kernel's instructions need (512-, 256- and 128-bit ``vpdpbusd``)
+CPU_FLAGS = ("avx512_vnni", "avx512vl", "avx512bw")
+#: function attribute that marks the kernels: the tile schedule leaves them alone
+KERNEL_ATTR = "qflow.int8_conv"
+#: output columns per vector (int32 lanes), largest first; the width must divide
+LANES = (16, 8, 4)
+#: int32 accumulator bytes per tile: 8 zmm or 16 ymm registers
+TILE_BYTES = 512
+SUM_LIMIT = 2**24  # float32 holds every integer below it
+
+
+@dataclass(frozen=True)
+class Int8Conv:
+    """How one convolution runs on int8 codes."""
+
+    codes: np.ndarray  # int8 [OC, C, K, K]: the weights over 2**e
+    scales: np.ndarray  # float32 [OC]: 2**e per output channel
+    correction: np.ndarray  # int32 [OC]: offset * sum(w) per output channel
+    offset: int  # added to every input code (0 or 128)
+
+
+def host_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Does this machine's CPU have the kernel's instructions (Linux; False elsewhere)?"""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return all(flag in flags for flag in CPU_FLAGS)
+
+
+def weight_key(weights: np.ndarray) -> str:
+    """The key a convolution's float32 weights are found by in the Relax module."""
+    data = np.ascontiguousarray(weights, dtype=np.float32)
+    return hashlib.sha256(repr(data.shape).encode() + data.tobytes()).hexdigest()
+
+
+def plan_int8_convs(model: onnx.ModelProto) -> dict[str, Int8Conv | None]:
+    """Weight key -> how that ``Conv`` of the integer ONNX runs on int8 codes; None for a
+    key two convolutions share with different inputs. Convolutions that do not qualify
+    are left out."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    initializers = {i.name: i for i in model.graph.initializer}
+    graph_input = meta.get("qflow.input_tensor")
+    input_casts = {n.output[0] for n in model.graph.node
+                   if n.op_type == "Cast" and n.input[0] == model.graph.input[0].name}
+    plan: dict[str, Int8Conv | None] = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.input[1] not in initializers:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1])):
+            continue
+        name = graph_input if node.input[0] in input_casts else node.input[0]
+        declared = meta.get(f"qflow.type.{name}")
+        offset = _input_offset(declared)
+        weights = numpy_helper.to_array(initializers[node.input[1]])
+        conv = _int8_conv(weights, offset) if offset is not None else None
+        if conv is None:
+            continue
+        key = weight_key(weights)
+        plan[key] = conv if key not in plan or _same(plan[key], conv) else None
+    return plan
+
+
+def _input_offset(declared: str | None) -> int | None:
+    """The offset that maps the codes of type ``declared`` onto uint8, or None."""
+    if declared is None:
+        return None
+    t = FixedType.parse(declared)
+    if t.width > 8:
+        return None
+    return 128 if t.signed else 0
+
+
+def _int8_conv(weights: np.ndarray, offset: int) -> Int8Conv | None:
+    """The int8 form of float32 ``weights`` [OC, C, K, K], or None when a channel's
+    weights are not an int8 code times a power of two or its sums could pass 2**24."""
+    if weights.ndim != 4 or weights.dtype != np.float32 or weights.shape[2] != weights.shape[3]:
+        return None
+    flat = weights.astype(np.float64).reshape(len(weights), -1)
+    exponents = np.zeros(len(weights), np.int64)
+    for c, row in enumerate(flat):
+        nonzero = row[row != 0]
+        if nonzero.size:  # the largest power of two that divides every weight
+            exponents[c] = min(_lowest_bit(float(v)) for v in nonzero)
+    codes = np.ldexp(flat, -exponents[:, None])
+    if not (np.all(codes == np.round(codes)) and codes.min(initial=0) >= -128
+            and codes.max(initial=0) <= 127):
+        return None
+    if (255 * np.abs(codes).sum(axis=1)).max(initial=0) >= SUM_LIMIT:
+        return None
+    scales = np.ldexp(np.float32(1), exponents).astype(np.float32)
+    if not np.all(np.isfinite(scales)) or np.any(scales == 0):
+        return None
+    return Int8Conv(codes=codes.reshape(weights.shape).astype(np.int8), scales=scales,
+                    correction=(offset * codes.sum(axis=1)).astype(np.int32), offset=offset)
+
+
+def _lowest_bit(value: float) -> int:
+    """The exponent of the lowest set bit of nonzero ``value``: value / 2**it is odd."""
+    mantissa, exponent = math.frexp(value)
+    bits = int(abs(mantissa) * 2**53)  # exact: a float's mantissa has at most 53 bits
+    return exponent - 53 + (bits & -bits).bit_length() - 1
+
+
+def _same(a: Int8Conv, b: Int8Conv) -> bool:
+    return a.offset == b.offset
+
+
+def pack_weights(codes: np.ndarray, tile: int) -> np.ndarray:
+    """int8 ``codes`` [OC, C, K, K] laid out [OC / tile, ICo, K, K, tile, 4]: the four
+    weights of one filter over an input-channel quad side by side (zero past C)."""
+    out_channels, channels, k, _ = codes.shape
+    quads = -(-channels // 4)
+    padded = np.zeros((out_channels, quads * 4, k, k), np.int8)
+    padded[:, :channels] = codes
+    return np.ascontiguousarray(padded.reshape(out_channels // tile, tile, quads, 4, k, k)
+                                .transpose(0, 2, 4, 5, 1, 3))
+
+
+def conv_kernel(in_shape, conv: Int8Conv, out_shape, strides, pads):
+    """(kernel, tile) for one convolution: the kernel maps ``(x float32 [N, C, H, W],
+    weights packed by tile, scales, corrections)`` to float32 ``[N, OC, OH, OW]`` for any
+    batch size N; ``pads``: (top, left, bottom, right)."""
+    from tvm.script import tirx as T
+
+    channels, height, width = (int(v) for v in in_shape)
+    out_channels, out_height, out_width = (int(v) for v in out_shape)
+    stride_y, stride_x = strides
+    top, left, bottom, right = pads
+    quads, k, offset = -(-channels // 4), conv.codes.shape[2], conv.offset
+    lanes = next(v for v in LANES if out_width % v == 0)
+    tile = next(t for t in (16, 8, 4, 2, 1)
+                if out_channels % t == 0 and t * lanes * 4 <= TILE_BYTES)
+    padded_h = height + top + bottom
+    phase_w = -(-(width + left + right) // stride_x)  # columns per stride phase
+    instruction = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+    acc_t, bytes_t, ubytes_t = f"int32x{lanes}", f"int8x{4 * lanes}", f"uint8x{4 * lanes}"
+    column_tiles, channel_tiles = out_width // lanes, out_channels // tile
+
+    @T.prim_func(s_tir=True, check_well_formed=False)
+    def kernel(x_handle: T.handle, w_handle: T.handle, s_handle: T.handle,
+               c_handle: T.handle, out_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, KERNEL_ATTR: True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(x_handle, (n, channels, height, width), "float32")
+        w = T.match_buffer(w_handle, (channel_tiles, quads, k, k, tile, 4), "int8")
+        scale = T.match_buffer(s_handle, (out_channels,), "float32")
+        correction = T.match_buffer(c_handle, (out_channels,), "int32")
+        out = T.match_buffer(out_handle, (n, out_channels, out_height, out_width), "float32")
+        packed = T.alloc_buffer((quads, padded_h, stride_x, phase_w, 4), "uint8")
+        acc = T.alloc_buffer((tile, lanes), "int32", scope="local")
+        for b in range(n):
+            for q, h, p, c, i in T.grid(quads, padded_h, stride_x, phase_w, 4):
+                if (h < top or h >= height + top or c * stride_x + p < left
+                        or c * stride_x + p >= width + left or q * 4 + i >= channels):
+                    packed[q, h, p, c, i] = T.uint8(offset)
+                else:
+                    packed[q, h, p, c, i] = T.Cast("uint8", x[b, q * 4 + i, h - top,
+                                                              c * stride_x + p - left]
+                                                   + T.float32(offset))
+            for o, y, ct in T.grid(channel_tiles, out_height, column_tiles):
+                for j in T.unroll(tile):
+                    acc[j, T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                for q, ky, kx in T.grid(quads, k, k):
+                    for j in T.unroll(tile):
+                        acc[j, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
+                            acc_t, instruction, acc[j, T.ramp(0, 1, lanes)],
+                            T.reinterpret(bytes_t, packed.vload(
+                                [q, y * stride_y + ky, kx % stride_x, ct * lanes + kx // stride_x,
+                                 0], ubytes_t)),
+                            T.reinterpret(bytes_t, T.broadcast(T.reinterpret(
+                                "int32", w.vload([o, q, ky, kx, j, 0], "int8x4")), lanes)))
+                for j in T.unroll(tile):
+                    for v in T.vectorized(lanes):
+                        out[b, o * tile + j, y, ct * lanes + v] = T.Cast(
+                            "float32", acc[j, v] - correction[o * tile + j]) * scale[o * tile + j]
+
+    return kernel, tile
+
+
+def use_int8_convs(mod, plan: dict[str, Int8Conv | None]):
+    """``mod`` (a Relax module from the integer ONNX, before legalization) with every
+    ``conv2d`` the plan covers replaced by a call of its int8 kernel; (module, count)."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def __init__(self, module):
+            super().__init__(module)
+            self.count = 0
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            replaced = self._replace(call)
+            if replaced is None:
+                return call
+            self.count += 1
+            return replaced
+
+        def _replace(self, call):
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+                return None
+            data, weight = call.args
+            attrs = call.attrs
+            if (not isinstance(weight, tvm.ir.expr.GenericConst) or attrs.data_layout != "NCHW"
+                    or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW"
+                    or int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation)
+                    or data.ty.dtype != "float32"
+                    or call.ty.dtype != "float32"):
+                return None
+            conv = plan.get(weight_key(weight.value.numpy()))
+            in_shape, out_shape = data.ty.shape, call.ty.shape
+            if conv is None or in_shape is None or out_shape is None:
+                return None
+            try:
+                static = [int(v) for v in (*in_shape.values[1:], *out_shape.values[1:])]
+            except TypeError:
+                return None
+            if static[3] % LANES[-1] or static[5] % LANES[-1]:
+                return None
+            kernel, tile = conv_kernel(static[:3], conv, static[3:],
+                                       [int(v) for v in attrs.strides],
+                                       [int(v) for v in attrs.padding])
+            # no global symbol: the build names it, as it does the legalized operators
+            gvar = self.builder_.add_func(kernel.without_attr("global_symbol"),
+                                          "qflow_int8_conv")
+            weights = pack_weights(conv.codes, tile)
+            return relax.call_tir(gvar, [data, relax.const(weights), relax.const(conv.scales),
+                                         relax.const(conv.correction)], call.ty)
+
+    rewriter = Rewriter(mod)
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get(), rewriter.count
+

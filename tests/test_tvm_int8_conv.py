@@ -1,0 +1,151 @@
+"""The int8 convolutions of CPU builds on x86 VNNI (``qflow.export.tvm.vnni``): which
+layers take them, and that the kernel equals the exact convolution on every layer shape
+and at the ends of every code range (where a saturating int16 pair sum would fail)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from zoo_fixtures import frozen
+
+from qflow.export import ExportOptions, export
+from qflow.export.tvm import vnni
+from qflow.targets import load_target
+
+needs_vnni = pytest.mark.skipif(not vnni.host_has_vnni(),
+                                reason="this CPU lacks AVX-512 VNNI: the int8 kernels "
+                                       "are not built for it")
+
+
+def _conv_onnx(channels, height, width, weights, strides, pads, batch) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                      [batch or "N", channels, height, width])
+    k = weights.shape[2]
+    out_shape = [batch or "N", len(weights), (height + pads[0] + pads[2] - k) // strides[0] + 1,
+                 (width + pads[1] + pads[3] - k) // strides[1] + 1]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], strides=list(strides),
+                            pads=[pads[0], pads[1], pads[2], pads[3]],
+                            kernel_shape=[k, k])
+    graph = helper.make_graph([conv], "conv", [x], [y], [numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _run_int8(model, weights, offset, x):
+    """(output, kernels used) of ``model`` built with its Conv on the int8 kernel."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from qflow.export.tvm.build import tvm_target
+
+    module = from_onnx(model)
+    conv = vnni._int8_conv(weights, offset)
+    assert conv is not None
+    module, count = vnni.use_int8_convs(module, {vnni.weight_key(weights): conv})
+    target = tvm.target.Target(tvm_target(load_target("cpu")))
+    machine = relax.VirtualMachine(tvm.compile(module, target=target), tvm.cpu())
+    return machine["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy(), count
+
+
+def _exact_conv(x, weights, strides, pads):
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    return torch.nn.functional.conv2d(torch.from_numpy(padded),
+                                      torch.from_numpy(weights.astype(np.float64)),
+                                      stride=tuple(strides)).numpy()
+
+
+# (input channels, height, width, output channels, kernel, strides, pads t/l/b/r)
+SHAPES = [
+    (3, 32, 32, 16, 3, (1, 1), (1, 1, 1, 1)),  # resnet8's stem: 3 channels, one quad
+    (16, 16, 16, 32, 3, (2, 2), (1, 1, 1, 1)),  # stride 2
+    (16, 16, 16, 32, 1, (2, 2), (0, 0, 0, 0)),  # 1x1 shortcut
+    (5, 9, 12, 24, 3, (1, 1), (0, 1, 2, 1)),  # uneven pads, channels not a multiple of 4
+    (8, 8, 16, 8, 3, (1, 2), (1, 1, 1, 1)),  # stride in the columns only, 8 lanes
+    (6, 7, 4, 4, 3, (1, 1), (1, 1, 1, 1)),  # 4 lanes
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("offset", [0, 128])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_kernel_equals_the_exact_convolution(shape, offset):
+    channels, height, width, out_channels, k, strides, pads = shape
+    rng = np.random.default_rng(channels * 100 + offset)
+    codes = rng.integers(-128, 128, (out_channels, channels, k, k))
+    codes[0] = -128  # the ends of the int8 range, against the largest inputs below
+    codes[-1] = 127
+    exponents = rng.integers(-6, 4, out_channels)[:, None, None, None]
+    weights = np.ldexp(codes, exponents).astype(np.float32)
+    low, high = -offset, 255 - offset
+    x = rng.integers(low, high + 1, (3, channels, height, width)).astype(np.float32)
+    x[0], x[1] = high, low
+    for batch in (None, 3):
+        model = _conv_onnx(channels, height, width, weights, strides, pads, batch)
+        got, count = _run_int8(model, weights, offset, x)
+        assert count == 1
+        expected = _exact_conv(x, weights, strides, pads)
+        assert got.shape == expected.shape
+        assert int((got != expected).reshape(len(x), -1).any(axis=1).sum()) == 0
+
+
+@needs_vnni
+def test_widths_no_vector_divides_stay_float_convolutions():
+    weights = np.ones((4, 4, 3, 3), np.float32)
+    model = _conv_onnx(4, 6, 6, weights, (1, 1), (0, 0, 0, 0), None)  # 4 output columns
+    _, count = _run_int8(model, weights, 0, np.zeros((1, 4, 6, 6), np.float32))
+    assert count == 1
+    model = _conv_onnx(4, 7, 7, weights, (1, 1), (0, 0, 0, 0), None)  # 5 output columns
+    got, count = _run_int8(model, weights, 0, np.ones((1, 4, 7, 7), np.float32))
+    assert count == 0 and np.all(got == 36)
+
+
+def test_weights_take_int8_codes_times_a_power_of_two_per_channel():
+    weights = np.array([[3, -5, 0.5, 0], [0, 0, 0, 0], [-128, 127, 64, 2]], np.float32)
+    conv = vnni._int8_conv(weights.reshape(3, 4, 1, 1) * np.float32(2**-3), offset=128)
+    assert conv is not None
+    assert conv.codes.reshape(3, 4).tolist() == [[6, -10, 1, 0], [0, 0, 0, 0],
+                                                 [-128, 127, 64, 2]]
+    values = conv.codes.reshape(3, 4).astype(np.float64) * conv.scales[:, None]
+    assert np.array_equal(values, weights * 2**-3)  # the codes times 2**e are the weights
+    assert conv.correction.tolist() == (128 * conv.codes.reshape(3, 4).sum(axis=1)).tolist()
+    assert vnni._int8_conv(np.array([129, 1], np.float32).reshape(1, 2, 1, 1), 0) is None
+    assert vnni._int8_conv(np.array([0.75, 1], np.float32).reshape(1, 2, 1, 1), 0) is not None
+    assert vnni._int8_conv(np.array([255, 1], np.float32).reshape(1, 2, 1, 1), 0) is None
+    # 255 * sum|w| must stay below 2**24: 600 channels of 3x3 weights of 127 do not
+    assert vnni._int8_conv(np.full((1, 600, 3, 3), 127, np.float32), 0) is None
+    assert vnni._int8_conv(np.full((1, 50, 3, 3), 127, np.float32), 0) is not None
+
+
+def test_only_convolutions_on_8_bit_codes_are_planned(tmp_path):
+    from qflow.export.int_onnx import export_int_onnx
+
+    _, graph = frozen("digits-cnn", "8bit")
+    model = onnx.load(export_int_onnx(graph, tmp_path / "m.onnx"))
+    plan = vnni.plan_int8_convs(model)
+    convs = [n for n in graph.nodes if n.op == "conv2d"]
+    assert len(plan) == len(convs) and all(plan.values())
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert plan[next(iter(plan))].offset == (128 if meta["qflow.type." + graph.input].startswith(
+        "ap_fixed") else 0)
+    for prop in model.metadata_props:  # 9-bit codes do not fit a byte
+        if prop.key.startswith("qflow.type.") and prop.key != "qflow.type." + graph.input \
+                and prop.value.startswith("ap_ufixed<8,"):
+            prop.value = prop.value.replace("ap_ufixed<8,", "ap_ufixed<9,")
+    assert len(vnni.plan_int8_convs(model)) == 1  # only the stem's (the input's type) stays
+
+
+@needs_vnni
+def test_cpu_builds_of_cnns_use_the_int8_kernels(tmp_path):
+    """The zoo and corpus builds verified elsewhere take this route on this machine."""
+    _, graph = frozen("digits-cnn", "8bit")
+    out = tmp_path / "export"
+    out.mkdir()
+    export(graph, out, load_target("cpu"), ExportOptions())
+    manifest = json.loads((out / "tvm" / "build.json").read_text())
+    assert manifest["int8_convolutions"] == sum(n.op == "conv2d" for n in graph.nodes)
