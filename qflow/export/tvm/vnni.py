@@ -49,6 +49,9 @@ KERNEL_ATTR = "qflow.int8_conv"
 LANES = (16, 8, 4)
 #: int32 accumulator bytes per tile: 8 zmm or 16 ymm registers
 TILE_BYTES = 512
+#: input columns packed per vector step (four channels each: one 64-byte store)
+PACK_COLUMNS = 16
+PACK_LANES = 64
 SUM_LIMIT = 2**24  # float32 holds every integer below it
 
 
@@ -179,6 +182,7 @@ def conv_kernel(in_shape, conv: Int8Conv, out_shape, strides, pads):
                 if out_channels % t == 0 and t * lanes * 4 <= TILE_BYTES)
     padded_h = height + top + bottom
     phase_w = -(-(width + left + right) // stride_x)  # columns per stride phase
+    size = quads * padded_h * stride_x * phase_w * 4
     instruction = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
     acc_t, bytes_t, ubytes_t = f"int32x{lanes}", f"int8x{4 * lanes}", f"uint8x{4 * lanes}"
     column_tiles, channel_tiles = out_width // lanes, out_channels // tile
@@ -193,17 +197,38 @@ def conv_kernel(in_shape, conv: Int8Conv, out_shape, strides, pads):
         scale = T.match_buffer(s_handle, (out_channels,), "float32")
         correction = T.match_buffer(c_handle, (out_channels,), "int32")
         out = T.match_buffer(out_handle, (n, out_channels, out_height, out_width), "float32")
-        packed = T.alloc_buffer((quads, padded_h, stride_x, phase_w, 4), "uint8")
+        packed = T.alloc_buffer((size,), "uint8")
         acc = T.alloc_buffer((tile, lanes), "int32", scope="local")
         for b in range(n):
-            for q, h, p, c, i in T.grid(quads, padded_h, stride_x, phase_w, 4):
-                if (h < top or h >= height + top or c * stride_x + p < left
-                        or c * stride_x + p >= width + left or q * 4 + i >= channels):
-                    packed[q, h, p, c, i] = T.uint8(offset)
-                else:
-                    packed[q, h, p, c, i] = T.Cast("uint8", x[b, q * 4 + i, h - top,
-                                                              c * stride_x + p - left]
-                                                   + T.float32(offset))
+            for j in range(size // PACK_LANES):  # padding and missing channels: code 0
+                packed[T.ramp(j * PACK_LANES, 1, PACK_LANES)] = T.broadcast(
+                    T.uint8(offset), PACK_LANES)
+            for j in range(size % PACK_LANES):
+                packed[size - size % PACK_LANES + j] = T.uint8(offset)
+            for q, h, p in T.grid(quads, height, stride_x):
+                # the columns of phase p inside the input: c * stride_x + p - left in [0, W)
+                first = T.floordiv(left - p + stride_x - 1, stride_x)
+                count = T.floordiv(width + left - p + stride_x - 1, stride_x) - first
+                row = ((q * padded_h + h + top) * stride_x + p) * phase_w
+                for block in range(count // PACK_COLUMNS):
+                    start = first + block * PACK_COLUMNS
+                    column = start * stride_x + p - left
+                    # four channels of 16 columns, interleaved into 64 bytes
+                    packed[T.ramp((row + start) * 4, 1, PACK_LANES)] = \
+                        T.Shuffle([T.Cast(f"uint8x{PACK_COLUMNS}", T.Select(
+                            q * 4 + i < channels,
+                            x[b, T.min(q * 4 + i, channels - 1), h,
+                              T.ramp(column, stride_x, PACK_COLUMNS)]
+                            + T.broadcast(T.float32(offset), PACK_COLUMNS),
+                            T.broadcast(T.float32(offset), PACK_COLUMNS))) for i in range(4)],
+                                  [i * PACK_COLUMNS + j for j in range(PACK_COLUMNS)
+                                   for i in range(4)])
+                for c, i in T.grid(count % PACK_COLUMNS, 4):
+                    if q * 4 + i < channels:
+                        packed[(row + first + count - count % PACK_COLUMNS + c) * 4 + i] = T.Cast(
+                            "uint8", x[b, q * 4 + i, h,
+                                       (first + count - count % PACK_COLUMNS + c) * stride_x
+                                       + p - left] + T.float32(offset))
             for o, y, ct in T.grid(channel_tiles, out_height, column_tiles):
                 for j in T.unroll(tile):
                     acc[j, T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
@@ -212,8 +237,8 @@ def conv_kernel(in_shape, conv: Int8Conv, out_shape, strides, pads):
                         acc[j, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
                             acc_t, instruction, acc[j, T.ramp(0, 1, lanes)],
                             T.reinterpret(bytes_t, packed.vload(
-                                [q, y * stride_y + ky, kx % stride_x, ct * lanes + kx // stride_x,
-                                 0], ubytes_t)),
+                                [((((q * padded_h + y * stride_y + ky) * stride_x + kx % stride_x)
+                                   * phase_w) + ct * lanes + kx // stride_x) * 4], ubytes_t)),
                             T.reinterpret(bytes_t, T.broadcast(T.reinterpret(
                                 "int32", w.vload([o, q, ky, kx, j, 0], "int8x4")), lanes)))
                 for j in T.unroll(tile):
