@@ -154,3 +154,20 @@ def test_cpu_builds_of_cnns_use_the_int8_kernels(tmp_path):
     export(graph, out, load_target("cpu"), ExportOptions())
     manifest = json.loads((out / "tvm" / "build.json").read_text())
     assert manifest["int8_convolutions"] == sum(n.op == "conv2d" for n in graph.nodes)
+
+
+def test_weights_shared_with_a_wider_input_keep_every_such_convolution_float():
+    """The Relax module is matched by weights: one unqualified user keeps them all float."""
+    weights = np.ones((4, 4, 3, 3), np.float32)
+    nodes = [helper.make_node("Conv", [x, "w"], [f"{x}_out"], pads=[1, 1, 1, 1])
+             for x in ("a", "b")]
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4, 8, 8]) for x in "ab"]
+    outputs = [helper.make_tensor_value_info(f"{x}_out", TensorProto.FLOAT, None) for x in "ab"]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs,
+                                                [numpy_helper.from_array(weights, "w")]))
+    types = {"a": "ap_ufixed<8,2,AP_RND_CONV,AP_SAT>", "b": "ap_ufixed<8,2,AP_RND_CONV,AP_SAT>"}
+    onnx.helper.set_model_props(model, {f"qflow.type.{k}": v for k, v in types.items()})
+    assert list(vnni.plan_int8_convs(model)) == [vnni.weight_key(weights)]
+    types["b"] = "ap_ufixed<9,3,AP_RND_CONV,AP_SAT>"
+    onnx.helper.set_model_props(model, {f"qflow.type.{k}": v for k, v in types.items()})
+    assert vnni.plan_int8_convs(model) == {}

@@ -194,6 +194,10 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
     }
     (out_dir / runner.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     progress(f"TVM {spec.name}: compiled in {seconds:.1f} s for {device} ({arch}); {note}")
+    if manifest["int8_convolutions"]:
+        convs = sum(n.op == "conv2d" for n in graph.nodes)
+        progress(f"TVM {spec.name}: {manifest['int8_convolutions']} of {convs} convolutions "
+                 "run as int8 kernels (AVX-512 VNNI)")
     if device == "cpu" and options.batch is None:
         progress(f"TVM {spec.name}: built for any batch size; a build for a fixed one can run "
                  f"several times faster: --batch 1 for latency, --batch "

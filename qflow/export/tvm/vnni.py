@@ -82,10 +82,10 @@ def weight_key(weights: np.ndarray) -> str:
     return hashlib.sha256(repr(data.shape).encode() + data.tobytes()).hexdigest()
 
 
-def plan_int8_convs(model: onnx.ModelProto) -> dict[str, Int8Conv | None]:
-    """Weight key -> how that ``Conv`` of the integer ONNX runs on int8 codes; None for a
-    key two convolutions share with different inputs. Convolutions that do not qualify
-    are left out."""
+def plan_int8_convs(model: onnx.ModelProto) -> dict[str, Int8Conv]:
+    """Weight key (:func:`weight_key`) -> how the ``Conv`` of the integer ONNX with those
+    weights runs on int8 codes. Convolutions that do not qualify are left out, and so
+    are all that share their weights."""
     meta = {p.key: p.value for p in model.metadata_props}
     initializers = {i.name: i for i in model.graph.initializer}
     graph_input = meta.get("qflow.input_tensor")
@@ -99,15 +99,14 @@ def plan_int8_convs(model: onnx.ModelProto) -> dict[str, Int8Conv | None]:
         if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1])):
             continue
         name = graph_input if node.input[0] in input_casts else node.input[0]
-        declared = meta.get(f"qflow.type.{name}")
-        offset = _input_offset(declared)
+        offset = _input_offset(meta.get(f"qflow.type.{name}"))
         weights = numpy_helper.to_array(initializers[node.input[1]])
         conv = _int8_conv(weights, offset) if offset is not None else None
-        if conv is None:
-            continue
         key = weight_key(weights)
+        # the Relax module is matched by weights: a convolution that does not qualify
+        # keeps every convolution with its weights on the float route
         plan[key] = conv if key not in plan or _same(plan[key], conv) else None
-    return plan
+    return {key: conv for key, conv in plan.items() if conv is not None}
 
 
 def _input_offset(declared: str | None) -> int | None:
@@ -151,8 +150,8 @@ def _lowest_bit(value: float) -> int:
     return exponent - 53 + (bits & -bits).bit_length() - 1
 
 
-def _same(a: Int8Conv, b: Int8Conv) -> bool:
-    return a.offset == b.offset
+def _same(a: Int8Conv | None, b: Int8Conv | None) -> bool:
+    return a is not None and b is not None and a.offset == b.offset
 
 
 def pack_weights(codes: np.ndarray, tile: int) -> np.ndarray:
@@ -249,7 +248,7 @@ def conv_kernel(in_shape, conv: Int8Conv, out_shape, strides, pads):
     return kernel, tile
 
 
-def use_int8_convs(mod, plan: dict[str, Int8Conv | None]):
+def use_int8_convs(mod, plan: dict[str, Int8Conv]):
     """``mod`` (a Relax module from the integer ONNX, before legalization) with every
     ``conv2d`` the plan covers replaced by a call of its int8 kernel; (module, count)."""
     import tvm
