@@ -69,7 +69,9 @@ How it measures
     training steps and reports by how much the process's peak RSS rose above that
     baseline; ``--repeats`` processes per variant (median and range), then the ratio of
     the medians to float's. The figure swings between processes (glibc's heap layout):
-    read the range.
+    read the range. Beside it, the peak of the bytes live tensors hold during a step,
+    from the profiler's allocation record: the same in every process, and what a GPU's
+    ``torch.cuda.max_memory_allocated`` would count.
 
 Run it
     . .venv/bin/activate
@@ -334,45 +336,73 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_probe(name: str, variant: str, batch_size: int) -> float:
-    """MiB by which ``MEMORY_STEPS`` training steps of one variant raise this process's
-    peak RSS above its RSS once the model, its optimizer and the data exist (run in a
-    fresh process per variant: the peak is the process's own)."""
+def memory_probe(name: str, variant: str, batch_size: int) -> tuple[float, float]:
+    """(RSS, tensors) in MiB for one variant, in a fresh process (the peak is the
+    process's own): by how much ``MEMORY_STEPS`` training steps raise the peak RSS above
+    the RSS once the model, its optimizer and the data exist; then, after them, the
+    peak of the bytes held by live tensors during one more step (:func:`tensor_peak`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         chosen = build(name, batch_size)[variant]
         gc.collect()
         base = _rss_bytes()
         chosen.run(MEMORY_STEPS)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return max(peak - base, 0) / 2**20
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        tensors = tensor_peak(chosen)
+    return max(peak - base, 0) / 2**20, tensors / 2**20
+
+
+def tensor_peak(variant: Variant) -> int:
+    """The most bytes that tensors allocated during one training step hold at once (the
+    profiler's record of every allocation and free, in order): what the step needs,
+    whatever the heap does with it; the CPU's counterpart of
+    ``torch.cuda.max_memory_allocated``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        variant.run(1)
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def memory_table(names: list[str], batch_size: int, threads: int, repeats: int) -> None:
     """Peak memory of a step above the process baseline, per model and variant, each in
     ``repeats`` fresh processes (interleaved over variants; the median and the range);
     the ratio of the medians to float's."""
-    print(f"\nPeak memory of a training step above the process baseline (peak RSS of a fresh "
-          f"process, {MEMORY_STEPS} steps; median and range of {repeats} processes per "
-          f"variant), batch {batch_size}:")
-    print(f"{'model':<12} {'variant':<10} {'MiB':>9} {'range':>15} {'x float':>8}")
-    print("-" * 58)
+    print(f"\nPeak memory of a training step, batch {batch_size}: RSS, the rise of a fresh "
+          f"process's peak RSS above its baseline over {MEMORY_STEPS} steps (median and "
+          f"range of {repeats} processes per variant); tensors, the most bytes live tensors "
+          "held at once during a step (the same in every process):")
+    print(f"{'model':<12} {'variant':<10} {'RSS MiB':>9} {'range':>11} {'x float':>8} "
+          f"{'tensors MiB':>12} {'x float':>8}")
+    print("-" * 76)
     for name in names:
         runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        tensors: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for _ in range(repeats):
             for variant in VARIANTS:
                 out = subprocess.run(
                     [sys.executable, __file__, "--memory-probe", name, variant,
                      "--batch-size", str(batch_size), "--threads", str(threads)],
                     capture_output=True, text=True, check=True)
-                runs[variant].append(float(out.stdout.split()[-1]))
+                rss, live = out.stdout.split()[-2:]
+                runs[variant].append(float(rss))
+                tensors[variant].append(float(live))
         mib = {v: statistics.median(r) for v, r in runs.items()}
+        live = {v: statistics.median(r) for v, r in tensors.items()}
         for variant in VARIANTS:
             spread = f"{min(runs[variant]):.0f}–{max(runs[variant]):.0f}"
-            print(f"{name:<12} {variant:<10} {mib[variant]:>9.1f} {spread:>15} "
-                  f"{mib[variant] / mib['float']:>8.2f}")
-        print(f"{name}: qflow/float peak memory = {mib['qflow'] / mib['float']:.2f} "
-              "(goal <= 1.5 on digits_cnn at batch 4096)")
+            print(f"{name:<12} {variant:<10} {mib[variant]:>9.1f} {spread:>11} "
+                  f"{mib[variant] / mib['float']:>8.2f} {live[variant]:>12.1f} "
+                  f"{live[variant] / live['float']:>8.2f}")
+        print(f"{name}: qflow/float peak memory = {mib['qflow'] / mib['float']:.2f} (RSS), "
+              f"{live['qflow'] / live['float']:.2f} (tensors); goal <= 1.5 on digits_cnn at "
+              "batch 4096")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.trim_heap and qflow.train.keep_freed_memory():
         heap = "freed memory kept (qflow.train.keep_freed_memory, as fit does)"
     if args.memory_probe:
-        print(f"{memory_probe(*args.memory_probe, args.batch_size):.3f}")
+        print("{:.3f} {:.3f}".format(*memory_probe(*args.memory_probe, args.batch_size)))
         return 0
     if args.memory is not None:
         memory_table(args.models, args.memory, args.threads, args.repeats)

@@ -190,6 +190,87 @@ def test_training_batchnorm_matches_autograd_expression(affine):
         torch.testing.assert_close(gp1[name], gp2[name], rtol=1e-4, atol=1e-6)
 
 
+def test_training_batchnorm_recomputes_the_tensor_its_cast_saves(monkeypatch):
+    """The cast after a training BatchNorm saves its input; the layer hands autograd a
+    recipe for it instead (the same operations again), so no second full-size tensor
+    stays alive per layer, and the gradients are bit for bit those of keeping it."""
+    import contextlib
+
+    from qflow.nn import elementwise
+
+    torch.manual_seed(0)
+    bn = QBatchNorm2d.from_float(torch.nn.BatchNorm2d(6), QFXConfig(), "bn")
+    bn.train()
+    x0 = torch.randn(32, 6, 5, 5) * 2 + 0.5
+    g = torch.randn(32, 6, 5, 5)
+    bn(x0)
+    made = []
+    recipe = elementwise._Recompute.__init__
+
+    def counting(self, make):
+        made.append(make)
+        recipe(self, make)
+
+    def step():
+        bn.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = bn(x)
+        y.backward(g)
+        return y.detach(), x.grad, {k: p.grad.clone() for k, p in bn.named_parameters()}
+
+    monkeypatch.setattr(elementwise._Recompute, "__init__", counting)
+    recomputed = step()
+    assert len(made) == 1  # the cast's input, and nothing else, became a recipe
+    monkeypatch.setattr(elementwise, "_recomputed_when_saved",
+                        lambda tensor, make: contextlib.nullcontext())
+    kept = step()
+    assert len(made) == 1
+    assert torch.equal(recomputed[0], kept[0]) and torch.equal(recomputed[1], kept[1])
+    assert recomputed[2].keys() == kept[2].keys()
+    assert all(torch.equal(recomputed[2][k], kept[2][k]) for k in kept[2])
+
+
+def test_residual_add_recomputes_its_sum_only_where_its_operands_are_kept(monkeypatch):
+    """The cast after a residual add saves the sum; where both operands are outputs of
+    casts that keep them, the add hands autograd a recipe instead (bit-identical
+    gradients); otherwise it keeps the sum (a recipe would keep both operands alive)."""
+    import contextlib
+
+    from qflow.nn import QAdd, elementwise
+
+    torch.manual_seed(0)
+    add = QAdd.from_float(torch.nn.Identity(), QFXConfig(), "add")
+    quant_a = FixedQuantizer(QuantSpec(bits=8), per_sample=True)
+    quant_b = FixedQuantizer(QuantSpec(bits=8), per_sample=True)
+    a0, b0, g = torch.randn(16, 4, 5, 5), torch.randn(16, 4, 5, 5) * 3, torch.randn(16, 4, 5, 5)
+    made = []
+    recipe = elementwise._Recompute.__init__
+    monkeypatch.setattr(elementwise._Recompute, "__init__",
+                        lambda self, make: (made.append(make), recipe(self, make))[1])
+
+    def step(cast_b=True):
+        for module in (add, quant_a, quant_b):
+            module.zero_grad()
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        y = add(quant_a(a), quant_b(b) if cast_b else b * 1.0)
+        y.backward(g)
+        return [y.detach(), a.grad, b.grad] + [
+            p.grad.clone() for m in (add, quant_a, quant_b) for p in m.parameters()
+            if p.grad is not None]
+
+    step()  # initializes the binary points
+    made.clear()
+    recomputed = step()
+    assert len(made) == 1
+    step(cast_b=False)  # b is no cast's kept output: the sum is kept, no recipe
+    assert len(made) == 1
+    monkeypatch.setattr(elementwise, "_recomputed_when_saved",
+                        lambda tensor, make: contextlib.nullcontext())
+    kept = step()
+    assert len(recomputed) == len(kept) > 3
+    assert all(torch.equal(r, k) for r, k in zip(recomputed, kept, strict=True))
+
+
 def test_channel_moments_match_torch():
     x = torch.randn(64, 5, 7, 3, dtype=torch.float64) * 3 + 100
     mean, var = channel_moments(x)

@@ -6,6 +6,7 @@ Each layer ends in a fixed-point cast, so no float value reaches the next layer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -18,6 +19,7 @@ from qflow import distributed
 from qflow.config import QFXConfig
 from qflow.errors import ConfigError
 from qflow.numerics import FixedType, Overflow, cast
+from qflow.ops.fixed import keeps_output
 from qflow.quantizers import FixedQuantizer
 
 from .functional import (
@@ -83,9 +85,15 @@ class _QBatchNorm:
         # γ/σ grows as the weights before it shrink: keep its range covered
         self.scale_quant.cover_(scale)
         weight = None if self.weight is None else self.weight.detach()
-        return self.out_quant(_TrainingBatchNorm.apply(
-            x, self.scale_quant(scale).reshape(shape), self.shift_quant(shift).reshape(shape),
-            (scale.detach(), weight, mean, invstd, self.eps)))
+        scale_q = self.scale_quant(scale).reshape(shape)
+        shift_q = self.shift_quant(shift).reshape(shape)
+        y = _TrainingBatchNorm.apply(x, scale_q, shift_q,
+                                     (scale.detach(), weight, mean, invstd, self.eps))
+        # The cast saves its input for backward: recompute it from x (which the BatchNorm
+        # keeps anyway) instead of keeping a second full-size tensor alive per layer.
+        inputs = (x.detach(), scale_q.detach(), shift_q.detach())
+        with _recomputed_when_saved(y, lambda: _TrainingBatchNorm.scale_shift(*inputs)):
+            return self.out_quant(y)
 
 
 class _TrainingBatchNorm(torch.autograd.Function):
@@ -110,6 +118,11 @@ class _TrainingBatchNorm(torch.autograd.Function):
             weight = torch.ones_like(mean)
         ctx.eps = eps
         ctx.save_for_backward(x, scale_q, scale, weight, mean, invstd)
+        return _TrainingBatchNorm.scale_shift(x, scale_q, shift_q)
+
+    @staticmethod
+    def scale_shift(x, scale_q, shift_q):
+        """The forward's values; the same operations give the same floats again."""
         return torch.mul(x, scale_q).add_(shift_q)
 
     @staticmethod
@@ -128,6 +141,37 @@ class _TrainingBatchNorm(torch.autograd.Function):
         if need[0]:
             grad_x.addcmul_(grad, scale_q - scale.reshape(shape))  # no full-size temporary
         return grad_x, grad_scale, grad_shift, None
+
+
+class _Recompute:
+    """A tensor saved for backward as the function that makes it again."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make):
+        self.make = make
+
+
+@contextlib.contextmanager
+def _recomputed_when_saved(tensor: torch.Tensor, make):
+    """Inside, autograd saves ``tensor`` as ``make`` (called without gradient when the
+    backward pass reads it; it must give the same values) instead of keeping it."""
+
+    # the tensor's identity, not the tensor: autograd keeps the hooks with what they saved
+    identity = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+
+    def pack(saved: torch.Tensor):
+        same = (saved.data_ptr(), saved.shape, saved.stride(), saved.dtype) == identity
+        return _Recompute(make) if same else saved
+
+    def unpack(packed):
+        if isinstance(packed, _Recompute):
+            with torch.no_grad():
+                return packed.make()
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def _synced_input_grad(grad, x, weight, mean, invstd, grad_weight, grad_bias):
@@ -190,7 +234,14 @@ class QAdd(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         dtype = exact_dtype(a, self)
-        return self.out_quant(a.to(dtype) + b.to(dtype))
+        total = a.to(dtype) + b.to(dtype)
+        if not (a.dtype == b.dtype == dtype and keeps_output(a) and keeps_output(b)):
+            return self.out_quant(total)
+        # The cast saves the sum: recompute it from the operands, which the casts that
+        # made them keep for their own backward, instead of keeping it as well.
+        operands = (a.detach(), b.detach())
+        with _recomputed_when_saved(total, lambda: torch.add(*operands)):
+            return self.out_quant(total)
 
 
 class QMulConst(nn.Module):

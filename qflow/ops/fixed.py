@@ -406,6 +406,12 @@ def cast_trainable(
     return _cast_values(x, scale, width, signed, rounding, overflow, khot)  # no graph: no saving
 
 
+def keeps_output(y: torch.Tensor) -> bool:
+    """Does the cast that made ``y`` keep ``y`` itself for its backward pass (so that
+    another saved reference to it costs no memory)?"""
+    return type(y.grad_fn) in (_ScalarCast._backward_cls, _ChannelCast._backward_cls)
+
+
 def cast(x: torch.Tensor, t: FixedType) -> torch.Tensor:
     """Cast to ``t``, straight-through gradient inside the range (torch twin of numerics.cast)."""
     _check_finite(x)
