@@ -86,7 +86,6 @@ import argparse
 import copy
 import gc
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -336,18 +335,34 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Start the peak RSS (VmHWM) over from the current RSS (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
+
+
 def memory_probe(name: str, variant: str, batch_size: int) -> tuple[float, float]:
-    """(RSS, tensors) in MiB for one variant, in a fresh process (the peak is the
-    process's own): by how much ``MEMORY_STEPS`` training steps raise the peak RSS above
-    the RSS once the model, its optimizer and the data exist; then, after them, the
-    peak of the bytes held by live tensors during one more step (:func:`tensor_peak`)."""
+    """(RSS, tensors) in MiB for one variant, in a fresh process: by how much the peak
+    RSS during ``MEMORY_STEPS`` training steps lies above the RSS once the model, its
+    optimizer and the data exist (the peak counted after a first step, which
+    initializes the quantizers: what the heap keeps from it counts, its own transient
+    peak does not); then the peak of the bytes held by live tensors during one more
+    step (:func:`tensor_peak`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         chosen = build(name, batch_size)[variant]
         gc.collect()
         base = _rss_bytes()
+        chosen.run(1)  # the first step initializes the quantizers: its peak is not a step's
+        _reset_peak_rss()
         chosen.run(MEMORY_STEPS)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak = _peak_rss_bytes()
         tensors = tensor_peak(chosen)
     return max(peak - base, 0) / 2**20, tensors / 2**20
 
