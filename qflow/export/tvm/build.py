@@ -18,7 +18,9 @@ How a target is built, by its TVM target ``kind`` and architecture:
   built without a GPU and runs only where one is present.
 
 CPU builds schedule their convolutions (:mod:`qflow.export.tvm.schedule`): TVM's default
-CPU pipeline leaves them as scalar loops. Their tile sizes may be tuned on this machine
+CPU pipeline leaves them as scalar loops. Builds for this machine, where its CPU has
+AVX-512 VNNI, run the convolutions on 8-bit codes as int8 kernels first
+(:mod:`qflow.export.tvm.vnni`). Their tile sizes may be tuned on this machine
 (:mod:`qflow.export.tvm.tune`, ``BuildOptions.tune_trials``), and the batch size fixed
 (``BuildOptions.batch``): a static batch lets LLVM unroll and drop the bounds arithmetic;
 the runner then feeds the build that many samples per call, padding the last call.
