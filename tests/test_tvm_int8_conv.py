@@ -68,6 +68,7 @@ SHAPES = [
     (5, 9, 12, 24, 3, (1, 1), (0, 1, 2, 1)),  # uneven pads, channels not a multiple of 4
     (8, 8, 16, 8, 3, (1, 2), (1, 1, 1, 1)),  # stride in the columns only, 8 lanes
     (6, 7, 4, 4, 3, (1, 1), (1, 1, 1, 1)),  # 4 lanes
+    (4, 5, 8, 6, 3, (1, 1), (1, 1, 1, 1)),  # 6 output channels: tiles of 2
     # rows of at least 16 columns per stride phase are packed 16 at a time, the rest one
     # by one: both, with a partial channel quad, and with stride 2
     (6, 4, 36, 8, 3, (1, 1), (1, 1, 1, 1)),

@@ -287,7 +287,7 @@ def use_int8_convs(mod, plan: dict[str, Int8Conv]):
                 static = [int(v) for v in (*in_shape.values[1:], *out_shape.values[1:])]
             except TypeError:
                 return None
-            if static[3] % LANES[-1] or static[5] % LANES[-1]:
+            if static[5] % LANES[-1]:  # output columns: no whole vector of them
                 return None
             kernel, tile = conv_kernel(static[:3], conv, static[3:],
                                        [int(v) for v in attrs.strides],
