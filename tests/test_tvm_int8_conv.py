@@ -2,6 +2,7 @@
 layers take them, and that the kernel equals the exact convolution on every layer shape
 and at the ends of every code range (where a saturating int16 pair sum would fail)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -47,10 +48,11 @@ def _run_int8(model, weights, offset, x):
     module = from_onnx(model)
     conv = vnni._int8_conv(weights, offset)
     assert conv is not None
-    module, count = vnni.use_int8_convs(module, {vnni.weight_key(weights): conv})
+    conv = dataclasses.replace(conv, nodes=("conv",))
+    module, nodes = vnni.use_int8_convs(module, {vnni.weight_key(weights): conv})
     target = tvm.target.Target(tvm_target(load_target("cpu")))
     machine = relax.VirtualMachine(tvm.compile(module, target=target), tvm.cpu())
-    return machine["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy(), count
+    return machine["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy(), nodes
 
 
 def _exact_conv(x, weights, strides, pads):
@@ -93,8 +95,8 @@ def test_int8_kernel_equals_the_exact_convolution(shape, offset):
     x[0], x[1] = high, low
     for batch in (None, 3):
         model = _conv_onnx(channels, height, width, weights, strides, pads, batch)
-        got, count = _run_int8(model, weights, offset, x)
-        assert count == 1
+        got, nodes = _run_int8(model, weights, offset, x)
+        assert nodes == ["conv"]
         expected = _exact_conv(x, weights, strides, pads)
         assert got.shape == expected.shape
         assert int((got != expected).reshape(len(x), -1).any(axis=1).sum()) == 0
@@ -104,11 +106,11 @@ def test_int8_kernel_equals_the_exact_convolution(shape, offset):
 def test_widths_no_vector_divides_stay_float_convolutions():
     weights = np.ones((4, 4, 3, 3), np.float32)
     model = _conv_onnx(4, 6, 6, weights, (1, 1), (0, 0, 0, 0), None)  # 4 output columns
-    _, count = _run_int8(model, weights, 0, np.zeros((1, 4, 6, 6), np.float32))
-    assert count == 1
+    _, nodes = _run_int8(model, weights, 0, np.zeros((1, 4, 6, 6), np.float32))
+    assert nodes == ["conv"]
     model = _conv_onnx(4, 7, 7, weights, (1, 1), (0, 0, 0, 0), None)  # 5 output columns
-    got, count = _run_int8(model, weights, 0, np.ones((1, 4, 7, 7), np.float32))
-    assert count == 0 and np.all(got == 36)
+    got, nodes = _run_int8(model, weights, 0, np.ones((1, 4, 7, 7), np.float32))
+    assert nodes == [] and np.all(got == 36)
 
 
 def test_weights_take_int8_codes_times_a_power_of_two_per_channel():
@@ -154,7 +156,8 @@ def test_cpu_builds_of_cnns_use_the_int8_kernels(tmp_path):
     out.mkdir()
     export(graph, out, load_target("cpu"), ExportOptions())
     manifest = json.loads((out / "tvm" / "build.json").read_text())
-    assert manifest["int8_convolutions"] == sum(n.op == "conv2d" for n in graph.nodes)
+    convs = [n.name for n in graph.nodes if n.op == "conv2d"]
+    assert manifest["int8_convolutions"] == sorted(f"{name}/conv" for name in convs)
 
 
 def test_weights_shared_with_a_wider_input_keep_every_such_convolution_float():

@@ -190,7 +190,7 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
         "samples_per_call": samples_per_call(graph) if device == "cpu" else None,
         "tuning": ({"log": tune.LOG_FILE, "trials": tuning["log"]["trials"]}
                    if tuning.get("log") else None),
-        "int8_convolutions": tuning.get("int8_convolutions", 0),
+        "int8_convolutions": tuning.get("int8_convolutions", []),
         "tvm_version": tvm.__version__,
         "build_seconds": round(seconds, 2),
     }
@@ -198,7 +198,7 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
     progress(f"TVM {spec.name}: compiled in {seconds:.1f} s for {device} ({arch}); {note}")
     if manifest["int8_convolutions"]:
         convs = sum(n.op == "conv2d" for n in graph.nodes)
-        progress(f"TVM {spec.name}: {manifest['int8_convolutions']} of {convs} convolutions "
+        progress(f"TVM {spec.name}: {len(manifest['int8_convolutions'])} of {convs} convolutions "
                  "run as int8 kernels (AVX-512 VNNI)")
     if device == "cpu" and options.batch is None:
         progress(f"TVM {spec.name}: built for any batch size; a build for a fixed one can run "
@@ -240,7 +240,7 @@ def _int8_capable(config: dict) -> bool:
 def _cpu_pipeline(target, options: BuildOptions, log: dict | None, tuning: dict,
                   progress: Callable[[str], None], int8_plan: dict):
     """TVM's default CPU pipeline with the int8 convolutions of ``int8_plan`` first
-    (:mod:`.vnni`; their count goes into ``tuning["int8_convolutions"]``) and qflow's
+    (:mod:`.vnni`; their nodes go into ``tuning["int8_convolutions"]``) and qflow's
     convolution schedule after the fusion (:mod:`.schedule`), its tiles tuned first when
     asked (:mod:`.tune`; the new log goes into ``tuning["log"]``)."""
     import tvm

@@ -30,6 +30,7 @@ representable. The bias and the requantization stay where they were, after it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class Int8Conv:
     scales: np.ndarray  # float32 [OC]: 2**e per output channel
     correction: np.ndarray  # int32 [OC]: offset * sum(w) per output channel
     offset: int  # added to every input code (0 or 128)
+    nodes: tuple[str, ...] = ()  # the integer ONNX's Conv nodes with these weights
 
 
 def host_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -103,9 +105,12 @@ def plan_int8_convs(model: onnx.ModelProto) -> dict[str, Int8Conv]:
         weights = numpy_helper.to_array(initializers[node.input[1]])
         conv = _int8_conv(weights, offset) if offset is not None else None
         key = weight_key(weights)
-        # the Relax module is matched by weights: a convolution that does not qualify
-        # keeps every convolution with its weights on the float route
-        plan[key] = conv if key not in plan or _same(plan[key], conv) else None
+        if key not in plan:
+            plan[key] = None if conv is None else dataclasses.replace(conv, nodes=(node.name,))
+        elif _same(plan[key], conv):
+            plan[key] = dataclasses.replace(plan[key], nodes=(*plan[key].nodes, node.name))
+        else:  # the Relax module is matched by weights: one that does not qualify keeps
+            plan[key] = None  # every convolution with its weights on the float route
     return {key: conv for key, conv in plan.items() if conv is not None}
 
 
@@ -250,7 +255,8 @@ def conv_kernel(in_shape, conv: Int8Conv, out_shape, strides, pads):
 
 def use_int8_convs(mod, plan: dict[str, Int8Conv]):
     """``mod`` (a Relax module from the integer ONNX, before legalization) with every
-    ``conv2d`` the plan covers replaced by a call of its int8 kernel; (module, count)."""
+    ``conv2d`` the plan covers replaced by a call of its int8 kernel; (module, the names
+    of the integer ONNX's Conv nodes that take it)."""
     import tvm
     from tvm import relax
 
@@ -258,15 +264,12 @@ def use_int8_convs(mod, plan: dict[str, Int8Conv]):
     class Rewriter(relax.PyExprMutator):
         def __init__(self, module):
             super().__init__(module)
-            self.count = 0
+            self.nodes: set[str] = set()
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
             replaced = self._replace(call)
-            if replaced is None:
-                return call
-            self.count += 1
-            return replaced
+            return call if replaced is None else replaced
 
         def _replace(self, call):
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
@@ -296,6 +299,7 @@ def use_int8_convs(mod, plan: dict[str, Int8Conv]):
             gvar = self.builder_.add_func(kernel.without_attr("global_symbol"),
                                           "qflow_int8_conv")
             weights = pack_weights(conv.codes, tile)
+            self.nodes.update(conv.nodes)
             return relax.call_tir(gvar, [data, relax.const(weights), relax.const(conv.scales),
                                          relax.const(conv.correction)], call.ty)
 
@@ -303,5 +307,5 @@ def use_int8_convs(mod, plan: dict[str, Int8Conv]):
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    return rewriter.builder_.get(), rewriter.count
+    return rewriter.builder_.get(), sorted(rewriter.nodes)
 
