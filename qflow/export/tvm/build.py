@@ -19,7 +19,7 @@ How a target is built, by its TVM target ``kind`` and architecture:
 
 CPU builds schedule their convolutions (:mod:`qflow.export.tvm.schedule`): TVM's default
 CPU pipeline leaves them as scalar loops. Builds for this machine, where its CPU has
-AVX-512 VNNI, run the convolutions on 8-bit codes as int8 kernels first
+AVX-512 VNNI, run the convolution and dense layers on 8-bit codes as int8 kernels first
 (:mod:`qflow.export.tvm.vnni`). Their tile sizes may be tuned on this machine
 (:mod:`qflow.export.tvm.tune`, ``BuildOptions.tune_trials``), and the batch size fixed
 (``BuildOptions.batch``): a static batch lets LLVM unroll and drop the bounds arithmetic;
@@ -140,7 +140,7 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
     model = onnx.load(int_onnx)
     frontend.check_exact(model)
     model = frontend.pools_as_sums(model)
-    int8_plan = vnni.plan_int8_convs(model) if _int8_capable(config) else {}
+    int8_plan = vnni.plan_int8_layers(model) if _int8_capable(config) else {}
     frontend.register_converters()
     shapes = ({INPUT_NAME: [options.batch, *graph.tensors[graph.input].shape]}
               if options.batch else None)
@@ -190,16 +190,16 @@ def build_tvm(graph: QGraph, int_onnx: Path, out_dir: Path, spec: TargetSpec,
         "samples_per_call": samples_per_call(graph) if device == "cpu" else None,
         "tuning": ({"log": tune.LOG_FILE, "trials": tuning["log"]["trials"]}
                    if tuning.get("log") else None),
-        "int8_convolutions": tuning.get("int8_convolutions", []),
+        "int8_layers": tuning.get("int8_layers", []),
         "tvm_version": tvm.__version__,
         "build_seconds": round(seconds, 2),
     }
     (out_dir / runner.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     progress(f"TVM {spec.name}: compiled in {seconds:.1f} s for {device} ({arch}); {note}")
-    if manifest["int8_convolutions"]:
-        convs = sum(n.op == "conv2d" for n in graph.nodes)
-        progress(f"TVM {spec.name}: {len(manifest['int8_convolutions'])} of {convs} convolutions "
-                 "run as int8 kernels (AVX-512 VNNI)")
+    if manifest["int8_layers"]:
+        layers = sum(n.op in ("conv2d", "dense") for n in graph.nodes)
+        progress(f"TVM {spec.name}: {len(manifest['int8_layers'])} of {layers} convolution and "
+                 "dense layers run as int8 kernels (AVX-512 VNNI)")
     if device == "cpu" and options.batch is None:
         progress(f"TVM {spec.name}: built for any batch size; a build for a fixed one can run "
                  f"several times faster: --batch 1 for latency, --batch "
@@ -239,16 +239,16 @@ def _int8_capable(config: dict) -> bool:
 
 def _cpu_pipeline(target, options: BuildOptions, log: dict | None, tuning: dict,
                   progress: Callable[[str], None], int8_plan: dict):
-    """TVM's default CPU pipeline with the int8 convolutions of ``int8_plan`` first
-    (:mod:`.vnni`; their nodes go into ``tuning["int8_convolutions"]``) and qflow's
+    """TVM's default CPU pipeline with the int8 layers of ``int8_plan`` first
+    (:mod:`.vnni`; their nodes go into ``tuning["int8_layers"]``) and qflow's
     convolution schedule after the fusion (:mod:`.schedule`), its tiles tuned first when
     asked (:mod:`.tune`; the new log goes into ``tuning["log"]``)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline
 
-    @tvm.transform.module_pass(opt_level=0, name="qflow.Int8Convolutions")
-    def int8_convolutions(mod, _context):
-        mod, tuning["int8_convolutions"] = vnni.use_int8_convs(mod, int8_plan)
+    @tvm.transform.module_pass(opt_level=0, name="qflow.Int8Layers")
+    def int8_layers(mod, _context):
+        mod, tuning["int8_layers"] = vnni.use_int8_kernels(mod, int8_plan)
         return mod
 
     @tvm.transform.module_pass(opt_level=0, name="qflow.ScheduleConvolutions")
@@ -263,7 +263,7 @@ def _cpu_pipeline(target, options: BuildOptions, log: dict | None, tuning: dict,
     def cpu_pipeline(mod, _context):
         with target:
             return tvm.transform.Sequential(
-                [int8_convolutions, *pipeline.library_dispatch_passes(target),
+                [int8_layers, *pipeline.library_dispatch_passes(target),
                  *pipeline.legalize_passes(target), scheduled,
                  *pipeline.dataflow_lower_passes(target), *pipeline.finalize_passes(target)])(mod)
 

@@ -1,16 +1,16 @@
-"""int8 convolutions on x86 VNNI for CPU builds: the integer products of an 8-bit layer
-computed as integers, four at a time per lane.
+"""int8 convolution and dense layers on x86 VNNI for CPU builds: the integer products of
+an 8-bit layer computed as integers, four at a time per lane.
 
-The integer ONNX computes a convolution in float32 where every partial sum is an exact
-integer (:mod:`qflow.export.int_onnx`); a float kernel then spends a 32-bit multiply-add
-per product. When the layer's input codes fit 8 bits (unsigned, or signed and offset by
-128) and each output channel's weights are an int8 code times a power of two, this
-module replaces the ``conv2d`` in the Relax module by a hand-written kernel on those
-codes: ``vpdpbusd`` sums four u8 × s8 products into each int32 lane without
-intermediate saturation (unlike ``vpmaddubsw``, the AVX2 route, whose int16 pair sums
-saturate), for 16 output columns per instruction.
+The integer ONNX computes a convolution or dense layer in float32 where every partial
+sum is an exact integer (:mod:`qflow.export.int_onnx`); a float kernel then spends a
+32-bit multiply-add per product. When the layer's input codes fit 8 bits (unsigned, or
+signed and offset by 128) and each output channel's weights are an int8 code times a
+power of two, this module replaces the ``conv2d`` (``matmul``) in the Relax module by a
+hand-written kernel on those codes: ``vpdpbusd`` sums four u8 × s8 products into each
+int32 lane without intermediate saturation (unlike ``vpmaddubsw``, the AVX2 route, whose
+int16 pair sums saturate), 16 lanes per instruction.
 
-The kernel (:func:`conv_kernel`):
+The convolution kernel (:func:`conv_kernel`):
 
 - packs each sample's input once: codes as uint8 (plus the offset), four input channels
   side by side per pixel, the padding as code 0 (the offset), the columns split by
@@ -21,13 +21,16 @@ The kernel (:func:`conv_kernel`):
 - writes ``(acc - 128 * sum(w)) * 2**e`` per output channel as float32 (the correction
   only for offset inputs).
 
+The dense kernel (:func:`dense_kernel`) packs each sample's codes as uint8 and
+accumulates up to 8 vectors of 16 (8, 4) output features at a time, each input quad
+broadcast; a dense layer is planned as a 1 x 1 convolution of its transposed weights.
+
 Exactness: ``|acc|`` is at most ``255 * sum|w|`` per channel, checked below 2**24, so
 the int32 sums cannot overflow and their float32 conversion is exact; times ``2**e``
-is the convolution's exact value, which the integer ONNX's float32 route has proved
+is the layer's exact value, which the integer ONNX's float32 route has proved
 representable. The bias and the requantization stay where they were, after it.
 ``qflow verify`` runs the build.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +48,7 @@ from qflow.numerics import FixedType
 #: CPU flags the kernel's instructions need (512-, 256- and 128-bit ``vpdpbusd``)
 CPU_FLAGS = ("avx512_vnni", "avx512vl", "avx512bw")
 #: function attribute that marks the kernels: the tile schedule leaves them alone
-KERNEL_ATTR = "qflow.int8_conv"
+KERNEL_ATTR = "qflow.int8_kernel"
 #: output columns per vector (int32 lanes), largest first; the width must divide
 LANES = (16, 8, 4)
 #: int32 accumulator bytes per tile: 8 zmm or 16 ymm registers
@@ -57,8 +60,8 @@ SUM_LIMIT = 2**24  # float32 holds every integer below it
 
 
 @dataclass(frozen=True)
-class Int8Conv:
-    """How one convolution runs on int8 codes."""
+class Int8Layer:
+    """How one convolution (or dense layer, as 1 x 1 filters) runs on int8 codes."""
 
     codes: np.ndarray  # int8 [OC, C, K, K]: the weights over 2**e
     scales: np.ndarray  # float32 [OC]: 2**e per output channel
@@ -79,23 +82,23 @@ def host_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def weight_key(weights: np.ndarray) -> str:
-    """The key a convolution's float32 weights are found by in the Relax module."""
+    """The key a layer's float32 weights are found by in the Relax module."""
     data = np.ascontiguousarray(weights, dtype=np.float32)
     return hashlib.sha256(repr(data.shape).encode() + data.tobytes()).hexdigest()
 
 
-def plan_int8_convs(model: onnx.ModelProto) -> dict[str, Int8Conv]:
-    """Weight key (:func:`weight_key`) -> how the ``Conv`` of the integer ONNX with those
-    weights runs on int8 codes. Convolutions that do not qualify are left out, and so
-    are all that share their weights."""
+def plan_int8_layers(model: onnx.ModelProto) -> dict[str, Int8Layer]:
+    """Weight key (:func:`weight_key`) -> how the ``Conv`` or ``MatMul`` of the integer
+    ONNX with those weights runs on int8 codes. Layers that do not qualify are left
+    out, and so are all that share their weights."""
     meta = {p.key: p.value for p in model.metadata_props}
     initializers = {i.name: i for i in model.graph.initializer}
     graph_input = meta.get("qflow.input_tensor")
     input_casts = {n.output[0] for n in model.graph.node
                    if n.op_type == "Cast" and n.input[0] == model.graph.input[0].name}
-    plan: dict[str, Int8Conv | None] = {}
+    plan: dict[str, Int8Layer | None] = {}
     for node in model.graph.node:
-        if node.op_type != "Conv" or node.input[1] not in initializers:
+        if node.op_type not in ("Conv", "MatMul") or node.input[1] not in initializers:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1])):
@@ -103,14 +106,17 @@ def plan_int8_convs(model: onnx.ModelProto) -> dict[str, Int8Conv]:
         name = graph_input if node.input[0] in input_casts else node.input[0]
         offset = _input_offset(meta.get(f"qflow.type.{name}"))
         weights = numpy_helper.to_array(initializers[node.input[1]])
-        conv = _int8_conv(weights, offset) if offset is not None else None
+        # a dense layer's [K, O] weights are O filters of K channels, 1 x 1
+        filters = weights.T.reshape(*weights.T.shape, 1, 1) if node.op_type == "MatMul" \
+            else weights
+        conv = _int8_conv(filters, offset) if offset is not None and filters.ndim == 4 else None
         key = weight_key(weights)
         if key not in plan:
             plan[key] = None if conv is None else dataclasses.replace(conv, nodes=(node.name,))
         elif _same(plan[key], conv):
             plan[key] = dataclasses.replace(plan[key], nodes=(*plan[key].nodes, node.name))
         else:  # the Relax module is matched by weights: one that does not qualify keeps
-            plan[key] = None  # every convolution with its weights on the float route
+            plan[key] = None  # every layer with its weights on the float route
     return {key: conv for key, conv in plan.items() if conv is not None}
 
 
@@ -124,7 +130,7 @@ def _input_offset(declared: str | None) -> int | None:
     return 128 if t.signed else 0
 
 
-def _int8_conv(weights: np.ndarray, offset: int) -> Int8Conv | None:
+def _int8_conv(weights: np.ndarray, offset: int) -> Int8Layer | None:
     """The int8 form of float32 ``weights`` [OC, C, K, K], or None when a channel's
     weights are not an int8 code times a power of two or its sums could pass 2**24."""
     if weights.ndim != 4 or weights.dtype != np.float32 or weights.shape[2] != weights.shape[3]:
@@ -144,7 +150,7 @@ def _int8_conv(weights: np.ndarray, offset: int) -> Int8Conv | None:
     scales = np.ldexp(np.float32(1), exponents).astype(np.float32)
     if not np.all(np.isfinite(scales)) or np.any(scales == 0):
         return None
-    return Int8Conv(codes=codes.reshape(weights.shape).astype(np.int8), scales=scales,
+    return Int8Layer(codes=codes.reshape(weights.shape).astype(np.int8), scales=scales,
                     correction=(offset * codes.sum(axis=1)).astype(np.int32), offset=offset)
 
 
@@ -155,7 +161,7 @@ def _lowest_bit(value: float) -> int:
     return exponent - 53 + (bits & -bits).bit_length() - 1
 
 
-def _same(a: Int8Conv | None, b: Int8Conv | None) -> bool:
+def _same(a: Int8Layer | None, b: Int8Layer | None) -> bool:
     return a is not None and b is not None and a.offset == b.offset
 
 
@@ -170,7 +176,7 @@ def pack_weights(codes: np.ndarray, tile: int) -> np.ndarray:
                                 .transpose(0, 2, 4, 5, 1, 3))
 
 
-def conv_kernel(in_shape, conv: Int8Conv, out_shape, strides, pads):
+def conv_kernel(in_shape, conv: Int8Layer, out_shape, strides, pads):
     """(kernel, tile) for one convolution: the kernel maps ``(x float32 [N, C, H, W],
     weights packed by tile, scales, corrections)`` to float32 ``[N, OC, OH, OW]`` for any
     batch size N; ``pads``: (top, left, bottom, right)."""
@@ -253,10 +259,59 @@ def conv_kernel(in_shape, conv: Int8Conv, out_shape, strides, pads):
     return kernel, tile
 
 
-def use_int8_convs(mod, plan: dict[str, Int8Conv]):
+def dense_kernel(in_features: int, layer: Int8Layer):
+    """(kernel, lanes) for one dense layer: the kernel maps ``(x float32 [N, K], weights
+    packed by lanes, scales, corrections)`` to float32 ``[N, O]`` for any N. Per sample,
+    the input codes packed once as uint8, then up to 8 vectors of output features
+    accumulated at a time, each input quad broadcast."""
+    from tvm.script import tirx as T
+
+    out_features, offset = layer.codes.shape[0], layer.offset
+    quads = -(-in_features // 4)
+    lanes = next(v for v in LANES if out_features % v == 0)
+    tile = next(t for t in (8, 4, 2, 1) if (out_features // lanes) % t == 0)
+    instruction = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+    acc_t, bytes_t = f"int32x{lanes}", f"int8x{4 * lanes}"
+    groups = out_features // lanes // tile
+
+    @T.prim_func(s_tir=True, check_well_formed=False)
+    def kernel(x_handle: T.handle, w_handle: T.handle, s_handle: T.handle,
+               c_handle: T.handle, out_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, KERNEL_ATTR: True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(x_handle, (n, in_features), "float32")
+        w = T.match_buffer(w_handle, (groups * tile, quads, 1, 1, lanes, 4), "int8")
+        scale = T.match_buffer(s_handle, (out_features,), "float32")
+        correction = T.match_buffer(c_handle, (out_features,), "int32")
+        out = T.match_buffer(out_handle, (n, out_features), "float32")
+        packed = T.alloc_buffer((quads * 4,), "uint8")
+        acc = T.alloc_buffer((tile, lanes), "int32", scope="local")
+        for b in range(n):
+            for i in range(quads * 4):  # the missing features: any code (zero weights)
+                packed[i] = T.Cast("uint8", x[b, T.min(i, in_features - 1)] + T.float32(offset))
+            for g in range(groups):
+                for t in T.unroll(tile):
+                    acc[t, T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                for q in range(quads):
+                    for t in T.unroll(tile):
+                        acc[t, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
+                            acc_t, instruction, acc[t, T.ramp(0, 1, lanes)],
+                            T.reinterpret(bytes_t, T.broadcast(T.reinterpret(
+                                "int32", packed.vload([q * 4], "uint8x4")), lanes)),
+                            w.vload([g * tile + t, q, 0, 0, 0, 0], bytes_t))
+                for t in T.unroll(tile):
+                    for v in T.vectorized(lanes):
+                        out[b, (g * tile + t) * lanes + v] = T.Cast(
+                            "float32", acc[t, v] - correction[(g * tile + t) * lanes + v]
+                        ) * scale[(g * tile + t) * lanes + v]
+
+    return kernel, lanes
+
+
+def use_int8_kernels(mod, plan: dict[str, Int8Layer]):
     """``mod`` (a Relax module from the integer ONNX, before legalization) with every
-    ``conv2d`` the plan covers replaced by a call of its int8 kernel; (module, the names
-    of the integer ONNX's Conv nodes that take it)."""
+    ``conv2d`` and ``matmul`` the plan covers replaced by a call of its int8 kernel;
+    (module, the names of the integer ONNX's nodes that take one)."""
     import tvm
     from tvm import relax
 
@@ -272,6 +327,8 @@ def use_int8_convs(mod, plan: dict[str, Int8Conv]):
             return call if replaced is None else replaced
 
         def _replace(self, call):
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul":
+                return self._dense(call)
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
                 return None
             data, weight = call.args
@@ -302,6 +359,23 @@ def use_int8_convs(mod, plan: dict[str, Int8Conv]):
             self.nodes.update(conv.nodes)
             return relax.call_tir(gvar, [data, relax.const(weights), relax.const(conv.scales),
                                          relax.const(conv.correction)], call.ty)
+
+        def _dense(self, call):
+            data, weight = call.args
+            if (not isinstance(weight, tvm.ir.expr.GenericConst) or data.ty.dtype != "float32"
+                    or call.ty.dtype != "float32" or data.ty.shape is None
+                    or len(data.ty.shape.values) != 2 or len(weight.value.shape) != 2):
+                return None
+            layer = plan.get(weight_key(weight.value.numpy()))
+            if layer is None or layer.codes.shape[0] % LANES[-1]:
+                return None
+            kernel, lanes = dense_kernel(int(weight.value.shape[0]), layer)
+            gvar = self.builder_.add_func(kernel.without_attr("global_symbol"),
+                                          "qflow_int8_dense")
+            self.nodes.update(layer.nodes)
+            return relax.call_tir(gvar, [data, relax.const(pack_weights(layer.codes, lanes)),
+                                         relax.const(layer.scales),
+                                         relax.const(layer.correction)], call.ty)
 
     rewriter = Rewriter(mod)
     for gvar, func in mod.functions.items():

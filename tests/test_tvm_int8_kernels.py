@@ -1,6 +1,7 @@
-"""The int8 convolutions of CPU builds on x86 VNNI (``qflow.export.tvm.vnni``): which
-layers take them, and that the kernel equals the exact convolution on every layer shape
-and at the ends of every code range (where a saturating int16 pair sum would fail)."""
+"""The int8 convolution and dense kernels of CPU builds on x86 VNNI
+(``qflow.export.tvm.vnni``): which layers take them, and that the kernels equal the
+exact layer on every shape and at the ends of every code range (where a saturating int16
+pair sum would fail)."""
 
 import dataclasses
 import json
@@ -38,7 +39,8 @@ def _conv_onnx(channels, height, width, weights, strides, pads, batch) -> onnx.M
 
 
 def _run_int8(model, weights, offset, x):
-    """(output, kernels used) of ``model`` built with its Conv on the int8 kernel."""
+    """(output, nodes that took a kernel) of ``model`` built with its one Conv or MatMul
+    (``weights``) planned for the int8 kernels."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -46,10 +48,11 @@ def _run_int8(model, weights, offset, x):
     from qflow.export.tvm.build import tvm_target
 
     module = from_onnx(model)
-    conv = vnni._int8_conv(weights, offset)
+    filters = weights.T.reshape(*weights.T.shape, 1, 1) if weights.ndim == 2 else weights
+    conv = vnni._int8_conv(filters, offset)
     assert conv is not None
     conv = dataclasses.replace(conv, nodes=("conv",))
-    module, nodes = vnni.use_int8_convs(module, {vnni.weight_key(weights): conv})
+    module, nodes = vnni.use_int8_kernels(module, {vnni.weight_key(weights): conv})
     target = tvm.target.Target(tvm_target(load_target("cpu")))
     machine = relax.VirtualMachine(tvm.compile(module, target=target), tvm.cpu())
     return machine["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy(), nodes
@@ -113,6 +116,43 @@ def test_widths_no_vector_divides_stay_float_convolutions():
     assert nodes == [] and np.all(got == 36)
 
 
+def _dense_onnx(in_features, weights, batch) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch or "N", in_features])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch or "N", weights.shape[1]])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "dense", [x],
+                              [y], [numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@needs_vnni
+@pytest.mark.parametrize("offset", [0, 128])
+@pytest.mark.parametrize(("in_features", "out_features"),
+                         [(64, 64), (5, 16), (16, 24), (33, 128), (3, 4)])
+def test_int8_dense_kernel_equals_the_exact_product(in_features, out_features, offset):
+    rng = np.random.default_rng(in_features * 1000 + out_features + offset)
+    codes = rng.integers(-128, 128, (in_features, out_features))
+    codes[:, 0], codes[:, -1] = -128, 127
+    weights = np.ldexp(codes, rng.integers(-6, 4, out_features)[None, :]).astype(np.float32)
+    low, high = -offset, 255 - offset
+    x = rng.integers(low, high + 1, (5, in_features)).astype(np.float32)
+    x[0], x[1] = high, low
+    for batch in (None, 5):
+        got, nodes = _run_int8(_dense_onnx(in_features, weights, batch), weights, offset, x)
+        assert nodes == ["conv"]
+        expected = x.astype(np.float64) @ weights.astype(np.float64)
+        assert int((got != expected).any(axis=1).sum()) == 0
+
+
+@needs_vnni
+def test_dense_layers_without_a_vector_of_outputs_stay_float():
+    weights = np.ones((8, 10), np.float32)  # 10 outputs: no multiple of 4
+    got, nodes = _run_int8(_dense_onnx(8, weights, None), weights, 0,
+                           np.ones((2, 8), np.float32))
+    assert nodes == [] and np.all(got == 8)
+
+
 def test_weights_take_int8_codes_times_a_power_of_two_per_channel():
     weights = np.array([[3, -5, 0.5, 0], [0, 0, 0, 0], [-128, 127, 64, 2]], np.float32)
     conv = vnni._int8_conv(weights.reshape(3, 4, 1, 1) * np.float32(2**-3), offset=128)
@@ -130,14 +170,15 @@ def test_weights_take_int8_codes_times_a_power_of_two_per_channel():
     assert vnni._int8_conv(np.full((1, 50, 3, 3), 127, np.float32), 0) is not None
 
 
-def test_only_convolutions_on_8_bit_codes_are_planned(tmp_path):
+def test_only_layers_on_8_bit_codes_are_planned(tmp_path):
     from qflow.export.int_onnx import export_int_onnx
 
     _, graph = frozen("digits-cnn", "8bit")
     model = onnx.load(export_int_onnx(graph, tmp_path / "m.onnx"))
-    plan = vnni.plan_int8_convs(model)
+    plan = vnni.plan_int8_layers(model)
     convs = [n for n in graph.nodes if n.op == "conv2d"]
-    assert len(plan) == len(convs) and all(plan.values())
+    dense = [n for n in graph.nodes if n.op == "dense"]
+    assert len(plan) == len(convs) + len(dense) and all(plan.values())
     meta = {p.key: p.value for p in model.metadata_props}
     assert plan[next(iter(plan))].offset == (128 if meta["qflow.type." + graph.input].startswith(
         "ap_fixed") else 0)
@@ -145,19 +186,25 @@ def test_only_convolutions_on_8_bit_codes_are_planned(tmp_path):
         if prop.key.startswith("qflow.type.") and prop.key != "qflow.type." + graph.input \
                 and prop.value.startswith("ap_ufixed<8,"):
             prop.value = prop.value.replace("ap_ufixed<8,", "ap_ufixed<9,")
-    assert len(vnni.plan_int8_convs(model)) == 1  # only the stem's (the input's type) stays
+    assert len(vnni.plan_int8_layers(model)) == 1  # only the stem's (the input's type) stays
 
 
 @needs_vnni
-def test_cpu_builds_of_cnns_use_the_int8_kernels(tmp_path):
-    """The zoo and corpus builds verified elsewhere take this route on this machine."""
-    _, graph = frozen("digits-cnn", "8bit")
+@pytest.mark.parametrize("model_name", ["digits-cnn", "jet-mlp"])
+def test_cpu_builds_use_the_int8_kernels(tmp_path, model_name):
+    """The zoo and corpus builds verified elsewhere take this route on this machine:
+    every layer but those whose outputs fill no vector (digits-cnn's 10 classes,
+    jet-mlp's 5)."""
+    _, graph = frozen(model_name, "8bit")
     out = tmp_path / "export"
     out.mkdir()
     export(graph, out, load_target("cpu"), ExportOptions())
     manifest = json.loads((out / "tvm" / "build.json").read_text())
-    convs = [n.name for n in graph.nodes if n.op == "conv2d"]
-    assert manifest["int8_convolutions"] == sorted(f"{name}/conv" for name in convs)
+    layers = [f"{n.name}/conv" if n.op == "conv2d" else f"{n.name}/matmul"
+              for n in graph.nodes if n.op in ("conv2d", "dense")
+              and graph.tensors[n.output].shape[-1] % 4 == 0]  # columns, features
+    assert len(layers) >= 3
+    assert manifest["int8_layers"] == sorted(layers)
 
 
 def test_weights_shared_with_a_wider_input_keep_every_such_convolution_float():
@@ -171,7 +218,7 @@ def test_weights_shared_with_a_wider_input_keep_every_such_convolution_float():
                                                 [numpy_helper.from_array(weights, "w")]))
     types = {"a": "ap_ufixed<8,2,AP_RND_CONV,AP_SAT>", "b": "ap_ufixed<8,2,AP_RND_CONV,AP_SAT>"}
     onnx.helper.set_model_props(model, {f"qflow.type.{k}": v for k, v in types.items()})
-    assert list(vnni.plan_int8_convs(model)) == [vnni.weight_key(weights)]
+    assert list(vnni.plan_int8_layers(model)) == [vnni.weight_key(weights)]
     types["b"] = "ap_ufixed<9,3,AP_RND_CONV,AP_SAT>"
     onnx.helper.set_model_props(model, {f"qflow.type.{k}": v for k, v in types.items()})
-    assert vnni.plan_int8_convs(model) == {}
+    assert vnni.plan_int8_layers(model) == {}
