@@ -136,9 +136,9 @@ def test_int8_dense_kernel_equals_the_exact_product(in_features, out_features, o
     codes[:, 0], codes[:, -1] = -128, 127
     weights = np.ldexp(codes, rng.integers(-6, 4, out_features)[None, :]).astype(np.float32)
     low, high = -offset, 255 - offset
-    x = rng.integers(low, high + 1, (5, in_features)).astype(np.float32)
+    x = rng.integers(low, high + 1, (vnni.DENSE_MIN_BATCH, in_features)).astype(np.float32)
     x[0], x[1] = high, low
-    for batch in (None, 5):
+    for batch in (None, vnni.DENSE_MIN_BATCH):
         got, nodes = _run_int8(_dense_onnx(in_features, weights, batch), weights, offset, x)
         assert nodes == ["conv"]
         expected = x.astype(np.float64) @ weights.astype(np.float64)
@@ -146,10 +146,13 @@ def test_int8_dense_kernel_equals_the_exact_product(in_features, out_features, o
 
 
 @needs_vnni
-def test_dense_layers_without_a_vector_of_outputs_stay_float():
+def test_dense_layers_without_a_vector_of_outputs_or_with_few_samples_stay_float():
     weights = np.ones((8, 10), np.float32)  # 10 outputs: no multiple of 4
     got, nodes = _run_int8(_dense_onnx(8, weights, None), weights, 0,
                            np.ones((2, 8), np.float32))
+    assert nodes == [] and np.all(got == 8)
+    weights = np.ones((8, 16), np.float32)  # a build for 4 samples per call
+    got, nodes = _run_int8(_dense_onnx(8, weights, 4), weights, 0, np.ones((4, 8), np.float32))
     assert nodes == [] and np.all(got == 8)
 
 
