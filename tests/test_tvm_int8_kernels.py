@@ -49,7 +49,7 @@ def _run_int8(model, weights, offset, x):
 
     module = from_onnx(model)
     filters = weights.T.reshape(*weights.T.shape, 1, 1) if weights.ndim == 2 else weights
-    conv = vnni._int8_conv(filters, offset)
+    conv = vnni._int8_layer(filters, offset)
     assert conv is not None
     conv = dataclasses.replace(conv, nodes=("conv",))
     module, nodes = vnni.use_int8_kernels(module, {vnni.weight_key(weights): conv})
@@ -158,19 +158,19 @@ def test_dense_layers_without_a_vector_of_outputs_or_with_few_samples_stay_float
 
 def test_weights_take_int8_codes_times_a_power_of_two_per_channel():
     weights = np.array([[3, -5, 0.5, 0], [0, 0, 0, 0], [-128, 127, 64, 2]], np.float32)
-    conv = vnni._int8_conv(weights.reshape(3, 4, 1, 1) * np.float32(2**-3), offset=128)
+    conv = vnni._int8_layer(weights.reshape(3, 4, 1, 1) * np.float32(2**-3), offset=128)
     assert conv is not None
     assert conv.codes.reshape(3, 4).tolist() == [[6, -10, 1, 0], [0, 0, 0, 0],
                                                  [-128, 127, 64, 2]]
     values = conv.codes.reshape(3, 4).astype(np.float64) * conv.scales[:, None]
     assert np.array_equal(values, weights * 2**-3)  # the codes times 2**e are the weights
     assert conv.correction.tolist() == (128 * conv.codes.reshape(3, 4).sum(axis=1)).tolist()
-    assert vnni._int8_conv(np.array([129, 1], np.float32).reshape(1, 2, 1, 1), 0) is None
-    assert vnni._int8_conv(np.array([0.75, 1], np.float32).reshape(1, 2, 1, 1), 0) is not None
-    assert vnni._int8_conv(np.array([255, 1], np.float32).reshape(1, 2, 1, 1), 0) is None
+    assert vnni._int8_layer(np.array([129, 1], np.float32).reshape(1, 2, 1, 1), 0) is None
+    assert vnni._int8_layer(np.array([0.75, 1], np.float32).reshape(1, 2, 1, 1), 0) is not None
+    assert vnni._int8_layer(np.array([255, 1], np.float32).reshape(1, 2, 1, 1), 0) is None
     # 255 * sum|w| must stay below 2**24: 600 channels of 3x3 weights of 127 do not
-    assert vnni._int8_conv(np.full((1, 600, 3, 3), 127, np.float32), 0) is None
-    assert vnni._int8_conv(np.full((1, 50, 3, 3), 127, np.float32), 0) is not None
+    assert vnni._int8_layer(np.full((1, 600, 3, 3), 127, np.float32), 0) is None
+    assert vnni._int8_layer(np.full((1, 50, 3, 3), 127, np.float32), 0) is not None
 
 
 def test_only_layers_on_8_bit_codes_are_planned(tmp_path):

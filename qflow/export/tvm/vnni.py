@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qflow.export.int_onnx_ops import _u8_operand
 from qflow.numerics import FixedType
 
 #: CPU flags the kernel's instructions need (512-, 256- and 128-bit ``vpdpbusd``)
@@ -71,7 +72,7 @@ class Int8Layer:
     scales: np.ndarray  # float32 [OC]: 2**e per output channel
     correction: np.ndarray  # int32 [OC]: offset * sum(w) per output channel
     offset: int  # added to every input code (0 or 128)
-    nodes: tuple[str, ...] = ()  # the integer ONNX's Conv nodes with these weights
+    nodes: tuple[str, ...] = ()  # the integer ONNX's nodes with these weights
 
 
 def host_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -113,7 +114,7 @@ def plan_int8_layers(model: onnx.ModelProto) -> dict[str, Int8Layer]:
         # a dense layer's [K, O] weights are O filters of K channels, 1 x 1
         filters = weights.T.reshape(*weights.T.shape, 1, 1) if node.op_type == "MatMul" \
             else weights
-        conv = _int8_conv(filters, offset) if offset is not None and filters.ndim == 4 else None
+        conv = _int8_layer(filters, offset) if offset is not None and filters.ndim == 4 else None
         key = weight_key(weights)
         if key not in plan:
             plan[key] = None if conv is None else dataclasses.replace(conv, nodes=(node.name,))
@@ -125,16 +126,15 @@ def plan_int8_layers(model: onnx.ModelProto) -> dict[str, Int8Layer]:
 
 
 def _input_offset(declared: str | None) -> int | None:
-    """The offset that maps the codes of type ``declared`` onto uint8, or None."""
+    """The offset that maps the codes of type ``declared`` onto uint8, or None (the
+    integer ONNX's rule for its 8-bit operands)."""
     if declared is None:
         return None
     t = FixedType.parse(declared)
-    if t.width > 8:
-        return None
-    return 128 if t.signed else 0
+    return _u8_operand(t.qmin, t.qmax)
 
 
-def _int8_conv(weights: np.ndarray, offset: int) -> Int8Layer | None:
+def _int8_layer(weights: np.ndarray, offset: int) -> Int8Layer | None:
     """The int8 form of float32 ``weights`` [OC, C, K, K], or None when a channel's
     weights are not an int8 code times a power of two or its sums could pass 2**24."""
     if weights.ndim != 4 or weights.dtype != np.float32 or weights.shape[2] != weights.shape[3]:
@@ -356,13 +356,7 @@ def use_int8_kernels(mod, plan: dict[str, Int8Layer]):
             kernel, tile = conv_kernel(static[:3], conv, static[3:],
                                        [int(v) for v in attrs.strides],
                                        [int(v) for v in attrs.padding])
-            # no global symbol: the build names it, as it does the legalized operators
-            gvar = self.builder_.add_func(kernel.without_attr("global_symbol"),
-                                          "qflow_int8_conv")
-            weights = pack_weights(conv.codes, tile)
-            self.nodes.update(conv.nodes)
-            return relax.call_tir(gvar, [data, relax.const(weights), relax.const(conv.scales),
-                                         relax.const(conv.correction)], call.ty)
+            return self._call(kernel, "qflow_int8_conv", call, conv, tile)
 
         def _dense(self, call):
             data, weight = call.args
@@ -377,12 +371,15 @@ def use_int8_kernels(mod, plan: dict[str, Int8Layer]):
             if isinstance(batch, tvm.tirx.IntImm) and int(batch) < DENSE_MIN_BATCH:
                 return None  # a few samples: the float layer fused with its epilogue is faster
             kernel, lanes = dense_kernel(int(weight.value.shape[0]), layer)
-            gvar = self.builder_.add_func(kernel.without_attr("global_symbol"),
-                                          "qflow_int8_dense")
+            return self._call(kernel, "qflow_int8_dense", call, layer, lanes)
+
+        def _call(self, kernel, name, call, layer, tile):
+            """``call`` replaced by one of ``kernel`` on the layer's constants."""
+            # no global symbol: the build names it, as it does the legalized operators
+            gvar = self.builder_.add_func(kernel.without_attr("global_symbol"), name)
             self.nodes.update(layer.nodes)
-            return relax.call_tir(gvar, [data, relax.const(pack_weights(layer.codes, lanes)),
-                                         relax.const(layer.scales),
-                                         relax.const(layer.correction)], call.ty)
+            constants = (pack_weights(layer.codes, tile), layer.scales, layer.correction)
+            return relax.call_tir(gvar, [call.args[0], *map(relax.const, constants)], call.ty)
 
     rewriter = Rewriter(mod)
     for gvar, func in mod.functions.items():
