@@ -117,3 +117,31 @@ def test_build_options_a_target_does_not_take_exit_2_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not out.exists()
+
+
+def test_a_loaded_build_keeps_results_apart_across_calls_and_threads(tmp_path):
+    """The runner reuses one input buffer between calls: results must not alias it or
+    each other, calls of other sizes must not read stale codes, and threads calling one
+    model must each get their own inputs' outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qflow.export.tvm.runner import load
+
+    _, graph = frozen("digits-mlp", "8bit")
+    t, shape = graph.input_type, graph.tensors[graph.input].shape
+    inputs = [np.random.default_rng(seed).integers(t.qmin, t.qmax + 1, (size, *shape))
+              for seed, size in enumerate([3, 3, 1, 5, 2, 3])]
+    expected = [Emulator(graph).run_codes(x) for x in inputs]
+    assert not np.array_equal(expected[0], expected[1])  # so a stale input would show
+    for batch in (3, None):
+        out = tmp_path / f"batch-{batch}"
+        out.mkdir()
+        export(graph, out, load_target("cpu"), ExportOptions(batch=batch))
+        model = load(out / "tvm")
+        results = [model(x) for x in inputs]  # every earlier result kept while later calls run
+        assert [int((r != e).any(axis=1).sum())
+                for r, e in zip(results, expected, strict=True)] == [0] * 6
+        with ThreadPoolExecutor(4) as pool:
+            threaded = list(pool.map(model, inputs * 8))
+        assert sum(int((r != e).any(axis=1).sum())
+                   for r, e in zip(threaded, expected * 8, strict=True)) == 0

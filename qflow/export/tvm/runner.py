@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +112,19 @@ class TvmModel:
         self._tvm = tvm
         self._vm = VirtualMachine(library, self.device)
         self._main = self._vm["main"]
+        # read once: a small model's call takes microseconds, and so do dict lookups
+        spec = self.manifest["input"]
+        self._input_shape = tuple(spec["shape"])
+        self._qmin, self._qmax = int(spec["qmin"]), int(spec["qmax"])
+        self._batch = self.manifest.get("batch")  # a build for a fixed batch takes only that
+        self._step = int(self._batch or self.manifest.get("samples_per_call") or RUN_CHUNK)
+        self._lock = threading.Lock()
+        self._input: np.ndarray | None = None  # see _run
+        self._input_tensor = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["input"]["shape"])
+        return self._input_shape
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -123,19 +133,22 @@ class TvmModel:
     def __call__(self, codes) -> np.ndarray:
         """Output codes (int64, ``[N, *output_shape]``) for input codes ``[N, *input_shape]``."""
         codes = np.asarray(codes)
-        spec = self.manifest["input"]
         if codes.dtype.kind not in "iub":
             raise ValueError(f"input codes must be integers, got dtype {codes.dtype}")
-        if codes.shape[1:] != self.input_shape or codes.ndim != 1 + len(self.input_shape):
+        if codes.shape[1:] != self._input_shape or codes.ndim != 1 + len(self._input_shape):
             raise ValueError(f"input has shape {codes.shape}, the model expects "
-                             f"(N, {', '.join(map(str, self.input_shape))})")
+                             f"(N, {', '.join(map(str, self._input_shape))})")
         codes = np.ascontiguousarray(codes, dtype=np.int64)
-        if codes.size and (codes.min() < spec["qmin"] or codes.max() > spec["qmax"]):
-            raise ValueError(f"input codes span [{codes.min()}, {codes.max()}], outside the "
-                             f"range [{spec['qmin']}, {spec['qmax']}] of {spec['type']}")
+        if codes.size:
+            low, high = int(codes.min()), int(codes.max())
+            if low < self._qmin or high > self._qmax:
+                spec = self.manifest["input"]
+                raise ValueError(f"input codes span [{low}, {high}], outside the range "
+                                 f"[{self._qmin}, {self._qmax}] of {spec['type']}")
+        batch, step = self._batch, self._step
+        if len(codes) == (batch or len(codes)) and 0 < len(codes) <= step:  # one call
+            return self._run(codes).astype(np.int64)
         outs = [np.empty((0, *self.output_shape), dtype=np.int64)]
-        batch = self.manifest.get("batch")  # a build for a fixed batch size takes only that
-        step = int(batch or self.manifest.get("samples_per_call") or RUN_CHUNK)
         for start in range(0, len(codes), step):
             chunk = codes[start:start + step]
             count = len(chunk)
@@ -145,13 +158,18 @@ class TvmModel:
         return outs[1] if len(outs) == 2 else np.concatenate(outs)
 
     def _run(self, chunk: np.ndarray) -> np.ndarray:
-        """One call of the compiled model. On the CPU, numpy's memory is shared through
-        DLPack both ways rather than copied into new TVM tensors (a copy costs more than
-        a small model's whole call)."""
+        """One call of the compiled model. On the CPU, the codes go in through an aligned
+        buffer kept between calls and shared with TVM (DLPack), and come out the same way:
+        making a TVM tensor per call costs more than a small model's whole call."""
         runtime = self._tvm.runtime
         if self.manifest["device"] != "cpu":
             return self._main(runtime.tensor(chunk, self.device)).numpy()
-        return np.from_dlpack(self._main(runtime.from_dlpack(_aligned(chunk))))
+        with self._lock:  # one buffer, and TVM's virtual machine runs one call at a time
+            if self._input is None or self._input.shape != chunk.shape:
+                self._input = _aligned(np.empty(chunk.shape, np.int64))
+                self._input_tensor = runtime.from_dlpack(self._input)
+            self._input[...] = chunk
+            return np.from_dlpack(self._main(self._input_tensor))
 
 
 def _aligned(array: np.ndarray) -> np.ndarray:
