@@ -96,7 +96,8 @@ def not_runnable_reason(directory: str | Path) -> str | None:
 
 
 class TvmModel:
-    """A loaded build: call it with integer input codes to get int64 output codes."""
+    """A loaded build: call it with integer input codes to get int64 output codes. Calls
+    from several threads are safe; they run one at a time."""
 
     def __init__(self, directory: str | Path):
         import tvm
