@@ -290,9 +290,11 @@ def dense_kernel(in_features: int, layer: Int8Layer):
         out = T.match_buffer(out_handle, (n, out_features), "float32")
         packed = T.alloc_buffer((quads * 4,), "uint8")
         acc = T.alloc_buffer((tile, lanes), "int32", scope="local")
+        for i in range(in_features, quads * 4):  # the missing features: any code, as
+            packed[i] = T.uint8(0)  # their weights are zero
         for b in range(n):
-            for i in range(quads * 4):  # the missing features: any code (zero weights)
-                packed[i] = T.Cast("uint8", x[b, T.min(i, in_features - 1)] + T.float32(offset))
+            for i in T.vectorized(in_features):  # one vector conversion, not one per code
+                packed[i] = T.Cast("uint8", x[b, i] + T.float32(offset))
             for g in range(groups):
                 for t in T.unroll(tile):
                     acc[t, T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
